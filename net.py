@@ -1,0 +1,197 @@
+"""The two networks of Eigen, Puhrsch & Fergus (NIPS 2014), Fig. 1 and Sec. 3.1.
+
+Sizes in comments are H x W (PyTorch order); the paper's figure writes W x H.
+
+    input  3 x 228 x 304 RGB (a crop of the 240 x 320 half-resolution frame), values 0..255
+    output 1 x 55 x 74 log depth (natural log of metres)
+
+Two variants share this file, and everything that differs between them lives in `Variant`:
+  * PAPER   -- the paper's text and Fig. 1 (the default).
+  * RELEASE -- the authors' released inference code (models/depth.py + depth.conf):
+               3x3/2 pools with LRN, input offsets, 64 fine1 filters whose channel 0 is
+               replaced by the coarse map, 0.01 feature scaling, log depth divided by its std,
+               weight decay.
+Where neither source settles a detail the choice is marked "(?)" and listed in the README.
+"""
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+INPUT_HW = (228, 304)   # network input, cropped from the 240 x 320 frame
+OUTPUT_HW = (55, 74)    # coarse7 / fine3 output grid
+FRAME_HW = (240, 320)   # NYU 640x480 frames downsampled by 2 (Sec. 4.1)
+
+# The output grid samples the input crop with stride 4: output cell (i, j) sits on crop pixel
+# (5 + 4i, 5 + 4j), the centre of coarse1's 11x11/4 receptive field and of fine1's 9x9/2 conv
+# followed by a 2x2 pool. [R] takes its targets at exactly these pixels (y[1::4] of the crop
+# minus its 4-pixel border), so targets and predictions share one grid.
+TARGET_OFFSET = 5
+TARGET_STRIDE = 4
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Every number that differs between the paper and the authors' release. One source of truth:
+    train.py reads learning rates and weight decay from here, never from its own constants."""
+    name: str
+    pool: str                       # 'paper': 2x2 pools of Fig. 1; 'release': 3x3 stride-2 pools
+    lrn: bool                       # local response norm after coarse1 and coarse2 ([R])
+    fine1_filters: int              # 63 + coarse map = 64 ([P]); 64 with channel 0 replaced ([R])
+    feature_scale: float            # factor on coarse5 features before coarse6 ([R]: 0.01)
+    coarse_mean: float              # subtracted from 0..255 RGB before coarse1
+    coarse_std: float               # divides it afterwards
+    fine_mean: float                # subtracted from 0..255 RGB before fine1
+    fine_std: float
+    log_depth_std: float            # net output x this = log depth ([R]: targets are logd / 0.457)
+    dropout: float                  # on coarse6 ([P]: rate not given; [R]: 0.5)
+    lr: dict = field(default_factory=dict)            # per layer, Sec. 3.3
+    weight_decay: dict = field(default_factory=dict)  # per layer
+    coarse5_hw: tuple = (6, 8)      # spatial size reaching coarse6
+
+
+# Sec. 3.3: "coarse convolutional layers 1-5: 0.001, coarse full layers 6 and 7: 0.1, fine layers
+# 1 and 3: 0.001, fine layer 2: 0.01".
+PAPER_LR = {**{f'coarse{i}': 0.001 for i in range(1, 6)}, 'coarse6': 0.1, 'coarse7': 0.1,
+            'fine1': 0.001, 'fine2': 0.01, 'fine3': 0.001}
+# [R] depth.conf: weight_decay_w 0.0005 for the ImageNet convs, 0.0001 for everything else.
+RELEASE_WD = {**{f'coarse{i}': 5e-4 for i in range(1, 6)},
+              **{k: 1e-4 for k in ('coarse6', 'coarse7', 'fine1', 'fine2', 'fine3')}}
+# [R] define_meta: statistics of the training images and log depths.
+IMAGES_MEAN, IMAGES_STD = 109.31410628, 76.18328376
+LOGDEPTHS_MEAN, LOGDEPTHS_STD = 0.82473954, 0.45723134
+
+PAPER = Variant(
+    name='paper', pool='paper', lrn=False, fine1_filters=63,
+    # (?) [P] gives no input normalisation nor init. A random-init net (no ImageNet weights here)
+    # trains only on normalised inputs, so both nets use [R]'s image statistics. [R]'s 0.01 factor
+    # before coarse6 tames pretrained AlexNet features (tens); random-init features are O(1)
+    # already, and with it coarse6/7 barely move at the paper's rates, so none here.
+    feature_scale=1.0, coarse_mean=IMAGES_MEAN, coarse_std=IMAGES_STD,
+    fine_mean=IMAGES_MEAN, fine_std=IMAGES_STD, log_depth_std=1.0, dropout=0.5,
+    lr=PAPER_LR,
+    weight_decay={k: 0.0 for k in PAPER_LR},   # (?) not stated in [P]
+    coarse5_hw=(6, 8))
+
+RELEASE = Variant(
+    name='release', pool='release', lrn=True, fine1_filters=64, feature_scale=0.01,
+    coarse_mean=128.0, coarse_std=1.0, fine_mean=IMAGES_MEAN, fine_std=IMAGES_STD,
+    log_depth_std=LOGDEPTHS_STD, dropout=0.5, lr=PAPER_LR, weight_decay=RELEASE_WD,
+    # 3x3/2 pools with Caffe/cuda-convnet ceil rounding: the only rounding that gives [R]'s fine
+    # branch its 55x74 output; it makes coarse5 6x9 (not Fig. 1's 6x8).
+    coarse5_hw=(6, 9))
+
+VARIANTS = {v.name: v for v in (PAPER, RELEASE)}
+
+
+def get_variant(name):
+    if name not in VARIANTS:
+        raise ValueError(f"unknown variant {name!r}; choose one of {sorted(VARIANTS)}")
+    return VARIANTS[name]
+
+
+def _pool(variant, paper_kernel=2):
+    if variant.pool == 'release':
+        return nn.MaxPool2d(3, stride=2, ceil_mode=True)
+    return nn.MaxPool2d(paper_kernel, stride=paper_kernel)
+
+
+def _lrn():
+    # (?) [R] calls cuda-convnet's cmrnorm with its defaults; AlexNet's constants are used here.
+    return nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=2.0)
+
+
+class GlobalCoarseNet(nn.Module):
+    """Coarse-scale network (Sec. 3.1.1): a global view of the scene, ending in a fully connected
+    layer whose 4070 outputs are the 55 x 74 log-depth map."""
+
+    def __init__(self, variant=PAPER):
+        super().__init__()
+        self.variant = variant
+        v = variant
+        norm = [_lrn()] if v.lrn else []
+        # coarse1: 11x11/4 conv, valid: 228x304 -> 55x74, pool -> 27x37 x 96
+        self.coarse1 = nn.Sequential(nn.Conv2d(3, 96, 11, stride=4), nn.ReLU(inplace=True), _pool(v), *norm)
+        # coarse2: 5x5 conv, same padding, pool -> 13x18 x 256
+        self.coarse2 = nn.Sequential(nn.Conv2d(96, 256, 5, padding=2), nn.ReLU(inplace=True), _pool(v), *norm)
+        # coarse3, coarse4: 3x3 conv, same padding -> 13x18 x 384
+        self.coarse3 = nn.Sequential(nn.Conv2d(256, 384, 3, padding=1), nn.ReLU(inplace=True))
+        self.coarse4 = nn.Sequential(nn.Conv2d(384, 384, 3, padding=1), nn.ReLU(inplace=True))
+        # coarse5: 3x3 conv -> 13x18 x 256. Fig. 1 draws no pool yet the map shrinks to 6x8 (8x6 in
+        # W x H): (?) a 3x3/2 pool, as [R] has, is the only symmetric pool that gives exactly 6x8.
+        pool5 = _pool(v) if v.pool == 'release' else nn.MaxPool2d(3, stride=2)
+        self.coarse5 = nn.Sequential(nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(inplace=True), pool5)
+        h5, w5 = v.coarse5_hw
+        # coarse6: fully connected, ReLU, dropout -> 4096
+        self.coarse6 = nn.Sequential(nn.Flatten(), nn.Linear(256 * h5 * w5, 4096), nn.ReLU(inplace=True),
+                              nn.Dropout(v.dropout))
+        # coarse7: fully connected, linear -> 4070 = 55 x 74
+        self.coarse7 = nn.Linear(4096, OUTPUT_HW[0] * OUTPUT_HW[1])
+        _init(self, v)
+
+    def forward(self, image):
+        """image: (B, 3, 228, 304) RGB 0..255 -> (B, 1, 55, 74) log depth."""
+        v = self.variant
+        x = (image - v.coarse_mean) / v.coarse_std
+        x = self.coarse5(self.coarse4(self.coarse3(self.coarse2(self.coarse1(x)))))
+        x = self.coarse7(self.coarse6(x * v.feature_scale))
+        return x.view(-1, 1, *OUTPUT_HW) * v.log_depth_std
+
+
+class LocalFineNet(nn.Module):
+    """Fine-scale network (Sec. 3.1.2): local refinement of the coarse prediction. Its input is the
+    image and the coarse net's output, which enters as one feature map after fine1."""
+
+    def __init__(self, variant=PAPER):
+        super().__init__()
+        self.variant = variant
+        v = variant
+        # fine1: 9x9/2 conv, valid: 228x304 -> 110x148, pool -> 55x74 x 63 (64 in [R])
+        self.fine1 = nn.Sequential(nn.Conv2d(3, v.fine1_filters, 9, stride=2), nn.ReLU(inplace=True), _pool(v))
+        # fine2: 5x5 conv, zero padded, on [coarse map, fine1 maps] (64 channels) -> 55x74 x 64
+        self.fine2 = nn.Sequential(nn.Conv2d(64, 64, 5, padding=2), nn.ReLU(inplace=True))
+        # fine3: 5x5 conv, zero padded, linear -> 55x74 x 1
+        self.fine3 = nn.Conv2d(64, 1, 5, padding=2)
+        _init(self, v)
+
+    def forward(self, image, coarse_log_depth):
+        """image: (B, 3, 228, 304) RGB 0..255; coarse_log_depth: (B, 1, 55, 74) -> (B, 1, 55, 74)."""
+        v = self.variant
+        x = self.fine1((image - v.fine_mean) / v.fine_std)
+        coarse = coarse_log_depth / v.log_depth_std
+        if v.fine1_filters == 64:   # [R]: the coarse map replaces channel 0 of fine1's output
+            x = x[:, 1:]
+        x = torch.cat([coarse, x], dim=1)
+        return self.fine3(self.fine2(x)) * v.log_depth_std
+
+
+def _init(net, variant):
+    """(?) Init is not stated in [P]. Hidden layers: He (Kaiming) normal, zero bias, so a random-
+    init net trains without ImageNet weights. Linear output layers: small weights as in [R]
+    (0.01-scale); their biases start at [R]'s mean log depth so the first predictions are a
+    plausible room-scale constant instead of 1 m."""
+    for name, m in net.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            if name in ('coarse7', 'fine3'):
+                nn.init.normal_(m.weight, std=0.01 if name == 'fine3' else 0.001)
+            else:
+                nn.init.kaiming_normal_(m.weight, nonlinearity='relu')
+            nn.init.zeros_(m.bias)
+    last = net.coarse7 if isinstance(net, GlobalCoarseNet) else net.fine3
+    nn.init.constant_(last.bias, LOGDEPTHS_MEAN / variant.log_depth_std)
+
+
+def layer_names(net):
+    """The paper's layer names that own parameters, in order: coarse1..coarse7 or fine1..fine3."""
+    return [n for n, m in net.named_children() if any(True for _ in m.parameters())]
+
+
+def load_pretrained_conv(net, path):
+    """Load user-supplied ImageNet weights for coarse1..coarse5 ([P]: "pretrained on the ImageNet
+    classification task"). `path` holds a state_dict with keys coarseK.0.weight / coarseK.0.bias."""
+    state = torch.load(path, map_location='cpu', weights_only=True)
+    wanted = {k: v for k, v in state.items() if k.split('.')[0] in {f'coarse{i}' for i in range(1, 6)}}
+    if not wanted:
+        raise ValueError(f"{path}: no coarse1..coarse5 weights in this file")
+    missing = net.load_state_dict(wanted, strict=False)
+    return sorted(wanted), missing

@@ -1,0 +1,91 @@
+"""Layer output sizes of Fig. 1 ([P]) and of the authors' release ([R])."""
+import pytest
+import torch
+
+from net import PAPER, RELEASE, GlobalCoarseNet, LocalFineNet, layer_names
+
+# Fig. 1 gives W x H x C; here (C, H, W).
+PAPER_SIZES = {
+    'coarse1': (96, 27, 37), 'coarse2': (256, 13, 18), 'coarse3': (384, 13, 18),
+    'coarse4': (384, 13, 18), 'coarse5': (256, 6, 8), 'coarse6': (4096,), 'coarse7': (4070,),
+}
+# [R]: 3x3/2 ceil pools make coarse5 6x9; everything else as Fig. 1.
+RELEASE_SIZES = dict(PAPER_SIZES, coarse5=(256, 6, 9))
+
+
+def _coarse_trace(net, x):
+    out = {}
+    v = net.variant
+    h = (x - v.coarse_mean) / v.coarse_std
+    for name in ('coarse1', 'coarse2', 'coarse3', 'coarse4', 'coarse5'):
+        h = getattr(net, name)(h)
+        out[name] = tuple(h.shape[1:])
+    h = net.coarse6(h * v.feature_scale)
+    out['coarse6'] = tuple(h.shape[1:])
+    out['coarse7'] = tuple(net.coarse7(h).shape[1:])
+    return out
+
+
+@pytest.mark.parametrize('variant, sizes', [(PAPER, PAPER_SIZES), (RELEASE, RELEASE_SIZES)])
+def test_coarse_layer_sizes(variant, sizes):
+    net = GlobalCoarseNet(variant).eval()
+    x = torch.rand(2, 3, 228, 304) * 255
+    assert _coarse_trace(net, x) == sizes
+    assert net(x).shape == (2, 1, 55, 74)
+
+
+@pytest.mark.parametrize('variant', [PAPER, RELEASE])
+def test_fine_layer_sizes(variant):
+    fine = LocalFineNet(variant).eval()
+    x = torch.rand(2, 3, 228, 304) * 255
+    f1 = fine.fine1((x - variant.fine_mean) / variant.fine_std)
+    # [P]: 63 maps of 55x74 (74x55x63 in Fig. 1) + the coarse map = 64; [R]: 64, channel 0 replaced
+    assert tuple(f1.shape[1:]) == (variant.fine1_filters, 55, 74)
+    assert tuple(fine.fine2[0].weight.shape) == (64, 64, 5, 5)
+    assert tuple(fine.fine3.weight.shape) == (1, 64, 5, 5)
+    assert fine(x, torch.zeros(2, 1, 55, 74)).shape == (2, 1, 55, 74)
+
+
+@pytest.mark.parametrize('variant', [PAPER, RELEASE])
+def test_fine_net_uses_the_coarse_prediction(variant):
+    torch.manual_seed(0)
+    fine = LocalFineNet(variant).eval()
+    x = torch.rand(1, 3, 228, 304) * 255
+    c = torch.zeros(1, 1, 55, 74)
+    c2 = c.clone()
+    c2[..., 20, 30] = 1.0
+    delta = (fine(x, c2) - fine(x, c)).abs()[0, 0]
+    # a change in one coarse cell reaches the fine output only through two 5x5 convs: +-4 cells
+    assert delta[20, 30] > 0
+    assert delta[:15].max() == 0 and delta[:, :25].max() == 0
+
+
+def test_fc_layer_sizes_and_dropout():
+    net = GlobalCoarseNet(PAPER)
+    assert tuple(net.coarse6[1].weight.shape) == (4096, 256 * 6 * 8)
+    assert tuple(net.coarse7.weight.shape) == (55 * 74, 4096)
+    dropouts = [m for m in net.modules() if isinstance(m, torch.nn.Dropout)]
+    assert len(dropouts) == 1 and dropouts[0] in net.coarse6   # dropout only on coarse6
+
+
+def test_layer_names_are_the_papers():
+    assert layer_names(GlobalCoarseNet()) == [f'coarse{i}' for i in range(1, 8)]
+    assert layer_names(LocalFineNet()) == ['fine1', 'fine2', 'fine3']
+
+
+def _receptive_field(modules):
+    rf, jump = 1, 1
+    for m in modules:
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.MaxPool2d)):
+            k = m.kernel_size[0] if isinstance(m.kernel_size, tuple) else m.kernel_size
+            s = m.stride[0] if isinstance(m.stride, tuple) else m.stride
+            rf, jump = rf + (k - 1) * jump, jump * s
+    return rf
+
+
+@pytest.mark.parametrize('variant, expected', [(PAPER, 43), (RELEASE, 45)])
+def test_fine_field_of_view(variant, expected):
+    """Sec. 3.1.2 states a 45x45 field of view per fine output. Fig. 1's 2x2 pool after fine1 gives
+    43 (9 + 2*1 + 4*4 + 4*4); the release's 3x3/2 pool gives the stated 45. The paper variant
+    follows the figure; the README notes the mismatch."""
+    assert _receptive_field(LocalFineNet(variant).modules()) == expected

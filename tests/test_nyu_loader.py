@@ -1,0 +1,182 @@
+"""The NYU labeled-set loader against small files written in NYU's exact on-disk layout."""
+import os
+
+import h5py
+import numpy as np
+import pytest
+import scipy.io
+
+import util
+
+H, W = 480, 640
+
+
+def _pattern_frame(i):
+    """An asymmetric RGB-D frame: red fills only the top-left quadrant, green grows to the right,
+    blue grows downwards; depth grows right and (less) downwards, by a frame-specific offset.
+    A loader that rotates, mirrors or transposes the frame breaks at least one of these."""
+    y, x = np.mgrid[:H, :W]
+    rgb = np.zeros((H, W, 3), np.uint8)
+    rgb[..., 0] = np.where((y < H // 2) & (x < W // 2), 200, 10)
+    rgb[..., 1] = (x * 255 // (W - 1)).astype(np.uint8)
+    rgb[..., 2] = (y * 255 // (H - 1)).astype(np.uint8)
+    depth = (1.0 + i + x / W * 4 + y / H).astype(np.float32)
+    raw = depth.copy()
+    raw[:40, :80] = 0        # a hole in the top-left corner
+    return rgb, depth, raw
+
+
+def write_nyu_like(path, n, scenes=None):
+    """Written from the format description alone (not from util's writer): MATLAB v7.3 = HDF5 with
+    a 512-byte user block; MATLAB is column-major, so a 480x640x3xN array is stored (N, 3, 640, 480)."""
+    frames = [_pattern_frame(i) for i in range(n)]
+    with h5py.File(path, 'w', userblock_size=512) as f:
+        img = f.create_dataset('images', data=np.stack([fr[0].transpose(2, 1, 0) for fr in frames]))
+        img.attrs['MATLAB_class'] = np.bytes_('uint8')
+        for name, k in (('depths', 1), ('rawDepths', 2)):
+            d = f.create_dataset(name, data=np.stack([fr[k].T for fr in frames]))
+            d.attrs['MATLAB_class'] = np.bytes_('single')
+        lab = f.create_dataset('labels', data=np.zeros((n, W, H), np.uint16))
+        lab.attrs['MATLAB_class'] = np.bytes_('uint16')
+        if scenes is not None:
+            refs = f.create_group('#refs#')
+            cell = f.create_dataset('scenes', (1, n), dtype=h5py.ref_dtype)
+            for i, s in enumerate(scenes):
+                chars = refs.create_dataset(str(i), data=np.array([[ord(c)] for c in s], np.uint16))
+                chars.attrs['MATLAB_class'] = np.bytes_('char')
+                cell[0, i] = chars.ref
+            cell.attrs['MATLAB_class'] = np.bytes_('cell')
+    return frames
+
+
+@pytest.fixture
+def tiny_mat(tmp_path):
+    path = tmp_path / 'nyu_depth_v2_labeled.mat'
+    scenes = ['kitchen_0001', 'kitchen_0001', 'office_0003', 'bedroom_0010', 'office_0003']
+    frames = write_nyu_like(path, 5, scenes)
+    splits = tmp_path / 'splits.mat'
+    # as NYU ships it: MATLAB v5, (k, 1) doubles, 1-based
+    scipy.io.savemat(splits, {'trainNdxs': np.array([[1.0], [2.0], [4.0]]),
+                              'testNdxs': np.array([[3.0], [5.0]])})
+    return path, splits, frames, scenes
+
+
+def test_file_really_is_in_matlab_layout(tiny_mat):
+    path = tiny_mat[0]
+    with open(path, 'rb') as f:
+        f.seek(512)
+        assert f.read(8) == b'\x89HDF\r\n\x1a\n'   # HDF5 signature after the user block
+    with h5py.File(path, 'r') as f:
+        assert f['images'].shape == (5, 3, 640, 480) and f['images'].dtype == np.uint8
+        assert f['depths'].shape == (5, 640, 480) and f['depths'].dtype == np.float32
+
+
+def test_images_are_upright_and_unmirrored(tiny_mat):
+    path, _, frames, _ = tiny_mat
+    data = util.read_nyu_labeled(path, use_cache=False, progress=False)
+    img = data['images']
+    assert img.shape == (5, 240, 320, 3) and img.dtype == np.uint8
+    # red only in the top-left quadrant (catches rotation and both mirrorings)
+    assert (img[:, :120, :160, 0] == 200).all()
+    assert (img[:, :120, 160:, 0] == 10).all() and (img[:, 120:, :, 0] == 10).all()
+    # green grows along the width, blue along the height (catches a transpose)
+    assert (np.diff(img[0, 100, :, 1].astype(int)) >= 0).all() and img[0, 100, -1, 1] > 250
+    assert (np.diff(img[0, :, 100, 2].astype(int)) >= 0).all() and img[0, -1, 100, 2] > 250
+    # the 2x2 block average of the original pixels
+    expected = frames[3][0].reshape(240, 2, 320, 2, 3).mean(axis=(1, 3))
+    assert np.abs(img[3].astype(float) - expected).max() <= 0.5
+
+
+def test_depth_matches_the_image(tiny_mat):
+    path, _, frames, _ = tiny_mat
+    data = util.read_nyu_labeled(path, use_cache=False, progress=False)
+    depth, raw = data['depths'].astype(np.float32), data['raw_depths'].astype(np.float32)
+    assert depth.shape == (5, 240, 320)
+    for i in range(5):
+        # depth is linear in x and y, so the 2x2 block mean is its value at the block centre
+        y, x = np.mgrid[:240, :320]
+        expected = 1.0 + i + (2 * x + 0.5) / W * 4 + (2 * y + 0.5) / H
+        np.testing.assert_allclose(depth[i], expected, rtol=2e-3)   # float16 cache
+    # the raw hole (top-left 40x80 at full resolution) stays missing, nothing else is
+    assert (raw[:, :20, :40] == 0).all()
+    assert (raw[:, 20:, :] > 0).all() and (raw[:, :, 40:] > 0).all()
+
+
+def test_scene_names_decoded(tiny_mat):
+    path, _, _, scenes = tiny_mat
+    assert util.read_nyu_labeled(path, use_cache=False, progress=False)['scenes'] == scenes
+
+
+def test_official_split_membership(tiny_mat):
+    path, splits, _, _ = tiny_mat
+    train, test = util.read_splits(splits, 5)
+    assert train.tolist() == [0, 1, 3] and test.tolist() == [2, 4]   # 1-based on disk
+    assert train.dtype == np.int64
+
+
+def test_real_splits_mat(shared):
+    train, test = util.read_splits(os.path.join(shared, 'nyu-samples', 'splits', 'splits.mat'), 1449)
+    assert len(train) == 795 and len(test) == 654
+    assert sorted(np.concatenate([train, test]).tolist()) == list(range(1449))
+    # the first test frames, as named in the DenseDepth sample ids (testNdxs - 1)
+    assert test[:5].tolist() == [0, 1, 8, 13, 14]
+
+
+def test_validation_split_takes_whole_training_scenes():
+    scenes = [f'room_{i // 4}' for i in range(40)]
+    train_idx = np.arange(0, 40)
+    tr, val = util.split_train_val(train_idx, scenes, 0.2, seed=0)
+    assert len(np.intersect1d(tr, val)) == 0 and len(tr) + len(val) == 40
+    assert {scenes[i] for i in tr}.isdisjoint({scenes[i] for i in val})
+    assert len(val) == 8
+
+
+def test_cache_is_reused_and_refreshed(tiny_mat):
+    path = tiny_mat[0]
+    first = util.read_nyu_labeled(path, progress=False)
+    cache = util.cache_path_for(path)
+    assert os.path.isfile(cache)
+    second = util.read_nyu_labeled(path, progress=False)
+    np.testing.assert_array_equal(first['images'], second['images'])
+    np.testing.assert_array_equal(first['raw_depths'], second['raw_depths'])
+    # a changed .mat is read again, not served from the stale cache
+    write_nyu_like(path, 2)
+    os.utime(path, ns=(1, 1))
+    assert len(util.read_nyu_labeled(path, progress=False)['images']) == 2
+
+
+def test_bad_files_give_clear_errors(tmp_path):
+    with pytest.raises(util.DataError, match='not found'):
+        util.read_nyu_labeled(tmp_path / 'missing.mat')
+    with pytest.raises(util.DataError, match='directory'):
+        util.read_nyu_labeled(tmp_path)
+    v5 = tmp_path / 'v5.mat'
+    scipy.io.savemat(v5, {'images': np.zeros((2, 2))})
+    with pytest.raises(util.DataError, match='v7.3'):
+        util.read_nyu_labeled(v5, use_cache=False)
+
+
+def test_synthetic_writer_produces_nyu_layout(tmp_path):
+    mat, splits = util.make_synthetic_nyu(tmp_path, num_scenes=2, frames_per_scene=2,
+                                          test_fraction=0.5, progress=False)
+    with open(mat, 'rb') as f:
+        f.seek(512)
+        assert f.read(4) == b'\x89HDF'
+    with h5py.File(mat, 'r') as f:
+        for name, shape, dtype, mclass in (('images', (4, 3, 640, 480), np.uint8, b'uint8'),
+                                           ('depths', (4, 640, 480), np.float32, b'single'),
+                                           ('rawDepths', (4, 640, 480), np.float32, b'single'),
+                                           ('labels', (4, 640, 480), np.uint16, b'uint16'),
+                                           ('instances', (4, 640, 480), np.uint8, b'uint8')):
+            assert f[name].shape == shape and f[name].dtype == dtype
+            assert f[name].attrs['MATLAB_class'] == mclass
+        assert f['scenes'].shape == (1, 4)
+    m = scipy.io.loadmat(splits)
+    assert m['trainNdxs'].shape == (2, 1) and m['testNdxs'].shape == (2, 1)
+    data = util.read_nyu_labeled(mat, use_cache=False, progress=False)
+    assert data['scenes'] == ['synthetic_room_0000'] * 2 + ['synthetic_room_0001'] * 2
+    d = data['depths'].astype(np.float32)
+    assert d.min() >= 0.5 and d.max() <= 10.0
+    # floor at the bottom of an upright frame is nearer than the top (wall or ceiling far away)
+    assert np.median(d[:, -20:]) < np.median(d[:, 100:140])
+    assert (data['raw_depths'] == 0).any() and (data['depths'] > 0).all()

@@ -1,0 +1,178 @@
+"""Two-stage training: optimizer groups, a short run that learns, saved weights, exact resume."""
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import train
+import util
+from loss import safe_log, scale_invariant_error
+from net import PAPER, RELEASE, GlobalCoarseNet, LocalFineNet
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Sec. 3.3, written out here rather than imported, so an edit of net.py cannot pass unnoticed.
+PAPER_RATES = {'coarse1': 0.001, 'coarse2': 0.001, 'coarse3': 0.001, 'coarse4': 0.001,
+               'coarse5': 0.001, 'coarse6': 0.1, 'coarse7': 0.1,
+               'fine1': 0.001, 'fine2': 0.01, 'fine3': 0.001}
+
+
+@pytest.mark.parametrize('variant', [PAPER, RELEASE])
+@pytest.mark.parametrize('make', [GlobalCoarseNet, LocalFineNet])
+def test_optimizer_groups_cover_every_parameter_with_paper_rates(variant, make):
+    net = make(variant)
+    opt = train.make_optimizer(net, variant)
+    in_groups = [p for g in opt.param_groups for p in g['params']]
+    assert len(in_groups) == len({id(p) for p in in_groups})          # nothing twice
+    assert {id(p) for p in in_groups} == {id(p) for p in net.parameters()}
+    for g in opt.param_groups:
+        assert g['lr'] == PAPER_RATES[g['layer']]
+        assert g['momentum'] == 0.9
+        names = {n for n, p in net.named_parameters() if any(p is q for q in g['params'])}
+        assert names and all(n.split('.')[0] == g['layer'] for n in names)
+    assert {g['layer'] for g in opt.param_groups} == {n for n in PAPER_RATES if n.startswith(
+        'coarse' if make is GlobalCoarseNet else 'fine')}
+
+
+def test_release_weight_decay():
+    opt = train.make_optimizer(GlobalCoarseNet(RELEASE), RELEASE)
+    wd = {g['layer']: g['weight_decay'] for g in opt.param_groups}
+    assert wd['coarse1'] == 5e-4 and wd['coarse5'] == 5e-4 and wd['coarse6'] == 1e-4
+
+
+def test_guard_refuses_a_parameter_without_a_rate():
+    net = LocalFineNet(PAPER)
+    net.extra_scale = torch.nn.Parameter(torch.ones(1))   # a parameter outside the paper's layers
+    with pytest.raises(RuntimeError, match='extra_scale'):
+        train.make_optimizer(net, PAPER)
+
+
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope='session')
+def synthetic(tmp_path_factory):
+    folder = tmp_path_factory.mktemp('synthetic')
+    return util.make_synthetic_nyu(folder, num_scenes=14, frames_per_scene=3, seed=1, progress=False)
+
+
+def _args(data, out, *extra):
+    mat, splits = data
+    return ['--data', str(mat), '--splits', str(splits), '--out', str(out), '--device', 'cpu',
+            '--train-depth', 'filled', *map(str, extra)]
+
+
+@pytest.fixture(scope='session')
+def trained(synthetic, tmp_path_factory):
+    out = tmp_path_factory.mktemp('model')
+    rc = train.main(_args(synthetic, out, '--coarse-samples', 1280, '--fine-samples', 96,
+                          '--batch-size', 16, '--val-fraction', 0.15, '--val-every', 640))
+    assert rc == 0
+    return out
+
+
+def _test_frames(synthetic):
+    arrays = util.read_nyu_labeled(synthetic[0], progress=False)
+    _, test_idx = util.read_splits(synthetic[1], len(arrays['images']))
+    return util.Frames(arrays['images'][test_idx], arrays['depths'][test_idx])
+
+
+def test_short_training_beats_constant_prediction(synthetic, trained):
+    """Held-out (test split) scale-invariant error of the coarse net after 1280 samples vs. a
+    constant prediction (every constant scores the same: the per-image spread of log depth)."""
+    coarse = GlobalCoarseNet(PAPER)
+    coarse.load_state_dict(torch.load(trained / 'coarse.pth', weights_only=True))
+    coarse.eval()
+    frames = _test_frames(synthetic)
+    img, depth, mask = frames.get(range(len(frames)))
+    x, y, m = util.center_crop(img, depth, mask)
+    target = safe_log(y, m)
+    with torch.no_grad():
+        err_net = math.sqrt(float(scale_invariant_error(coarse(x), target, m)))
+    err_const = math.sqrt(float(scale_invariant_error(torch.zeros_like(target), target, m)))
+    print(f'held-out sc-inv error: coarse net {err_net:.4f}, constant {err_const:.4f}')
+    assert err_net < 0.85 * err_const
+
+
+def test_outputs_written(trained):
+    for name in ('coarse.pth', 'fine.pth', 'checkpoint.pth', 'loss_coarse.png', 'loss_fine.png',
+                 'predictions.png'):
+        assert (trained / name).stat().st_size > 0, name
+    with open(trained / 'loss_coarse.png', 'rb') as f:
+        assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+    ckpt = torch.load(trained / 'checkpoint.pth', weights_only=True)
+    assert ckpt['done'] and ckpt['stage'] == 'fine'
+    assert len(ckpt['history']['val']) >= 1
+
+
+def test_fine_stage_leaves_coarse_net_unchanged(trained):
+    saved = torch.load(trained / 'coarse.pth', weights_only=True)
+    after_fine = torch.load(trained / 'checkpoint.pth', weights_only=True)['coarse']
+    assert all(torch.equal(saved[k], after_fine[k]) for k in saved)
+
+
+def test_weights_load_in_a_new_process(trained, tmp_path):
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 228, 304) * 255
+    torch.save(x, tmp_path / 'x.pt')
+    coarse, fine = GlobalCoarseNet(PAPER).eval(), LocalFineNet(PAPER).eval()
+    coarse.load_state_dict(torch.load(trained / 'coarse.pth', weights_only=True))
+    fine.load_state_dict(torch.load(trained / 'fine.pth', weights_only=True))
+    assert not any(k.startswith('module.') for k in coarse.state_dict())
+    with torch.no_grad():
+        expected = fine(x, coarse(x))
+    code = f'''
+import torch
+from net import GlobalCoarseNet, LocalFineNet
+c, f = GlobalCoarseNet().eval(), LocalFineNet().eval()
+c.load_state_dict(torch.load(r"{trained / 'coarse.pth'}", weights_only=True))
+f.load_state_dict(torch.load(r"{trained / 'fine.pth'}", weights_only=True))
+x = torch.load(r"{tmp_path / 'x.pt'}", weights_only=True)
+with torch.no_grad():
+    torch.save(f(x, c(x)), r"{tmp_path / 'y.pt'}")
+'''
+    subprocess.run([sys.executable, '-c', code], cwd=ROOT, check=True)
+    assert torch.equal(torch.load(tmp_path / 'y.pt', weights_only=True), expected)
+
+
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(synthetic, tmp_path):
+    schedule = ['--coarse-samples', 24, '--fine-samples', 16, '--batch-size', 4,
+                '--val-fraction', 0.15, '--save-every', 2, '--seed', 5]
+    assert train.main(_args(synthetic, tmp_path / 'straight', *schedule)) == 0
+    chunked = tmp_path / 'chunked'
+    assert train.main(_args(synthetic, chunked, *schedule, '--max-steps', 4)) == 0
+    assert not (chunked / 'coarse.pth').exists()
+    # an unfinished run is never overwritten by a fresh start
+    with pytest.raises(util.DataError, match='--resume'):
+        train.main(_args(synthetic, chunked, *schedule))
+    assert train.main(_args(synthetic, chunked, *schedule, '--resume', '--max-steps', 4)) == 0
+    assert (chunked / 'coarse.pth').exists() and not (chunked / 'fine.pth').exists()
+    assert train.main(_args(synthetic, chunked, *schedule, '--resume')) == 0
+    for name in ('coarse.pth', 'fine.pth'):
+        a = torch.load(tmp_path / 'straight' / name, weights_only=True)
+        b = torch.load(chunked / name, weights_only=True)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+# ----------------------------------------------------------------------------------------------
+
+def _run(*args):
+    return subprocess.run([sys.executable, 'train.py', *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_help_explains_the_options():
+    r = _run('--help')
+    assert r.returncode == 0
+    for option in ('--data', '--demo', '--variant', '--coarse-samples', '--resume', '--train-depth'):
+        assert option in r.stdout
+
+
+def test_missing_dataset_gives_a_short_message(tmp_path):
+    r = _run('--data', str(tmp_path / 'nope.mat'), '--out', str(tmp_path / 'out'))
+    assert r.returncode != 0
+    assert 'Traceback' not in r.stderr
+    assert 'not found' in r.stderr and '--demo' in r.stderr and 'nyu_depth_v2_labeled.mat' in r.stderr
