@@ -36,12 +36,13 @@ def safe_log(depth, mask):
                        torch.zeros_like(depth))
 
 
-def scale_invariant_loss(pred_log_depth, target_log_depth, mask, lam=TRAIN_LAMBDA):
+def scale_invariant_loss(pred_log_depth, target_log_depth, mask, lam=TRAIN_LAMBDA, per_image=False):
     """Eq. 4 averaged over the images of the batch that have at least one valid pixel.
 
     pred_log_depth, target_log_depth: (B, ...) log depths (natural log of metres);
     mask: (B, ...) bool, True where the target is valid. Invalid target values are ignored even if
     they are NaN or inf. Returns a scalar; 0 (with a gradient path) if no pixel is valid.
+    per_image=True returns the (B,) values instead (0 for an image without valid pixels).
     """
     mask = mask.to(torch.bool)
     b = pred_log_depth.shape[0]
@@ -50,11 +51,14 @@ def scale_invariant_loss(pred_log_depth, target_log_depth, mask, lam=TRAIN_LAMBD
     n = mask.reshape(b, -1).sum(dim=1).to(d.dtype)
     has_pixels = n > 0
     n_safe = n.clamp(min=1)
-    per_image = (d * d).sum(dim=1) / n_safe - lam * d.sum(dim=1) ** 2 / n_safe ** 2
-    count = has_pixels.sum().clamp(min=1)
-    return torch.where(has_pixels, per_image, 0.0).sum() / count
+    values = (d * d).sum(dim=1) / n_safe - lam * d.sum(dim=1) ** 2 / n_safe ** 2
+    values = torch.where(has_pixels, values, 0.0)
+    if per_image:
+        return values
+    return values.sum() / has_pixels.sum().clamp(min=1)
 
 
-def scale_invariant_error(pred_log_depth, target_log_depth, mask):
-    """Eq. 1 (lambda = 1): the loss that ignores a global scale of the prediction."""
-    return scale_invariant_loss(pred_log_depth, target_log_depth, mask, lam=1.0)
+def scale_invariant_error(pred_log_depth, target_log_depth, mask, per_image=False):
+    """Eq. 1 (lambda = 1): the loss that ignores a global scale of the prediction. Table 1's
+    "RMSE (log, scale-invariant)" is its square root."""
+    return scale_invariant_loss(pred_log_depth, target_log_depth, mask, lam=1.0, per_image=per_image)

@@ -195,3 +195,26 @@ def load_pretrained_conv(net, path):
         raise ValueError(f"{path}: no coarse1..coarse5 weights in this file")
     missing = net.load_state_dict(wanted, strict=False)
     return sorted(wanted), missing
+
+
+def load_pretrained(folder='model', device='cpu'):
+    """The trained nets from `folder` (coarse.pth, and fine.pth if present), in eval mode, in one
+    line for a notebook: `coarse, fine = load_pretrained()`. The variant is read off the weights'
+    shapes (the release's coarse6 and fine1 differ in size). fine is None without fine.pth."""
+    import os
+    path = os.path.join(folder, 'coarse.pth')
+    state = torch.load(path, map_location=device, weights_only=True)
+    fc_inputs = state['coarse6.1.weight'].shape[1] if 'coarse6.1.weight' in state else None
+    variant = next((v for v in VARIANTS.values()
+                    if fc_inputs == 256 * v.coarse5_hw[0] * v.coarse5_hw[1]), None)
+    if variant is None:
+        raise ValueError(f'{path}: weights of neither the paper nor the release network')
+    coarse = GlobalCoarseNet(variant).to(device)
+    coarse.load_state_dict(state)
+    fine = None
+    fine_path = os.path.join(folder, 'fine.pth')
+    if os.path.isfile(fine_path):
+        fine = LocalFineNet(variant).to(device)
+        fine.load_state_dict(torch.load(fine_path, map_location=device, weights_only=True))
+        fine.eval()
+    return coarse.eval(), fine

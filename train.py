@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from loss import TRAIN_LAMBDA, safe_log, scale_invariant_loss
+from metrics import Metrics
 from net import GlobalCoarseNet, LocalFineNet, VARIANTS, get_variant, layer_names, load_pretrained_conv
 import util
 
@@ -158,25 +159,24 @@ def predict(coarse, fine, images):
 
 @torch.no_grad()
 def validate(coarse, fine, frames, device, batch, lam, scale):
-    """Mean loss (Eq. 4 with the training lambda) and scale-invariant error sqrt(Eq. 1) over the
-    validation frames, centre crop, the net in eval mode."""
+    """Validation frames, centre crop, nets in eval mode: the mean training loss (Eq. 4) and the
+    metrics of metrics.py on the 55x74 target grid (sc-inv = sqrt(Eq. 1), RMSE in metres, ...)."""
     nets = [n for n in (coarse, fine) if n is not None]
     modes = [n.training for n in nets]
     for n in nets:
         n.eval()
-    loss_sum, err_sum, count = 0.0, 0.0, 0
+    loss_sum, count, found = 0.0, 0, Metrics()
     for start in range(0, len(frames), batch):
         idx = list(range(start, min(start + batch, len(frames))))
         img, depth, mask = (t.to(device) for t in frames.get(idx))
         x, y, m = util.center_crop(img, depth, mask)
         pred = predict(coarse, fine, x)
-        target = safe_log(y, m)
-        loss_sum += float(scale_invariant_loss(pred, target, m, lam)) * len(idx) / scale
-        err_sum += float(scale_invariant_loss(pred, target, m, 1.0).clamp(min=0)) * len(idx)
+        loss_sum += float(scale_invariant_loss(pred, safe_log(y, m), m, lam)) * len(idx) / scale
+        found.add(pred=pred.exp(), gt=y, mask=m)
         count += len(idx)
     for n, mode in zip(nets, modes):
         n.train(mode)
-    return loss_sum / count, math.sqrt(err_sum / count)
+    return {'loss': loss_sum / count, **found.result()}
 
 
 def save_weights(net, path):
@@ -220,14 +220,19 @@ class StopControl:
 
 # ----------------------------------------------------------------------------------------------
 
+def demo_paths():
+    """The synthetic demo's .mat and splits.mat, rendered on first use."""
+    data, splits = (os.path.join(DEMO_FOLDER, 'synthetic_labeled.mat'),
+                    os.path.join(DEMO_FOLDER, 'synthetic_splits.mat'))
+    if not (os.path.isfile(data) and os.path.isfile(splits)):
+        print(f'making the synthetic demo data in {DEMO_FOLDER}/ (once)')
+        util.make_synthetic_nyu(DEMO_FOLDER, DEMO_SCENES, DEMO_VIEWS, seed=0)
+    return data, splits
+
+
 def load_data(args):
     if args.demo:
-        data, splits = (os.path.join(DEMO_FOLDER, 'synthetic_labeled.mat'),
-                        os.path.join(DEMO_FOLDER, 'synthetic_splits.mat'))
-        if not (os.path.isfile(data) and os.path.isfile(splits)):
-            print(f'making the synthetic demo data in {DEMO_FOLDER}/ (once)')
-            util.make_synthetic_nyu(DEMO_FOLDER, DEMO_SCENES, DEMO_VIEWS, seed=0)
-        args.data, args.splits = data, splits
+        args.data, args.splits = demo_paths()
     arrays = util.read_nyu_labeled(args.data)
     train_idx, test_idx = util.read_splits(args.splits, len(arrays['images']))
     train_idx, val_idx = util.split_train_val(train_idx, arrays['scenes'], args.val_fraction, args.seed)
@@ -302,11 +307,11 @@ def run_stage(stage, coarse, fine, train, val, args, device, ckpt, stop):
             history['train'].append((step * args.batch_size, run_loss / run_count))
             run_loss, run_count = 0.0, 0
             if len(val):
-                vl, ve = validate(coarse, fine if stage == 'fine' else None, val, device,
-                                  args.batch_size, args.lam, scale)
-                history['val'].append((step * args.batch_size, vl, ve))
-                bar.write(f'{stage} {step * args.batch_size} samples: val loss {vl:.4f}, '
-                          f'sc-inv error {ve:.4f}')
+                v = validate(coarse, fine if stage == 'fine' else None, val, device,
+                             args.batch_size, args.lam, scale)
+                history['val'].append((step * args.batch_size, v['loss'], v['si_log']))
+                bar.write(f"{stage} {step * args.batch_size} samples: val loss {v['loss']:.4f}, "
+                          f"sc-inv {v['si_log']:.3f}, RMSE {v['rmse']:.3f} m, d<1.25 {v['d1']:.3f}")
             util.plot_losses(history, stage, os.path.join(args.out, f'loss_{stage}.png'))
         interrupted = stop.step_done()
         if step % args.save_every == 0 or step == total_steps or interrupted:

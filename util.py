@@ -337,16 +337,79 @@ def augment(images, depths, masks, params):
     return img, depth, mask
 
 
+def crop_input(images):
+    """The centre 228x304 crop of (B, 3, 240, 320) frames: the test-time input (Sec. 3.3)."""
+    fh, fw = FRAME_HW
+    ih, iw = INPUT_HW
+    y0, x0 = (fh - ih) // 2, (fw - iw) // 2
+    return images[:, :, y0:y0 + ih, x0:x0 + iw]
+
+
 def center_crop(images, depths, masks):
     """Test-time input (Sec. 3.3): the exact centre crop and the target grid inside it."""
     fh, fw = FRAME_HW
     ih, iw = INPUT_HW
     oh, ow = OUTPUT_HW
     y0, x0 = (fh - ih) // 2, (fw - iw) // 2
-    img = images[:, :, y0:y0 + ih, x0:x0 + iw]
+    img = crop_input(images)
     ty = slice(y0 + TARGET_OFFSET, y0 + TARGET_OFFSET + TARGET_STRIDE * oh, TARGET_STRIDE)
     tx = slice(x0 + TARGET_OFFSET, x0 + TARGET_OFFSET + TARGET_STRIDE * ow, TARGET_STRIDE)
     return img, depths[:, None, ty, tx], masks[:, None, ty, tx]
+
+
+# ----------------------------------------------------------------------------------------------
+# From network output back to a frame: the region the 55x74 map covers, upsampling
+
+# The release's get_predicted_depth_region: the output grid covers rows 10..230 and columns
+# 12..308 of the 240x320 frame, one 4x4 block per cell (the centre 220x296 of the input crop).
+OUTPUT_REGION_240x320 = (10, 230, 12, 308)
+
+
+def output_region(hw):
+    """(top, bottom, left, right) of an (H, W) frame covered by the network output."""
+    h, w = hw
+    t, b, l, r = OUTPUT_REGION_240x320
+    fh, fw = FRAME_HW
+    return round(t * h / fh), round(b * h / fh), round(l * w / fw), round(r * w / fw)
+
+
+def upsample_depth(depth, hw, mode='nearest', outside='nan'):
+    """(B, 1, 55, 74) depth -> (B, 1, H, W) of a frame of size hw, placed on the region it covers.
+
+    mode: 'nearest' (the paper's evaluation, Sec. 4.3) or 'bilinear'. Outside the covered region:
+    'nan' (not predicted) or 'edge' (the border cells repeated, to fill a whole frame)."""
+    t, b, l, r = output_region(hw)
+    kwargs = {'align_corners': False} if mode == 'bilinear' else {}
+    inner = F.interpolate(depth, size=(b - t, r - l), mode=mode, **kwargs)
+    pad = (l, hw[1] - r, t, hw[0] - b)
+    if outside == 'edge':
+        return F.pad(inner, pad, mode='replicate')
+    return F.pad(inner, pad, mode='constant', value=float('nan'))
+
+
+def prepare_image(rgb):
+    """Any-size RGB uint8 (H, W, 3) -> the network input (1, 3, 228, 304) float 0..255, as the paper
+    preprocesses: resized to 320x240 (antialiased), then the centre crop."""
+    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float()
+    return crop_input(F.interpolate(x, size=FRAME_HW, mode='bilinear', align_corners=False,
+                                    antialias=True))
+
+
+def read_full_depths(mat_path, indices, name='depths', chunk=READ_CHUNK):
+    """Yield (index, upright 480x640 float32 depth) from the labeled .mat for the given frames, a
+    chunk at a time (evaluation compares against the full-resolution ground truth)."""
+    import h5py
+    indices = [int(i) for i in indices]
+    with h5py.File(mat_path, 'r') as f:
+        d = f[name]
+        for start in range(0, len(indices), chunk):
+            part = np.asarray(indices[start:start + chunk])
+            order = np.argsort(part)          # h5py reads increasing indices only
+            block = d[part[order]]
+            position = np.empty_like(order)
+            position[order] = np.arange(len(order))
+            for j, i in enumerate(part):      # back in the order asked for
+                yield int(i), np.asarray(block[position[j]].T, np.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -554,34 +617,74 @@ def plot_losses(history, stage, path):
     plt.close(fig)
 
 
+def _panel(rows, titles, labels, path, dpi=80):
+    """A grid of images: each row a list of RGB arrays (H, W, 3) or depth maps (H, W) in metres
+    (one colour scale per row, from its ground truth, the second entry); NaN shows blank."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(rows), len(titles), figsize=(3.2 * len(titles), 2.5 * len(rows)),
+                             squeeze=False)
+    for i, row in enumerate(rows):
+        gt = row[1][np.isfinite(row[1]) & (row[1] > 0)]
+        lo, hi = (float(gt.min()), float(gt.max())) if gt.size else (0.5, 10.0)
+        for j, image in enumerate(row):
+            ax = axes[i, j]
+            if image.ndim == 3:
+                ax.imshow(np.clip(image, 0, 255).astype(np.uint8))
+            elif titles[j].startswith('|error|'):
+                err = ax.imshow(image, cmap='magma', vmin=0, vmax=max(hi - lo, 1e-3) / 2)
+                fig.colorbar(err, ax=ax, fraction=0.04, label='m')
+            else:
+                im = ax.imshow(image, cmap='jet_r', vmin=lo, vmax=hi, interpolation='nearest')
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(titles[j])
+        if labels:
+            axes[i, 0].set_ylabel(labels[i])
+        depth_axes = [a for a, t in zip(axes[i], titles) if not t.startswith('|error|')]
+        fig.colorbar(im, ax=depth_axes, label='depth (m)', fraction=0.03)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format='png', dpi=dpi))
+    plt.close(fig)
+
+
+def _set_eval(nets):
+    for n in nets:
+        if n is not None:
+            n.eval()
+
+
 @torch.no_grad()
 def plot_predictions(coarse, fine, frames, device, path, count=4):
-    """RGB | ground truth | coarse | fine for the first `count` frames, one colour scale per row."""
-    plt = _pyplot()
+    """RGB | ground truth | coarse | coarse + fine for the first `count` frames, at the 55x74 grid."""
+    _set_eval([coarse, fine])
     count = min(count, len(frames))
     img, depth, mask = (t.to(device) for t in frames.get(list(range(count))))
     x, y, m = center_crop(img, depth, mask)
-    nets = [n for n in (coarse, fine) if n is not None]
-    for n in nets:
-        n.eval()
     c = coarse(x)
-    gt = torch.where(m, y, torch.full_like(y, float('nan')))   # missing depth shown blank
-    cols = [('input', None), ('ground truth', gt), ('coarse', c.exp())]
+    maps = [torch.where(m, y, torch.full_like(y, float('nan'))), c.exp()]   # missing depth blank
     if fine is not None:
-        cols.append(('coarse + fine', fine(x, c).exp()))
-    fig, axes = plt.subplots(count, len(cols), figsize=(3.2 * len(cols), 2.5 * count), squeeze=False)
-    for i in range(count):
-        valid = y[i, 0][m[i, 0]]
-        lo, hi = (float(valid.min()), float(valid.max())) if valid.numel() else (0.5, 10)
-        for j, (title, d) in enumerate(cols):
-            ax = axes[i, j]
-            if d is None:
-                ax.imshow(x[i].permute(1, 2, 0).clamp(0, 255).byte().cpu().numpy())
-            else:
-                im = ax.imshow(d[i, 0].cpu().numpy(), cmap='jet_r', vmin=lo, vmax=hi)
-            ax.set_xticks([]); ax.set_yticks([])
-            if i == 0:
-                ax.set_title(title)
-        fig.colorbar(im, ax=axes[i].tolist(), label='depth (m)', fraction=0.03)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format='png', dpi=80))
-    plt.close(fig)
+        maps.append(fine(x, c).exp())
+    rows = [[x[i].permute(1, 2, 0).cpu().numpy()] + [d[i, 0].cpu().numpy() for d in maps]
+            for i in range(count)]
+    titles = ['input', 'ground truth', 'coarse'] + (['coarse + fine'] if fine is not None else [])
+    _panel(rows, titles, None, path)
+
+
+@torch.no_grad()
+def plot_examples(coarse, fine, frames, picks, gts, labels, device, path):
+    """RGB | ground truth | coarse | fine | |error| of the last net, at full resolution (the
+    prediction shown where the network covers the frame, nearest-neighbour upsampled)."""
+    _set_eval([coarse, fine])
+    img, _, _ = frames.get(picks)
+    x = crop_input(img.to(device))
+    c = coarse(x)
+    maps = [c.exp()] + ([fine(x, c).exp()] if fine is not None else [])
+    hw = gts[0].shape
+    maps = [upsample_depth(d, hw, 'nearest', 'nan')[:, 0].cpu().numpy() for d in maps]
+    rows = []
+    for k in range(len(picks)):
+        rgb = F.interpolate(img[k:k + 1], size=hw, mode='nearest')[0].permute(1, 2, 0).cpu().numpy()
+        gt = np.where(gts[k] > 0, gts[k], np.nan)
+        rows.append([rgb, gt] + [d[k] for d in maps] + [np.abs(maps[-1][k] - gt)])
+    titles = ['input', 'ground truth', 'coarse'] + (['coarse + fine'] if fine is not None else []) + ['|error| (m)']
+    _panel(rows, titles, labels, path)

@@ -18,3 +18,29 @@ def shared():
     if not os.path.isdir(os.path.join(SHARED, 'nyu-samples')):
         pytest.skip(f'{SHARED}/nyu-samples not present (only on the project machines)')
     return SHARED
+
+
+def train_args(data, out, *extra):
+    """train.py arguments for a run on the (mat, splits) pair `data`, CPU, output to `out`."""
+    mat, splits = data
+    return ['--data', str(mat), '--splits', str(splits), '--out', str(out), '--device', 'cpu',
+            '--train-depth', 'filled', *map(str, extra)]
+
+
+@pytest.fixture(scope='session')
+def synthetic(tmp_path_factory):
+    """A small synthetic data set in NYU's labeled layout: 14 rooms x 3 views."""
+    import util
+    folder = tmp_path_factory.mktemp('synthetic')
+    return util.make_synthetic_nyu(folder, num_scenes=14, frames_per_scene=3, seed=1, progress=False)
+
+
+@pytest.fixture(scope='session')
+def trained(synthetic, tmp_path_factory):
+    """Both nets trained briefly on `synthetic` (coarse 1280 samples, fine 96), in a model folder."""
+    import train
+    out = tmp_path_factory.mktemp('model')
+    rc = train.main(train_args(synthetic, out, '--coarse-samples', 1280, '--fine-samples', 96,
+                               '--batch-size', 16, '--val-fraction', 0.15, '--val-every', 640))
+    assert rc == 0
+    return out

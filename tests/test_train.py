@@ -11,6 +11,7 @@ import torch
 import train
 import util
 from loss import safe_log, scale_invariant_error
+from conftest import train_args
 from net import PAPER, RELEASE, GlobalCoarseNet, LocalFineNet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,27 +53,6 @@ def test_guard_refuses_a_parameter_without_a_rate():
 
 
 # ----------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope='session')
-def synthetic(tmp_path_factory):
-    folder = tmp_path_factory.mktemp('synthetic')
-    return util.make_synthetic_nyu(folder, num_scenes=14, frames_per_scene=3, seed=1, progress=False)
-
-
-def _args(data, out, *extra):
-    mat, splits = data
-    return ['--data', str(mat), '--splits', str(splits), '--out', str(out), '--device', 'cpu',
-            '--train-depth', 'filled', *map(str, extra)]
-
-
-@pytest.fixture(scope='session')
-def trained(synthetic, tmp_path_factory):
-    out = tmp_path_factory.mktemp('model')
-    rc = train.main(_args(synthetic, out, '--coarse-samples', 1280, '--fine-samples', 96,
-                          '--batch-size', 16, '--val-fraction', 0.15, '--val-every', 640))
-    assert rc == 0
-    return out
-
 
 def _test_frames(synthetic):
     arrays = util.read_nyu_labeled(synthetic[0], progress=False)
@@ -141,16 +121,16 @@ with torch.no_grad():
 def test_interrupted_and_resumed_run_ends_with_the_same_weights(synthetic, tmp_path):
     schedule = ['--coarse-samples', 24, '--fine-samples', 16, '--batch-size', 4,
                 '--val-fraction', 0.15, '--save-every', 2, '--seed', 5]
-    assert train.main(_args(synthetic, tmp_path / 'straight', *schedule)) == 0
+    assert train.main(train_args(synthetic, tmp_path / 'straight', *schedule)) == 0
     chunked = tmp_path / 'chunked'
-    assert train.main(_args(synthetic, chunked, *schedule, '--max-steps', 4)) == 0
+    assert train.main(train_args(synthetic, chunked, *schedule, '--max-steps', 4)) == 0
     assert not (chunked / 'coarse.pth').exists()
     # an unfinished run is never overwritten by a fresh start
     with pytest.raises(util.DataError, match='--resume'):
-        train.main(_args(synthetic, chunked, *schedule))
-    assert train.main(_args(synthetic, chunked, *schedule, '--resume', '--max-steps', 4)) == 0
+        train.main(train_args(synthetic, chunked, *schedule))
+    assert train.main(train_args(synthetic, chunked, *schedule, '--resume', '--max-steps', 4)) == 0
     assert (chunked / 'coarse.pth').exists() and not (chunked / 'fine.pth').exists()
-    assert train.main(_args(synthetic, chunked, *schedule, '--resume')) == 0
+    assert train.main(train_args(synthetic, chunked, *schedule, '--resume')) == 0
     for name in ('coarse.pth', 'fine.pth'):
         a = torch.load(tmp_path / 'straight' / name, weights_only=True)
         b = torch.load(chunked / name, weights_only=True)

@@ -1,0 +1,182 @@
+"""Evaluate trained nets on the test split and print them next to the paper's Table 1.
+
+    python evaluate.py                 # model/ on the 654 NYU test images in nyu/
+    python evaluate.py --demo          # model/ on the synthetic demo's test scenes
+
+Two protocols (PROTOCOL_TEXT below, printed by --help), both by default, each named in the output.
+A "Mean" row is computed here from the training split (each output cell's mean training depth,
+predicted for every test image), to check the paper's own Mean baseline row.
+Writes OUT/eval.json and OUT/eval_examples.png (best / median / worst test images).
+"""
+import argparse
+import datetime
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+import util
+from metrics import HEADINGS, NAMES, Metrics
+from net import load_pretrained
+
+# Table 1 of the paper, NYU Depth v2 test set, as printed (strings, so the rows print verbatim).
+PAPER_TABLE1 = {
+    'Mean': ['0.418', '0.711', '0.874', '0.408', '0.581', '1.244', '0.430', '0.304'],
+    'Make3D': ['0.447', '0.745', '0.897', '0.349', '0.492', '1.214', '0.409', '0.325'],
+    'Ladicky et al.': ['0.542', '0.829', '0.940', '-', '-', '-', '-', '-'],
+    'Karsch et al.': ['-', '-', '-', '0.350', '-', '1.2', '-', '-'],
+    'Coarse': ['0.618', '0.891', '0.969', '0.228', '0.223', '0.871', '0.283', '0.221'],
+    'Coarse + Fine': ['0.611', '0.887', '0.971', '0.215', '0.212', '0.907', '0.285', '0.219'],
+}
+PAPER_COLUMNS = ('d1', 'd2', 'd3', 'abs_rel', 'sq_rel', 'rmse', 'rmse_log', 'si_log')
+PROTOCOL_TEXT = {
+    'paper': 'Sec. 4.3: the 55x74 prediction upsampled by nearest neighbour to the 640x480 frame, on '
+             'the region the network covers (rows 20..460, columns 24..616); every valid ground-'
+             'truth pixel (> 0) of the test set pooled; no depth cap; sc-inv per image.',
+    'crop': 'later work (BTS, AdaBins, ZoeDepth): the prediction upsampled bilinearly to 640x480 '
+            '(border cells repeated outside the covered region); rows 45:471, columns 41:601 '
+            '(0-based slices); valid where 1e-3 < gt < 10; prediction clamped to [1e-3, 10]; '
+            'metrics per image, then averaged.',
+}
+PROTOCOLS = tuple(PROTOCOL_TEXT)
+CROP = (45, 471, 41, 601)            # rows, columns of the 480x640 frame, 0-based slices
+CROP_RANGE = (1e-3, 10.0)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog='protocols:\n' + '\n'.join(f'  {k}: {v}' for k, v in PROTOCOL_TEXT.items()))
+    p.add_argument('--data', default=os.path.join('nyu', 'nyu_depth_v2_labeled.mat'),
+                   help='NYU Depth v2 labeled .mat (default: %(default)s)')
+    p.add_argument('--splits', default=os.path.join('nyu', 'splits.mat'),
+                   help='official split (default: %(default)s)')
+    p.add_argument('--demo', action='store_true', help="the synthetic demo data of train.py --demo")
+    p.add_argument('--model', default='model', help='folder with coarse.pth [and fine.pth] (default: %(default)s)')
+    p.add_argument('--out', default=None, help='where eval.json and the figure go (default: --model)')
+    p.add_argument('--protocol', choices=['both', *PROTOCOLS], default='both', help='(default: %(default)s)')
+    p.add_argument('--batch-size', type=int, default=16, help='(default: %(default)s)')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    a = p.parse_args(argv)
+    a.out = a.out or a.model
+    if a.demo:
+        import train
+        a.data, a.splits = train.demo_paths()
+    return a
+
+
+def _row(values):
+    return [f'{values[k]:.3f}' for k in NAMES]
+
+
+def format_table(results, protocol, num_images):
+    """The paper's rows verbatim, then ours, one column per metric (log10: ours only)."""
+    cols = [HEADINGS[k] for k in NAMES]
+    rows = [(f'[paper] {name}', vals + ['-']) for name, vals in PAPER_TABLE1.items()]
+    rows += [(f'[ours]  {name}', _row(vals)) for name, vals in results.items()]
+    width = max(len(r[0]) for r in rows) + 2
+    lines = [f'protocol: {protocol} ({num_images} test images); paper rows: Table 1, paper protocol',
+             ''.ljust(width) + ' '.join(c.rjust(9) for c in cols)]
+    lines += [name.ljust(width) + ' '.join(v.rjust(9) for v in vals) for name, vals in rows]
+    return '\n'.join(lines)
+
+
+def mean_depth_map(frames, batch=64):
+    """Each output cell's mean valid training depth (centre crop): the "Mean" baseline."""
+    total = torch.zeros(1, 1, *util.OUTPUT_HW, dtype=torch.float64)
+    count = torch.zeros_like(total)
+    for start in range(0, len(frames), batch):
+        img, depth, mask = frames.get(list(range(start, min(start + batch, len(frames)))), mask_min_max=False)
+        _, y, m = util.center_crop(img, depth, mask)
+        total += torch.where(m, y, 0).double().sum(0, keepdim=True)
+        count += m.double().sum(0, keepdim=True)
+    overall = float(total.sum() / count.sum().clamp(min=1))
+    return torch.where(count > 0, total / count.clamp(min=1), overall).float()
+
+
+def evaluate(args):
+    arrays = util.read_nyu_labeled(args.data)
+    train_idx, test_idx = util.read_splits(args.splits, len(arrays['images']))
+    device = torch.device(args.device)
+    try:
+        coarse, fine = load_pretrained(args.model, device)
+    except FileNotFoundError:
+        raise util.DataError(f"{os.path.join(args.model, 'coarse.pth')}: no trained coarse net; "
+                             f"run train.py first") from None
+    # the paper's Mean baseline uses the training set (filled depths, as the test targets)
+    mean_map = mean_depth_map(util.Frames(arrays['images'][train_idx], arrays['depths'][train_idx])).to(device)
+    test = util.Frames(arrays['images'][test_idx], arrays['depths'][test_idx])
+    methods = ['Mean', 'Coarse'] + (['Coarse + Fine'] if fine is not None else [])
+    protocols = PROTOCOLS if args.protocol == 'both' else (args.protocol,)
+    found = {p: {m: Metrics(per_image=(p == 'crop')) for m in methods} for p in protocols}
+    examples = []   # (per-image RMSE of the best net, paper protocol; index) for the figure
+    gt_frames = util.read_full_depths(args.data, test_idx)
+    from tqdm import tqdm
+    with torch.no_grad():
+        for start in tqdm(range(0, len(test), args.batch_size), desc='evaluating', unit='batch'):
+            idx = list(range(start, min(start + args.batch_size, len(test))))
+            img, _, _ = test.get(idx)
+            x = util.crop_input(img.to(device))
+            c = coarse(x)
+            preds = {'Mean': mean_map.expand(len(idx), -1, -1, -1), 'Coarse': c.exp()}
+            if fine is not None:
+                preds['Coarse + Fine'] = fine(x, c).exp()
+            gt = torch.from_numpy(np.stack([next(gt_frames)[1] for _ in idx]))[:, None].to(device)
+            valid = torch.isfinite(gt) & (gt > 0)
+            for protocol in protocols:
+                for method, pred in preds.items():
+                    p, g, m = protocol_pixels(protocol, pred, gt, valid)
+                    found[protocol][method].add(pred=p, gt=g, mask=m)
+            p, g, m = protocol_pixels('paper', preds[methods[-1]], gt, valid)
+            for k, i in enumerate(idx):   # the last net's own RMSE on each image, for the figure
+                if m[k].any():
+                    examples.append((Metrics().add(pred=p[k:k + 1], gt=g[k:k + 1],
+                                                   mask=m[k:k + 1]).result()['rmse'], i))
+    results = {p: {m: found[p][m].result() for m in methods} for p in protocols}
+    for p in protocols:
+        print(format_table(results[p], p, len(test)))
+        print()
+    os.makedirs(args.out, exist_ok=True)
+    report = {'date': datetime.datetime.now().isoformat(timespec='seconds'),
+              'data': os.path.abspath(args.data), 'test_images': len(test),
+              'model': os.path.abspath(args.model), 'variant': coarse.variant.name,
+              'protocols': {p: PROTOCOL_TEXT[p] for p in protocols},
+              'results': results,
+              'paper_table1': {m: dict(zip(PAPER_COLUMNS, v)) for m, v in PAPER_TABLE1.items()}}
+    path = os.path.join(args.out, 'eval.json')
+    util.atomic_write(path, lambda tmp: open(tmp, 'w').write(json.dumps(report, indent=2)))
+    examples.sort()
+    picks = [examples[0][1], examples[len(examples) // 2][1], examples[-1][1]]
+    figure = os.path.join(args.out, 'eval_examples.png')
+    gt_pick = {i: d for i, d in util.read_full_depths(args.data, test_idx[picks])}
+    util.plot_examples(coarse, fine, test, picks, [gt_pick[test_idx[i]] for i in picks],
+                       ['best', 'median', 'worst'], device, figure)
+    print(f'written: {path}, {figure}')
+    return results
+
+
+def protocol_pixels(protocol, pred, gt, valid):
+    """pred (B, 1, 55, 74), gt and valid (B, 1, 480, 640) -> what the protocol compares."""
+    hw = gt.shape[-2:]
+    if protocol == 'paper':
+        up = util.upsample_depth(pred, hw, mode='nearest', outside='nan')
+        return torch.nan_to_num(up, nan=1.0), gt, valid & torch.isfinite(up)
+    up = util.upsample_depth(pred, hw, mode='bilinear', outside='edge').clamp(*CROP_RANGE)
+    r0, r1, c0, c1 = CROP
+    region = torch.zeros_like(valid)
+    region[..., r0:r1, c0:c1] = True
+    return up, gt, valid & region & (gt > CROP_RANGE[0]) & (gt < CROP_RANGE[1])
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    evaluate(args)
+    return 0
+
+
+if __name__ == '__main__':
+    try:
+        sys.exit(main())
+    except (util.DataError, ValueError) as e:
+        sys.exit(f'error: {e}')

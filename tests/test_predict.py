@@ -1,0 +1,88 @@
+"""predict.py: any image size in, a depth map of that size out; bad input gives one clear line."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _predict(*args):
+    return subprocess.run([sys.executable, 'predict.py', *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def _image(path, size, mode='RGB'):
+    rng = np.random.default_rng(0)
+    w, h = size
+    channels = {'RGB': 3, 'RGBA': 4, 'L': 1}[mode]
+    data = rng.integers(0, 255, (h, w, channels), dtype=np.uint8)
+    Image.fromarray(data[..., 0] if channels == 1 else data, mode).save(path)
+    return path
+
+
+def test_png_and_jpeg_of_different_sizes(trained, tmp_path):
+    png = _image(tmp_path / 'a.png', (200, 150))
+    jpg = _image(tmp_path / 'b.jpg', (517, 333))
+    r = _predict('--model', trained, '--out', tmp_path / 'out', '--colorbar', png, jpg)
+    assert r.returncode == 0, r.stderr
+    for stem, (w, h) in (('a', (200, 150)), ('b', (517, 333))):
+        depth = np.load(tmp_path / 'out' / f'{stem}_depth.npy')
+        assert depth.shape == (h, w) and depth.dtype == np.float32
+        assert np.isfinite(depth).all() and (depth > 0).all()
+        assert Image.open(tmp_path / 'out' / f'{stem}_depth.png').format == 'PNG'
+
+
+def test_outputs_next_to_the_image_by_default(trained, tmp_path):
+    png = _image(tmp_path / 'c.png', (64, 48))
+    r = _predict('--model', trained, png)
+    assert r.returncode == 0, r.stderr
+    assert np.load(tmp_path / 'c_depth.npy').shape == (48, 64)
+
+
+@pytest.mark.parametrize('kind, message', [
+    ('text', 'not an image'), ('missing', 'not found'), ('gray', 'not a colour image'),
+    ('rgba', 'alpha channel')])
+def test_bad_input_gives_one_clear_line(trained, tmp_path, kind, message):
+    path = tmp_path / f'{kind}.png'
+    if kind == 'text':
+        path.write_text('not a picture')
+    elif kind == 'gray':
+        _image(path, (40, 30), 'L')
+    elif kind == 'rgba':
+        _image(path, (40, 30), 'RGBA')
+    r = _predict('--model', trained, path)
+    assert r.returncode != 0
+    assert 'Traceback' not in r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and message in lines[0] and str(path) in lines[0]
+
+
+def test_convert_accepts_gray_and_rgba(trained, tmp_path):
+    gray = _image(tmp_path / 'g.png', (40, 30), 'L')
+    rgba = _image(tmp_path / 'r.png', (40, 30), 'RGBA')
+    r = _predict('--model', trained, '--convert', gray, rgba)
+    assert r.returncode == 0, r.stderr
+    assert np.load(tmp_path / 'g_depth.npy').shape == (30, 40)
+
+
+def test_one_bad_file_does_not_stop_the_others(trained, tmp_path):
+    good = _image(tmp_path / 'ok.png', (40, 30))
+    r = _predict('--model', trained, tmp_path / 'missing.png', good)
+    assert r.returncode == 1
+    assert (tmp_path / 'ok_depth.npy').exists()
+
+
+def test_missing_model_message(tmp_path):
+    r = _predict('--model', tmp_path / 'nothing', _image(tmp_path / 'x.png', (40, 30)))
+    assert r.returncode != 0 and 'Traceback' not in r.stderr and 'train.py' in r.stderr
+
+
+def test_real_nyu_frame(trained, tmp_path, shared):
+    jpg = os.path.join(shared, 'nyu-samples', 'metric3d_nyu_demo', 'rgb', 'rgb_00000.jpg')
+    r = _predict('--model', trained, '--out', tmp_path, jpg)
+    assert r.returncode == 0, r.stderr
+    assert np.load(tmp_path / 'rgb_00000_depth.npy').shape == (480, 640)
