@@ -22,11 +22,11 @@ def _check_output(out, folder):
         assert f'protocol: {protocol}' in out
     # the paper's rows, verbatim, in both tables
     for name, values in evaluate.PAPER_TABLE1.items():
-        line = [l for l in out.splitlines() if l.startswith(f'[paper] {name} ')]
+        line = [l for l in out.splitlines() if l.startswith(f'[paper] {name}  ')]
         assert len(line) == 2, name
         assert line[0].split()[-9:-1] == values
     for name in ('Mean', 'Coarse', 'Coarse + Fine'):
-        assert sum(l.startswith(f'[ours]  {name} ') for l in out.splitlines()) == 2
+        assert sum(l.startswith(f'[ours]  {name}  ') for l in out.splitlines()) == 2
     report = json.loads((folder / 'eval.json').read_text())
     assert set(report['results']) == {'paper', 'crop'}
     for protocol, rows in report['results'].items():
