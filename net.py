@@ -181,6 +181,12 @@ def _init(net, variant):
     nn.init.constant_(last.bias, LOGDEPTHS_MEAN / variant.log_depth_std)
 
 
+def predict_log_depth(coarse, fine, images):
+    """Log depth from the coarse net, refined by the fine net when one is given."""
+    log_depth = coarse(images)
+    return log_depth if fine is None else fine(images, log_depth)
+
+
 def layer_names(net):
     """The paper's layer names that own parameters, in order: coarse1..coarse7 or fine1..fine3."""
     return [n for n, m in net.named_children() if any(True for _ in m.parameters())]

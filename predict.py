@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 import util
-from net import load_pretrained
+from net import load_pretrained, predict_log_depth
 
 CONVERTIBLE = {'P', 'CMYK', 'YCbCr'}   # colour images in another encoding: converted silently
 
@@ -66,10 +66,7 @@ def read_rgb(path, convert=False):
 @torch.no_grad()
 def predict_depth(coarse, fine, rgb, device='cpu'):
     """Depth in metres, (H, W) float32, for an RGB uint8 (H, W, 3) image of any size."""
-    x = util.prepare_image(rgb).to(device)
-    log_depth = coarse(x)
-    if fine is not None:
-        log_depth = fine(x, log_depth)
+    log_depth = predict_log_depth(coarse, fine, util.prepare_image(rgb).to(device))
     depth = util.upsample_depth(log_depth.exp(), rgb.shape[:2], mode='bilinear', outside='edge')
     return depth[0, 0].cpu().numpy().astype(np.float32)
 

@@ -22,7 +22,8 @@ import torch.nn as nn
 
 from loss import TRAIN_LAMBDA, safe_log, scale_invariant_loss
 from metrics import Metrics
-from net import GlobalCoarseNet, LocalFineNet, VARIANTS, get_variant, layer_names, load_pretrained_conv
+from net import (GlobalCoarseNet, LocalFineNet, VARIANTS, get_variant, layer_names,
+                 load_pretrained_conv, predict_log_depth)
 import util
 
 # Sec. 3.3: SGD, batch 32, momentum 0.9; 2M samples for the coarse net, 1.5M for the fine net.
@@ -151,12 +152,6 @@ class BatchStream:
         self.perm, self.pos = state['perm'], state['pos']
 
 
-def predict(coarse, fine, images):
-    """Log depth from the coarse net, and from the fine net on top of it if given."""
-    c = coarse(images)
-    return c if fine is None else fine(images, c)
-
-
 @torch.no_grad()
 def validate(coarse, fine, frames, device, batch, lam, scale):
     """Validation frames, centre crop, nets in eval mode: the mean training loss (Eq. 4) and the
@@ -170,7 +165,7 @@ def validate(coarse, fine, frames, device, batch, lam, scale):
         idx = list(range(start, min(start + batch, len(frames))))
         img, depth, mask = (t.to(device) for t in frames.get(idx))
         x, y, m = util.center_crop(img, depth, mask)
-        pred = predict(coarse, fine, x)
+        pred = predict_log_depth(coarse, fine, x)
         loss_sum += float(scale_invariant_loss(pred, safe_log(y, m), m, lam)) * len(idx) / scale
         found.add(pred=pred.exp(), gt=y, mask=m)
         count += len(idx)

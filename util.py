@@ -241,6 +241,10 @@ class Frames:
         return self.images[idx].float(), depth, valid_depth_mask(depth, mask_min_max)
 
 
+# (row, column) of the test-time crop's top-left corner in the 240x320 frame: (6, 8)
+CENTRE_CROP_CORNER = ((FRAME_HW[0] - INPUT_HW[0]) // 2, (FRAME_HW[1] - INPUT_HW[1]) // 2)
+
+
 @dataclass
 class AugParams:
     """One random draw per sample, applied to image, depth and mask together."""
@@ -253,9 +257,7 @@ class AugParams:
     @staticmethod
     def identity(batch, device='cpu'):
         """Test time (Sec. 3.3): the centre crop at scale 1, no rotation, colour or flip."""
-        fh, fw = FRAME_HW
-        ih, iw = INPUT_HW
-        off = torch.tensor([(fw - iw) // 2, (fh - ih) // 2], dtype=torch.float32)
+        off = torch.tensor(CENTRE_CROP_CORNER[::-1], dtype=torch.float32)   # (x, y)
         return AugParams(torch.ones(batch), torch.zeros(batch), off.repeat(batch, 1),
                          torch.ones(batch, 3), torch.zeros(batch, dtype=torch.bool)).to(device)
 
@@ -339,18 +341,14 @@ def augment(images, depths, masks, params):
 
 def crop_input(images):
     """The centre 228x304 crop of (B, 3, 240, 320) frames: the test-time input (Sec. 3.3)."""
-    fh, fw = FRAME_HW
-    ih, iw = INPUT_HW
-    y0, x0 = (fh - ih) // 2, (fw - iw) // 2
+    (y0, x0), (ih, iw) = CENTRE_CROP_CORNER, INPUT_HW
     return images[:, :, y0:y0 + ih, x0:x0 + iw]
 
 
 def center_crop(images, depths, masks):
     """Test-time input (Sec. 3.3): the exact centre crop and the target grid inside it."""
-    fh, fw = FRAME_HW
-    ih, iw = INPUT_HW
+    y0, x0 = CENTRE_CROP_CORNER
     oh, ow = OUTPUT_HW
-    y0, x0 = (fh - ih) // 2, (fw - iw) // 2
     img = crop_input(images)
     ty = slice(y0 + TARGET_OFFSET, y0 + TARGET_OFFSET + TARGET_STRIDE * oh, TARGET_STRIDE)
     tx = slice(x0 + TARGET_OFFSET, x0 + TARGET_OFFSET + TARGET_STRIDE * ow, TARGET_STRIDE)
