@@ -12,7 +12,6 @@ import argparse
 import datetime
 import json
 import os
-import sys
 
 import numpy as np
 import torch
@@ -58,6 +57,7 @@ def parse_args(argv=None):
     p.add_argument('--protocol', choices=['both', *PROTOCOLS], default='both', help='(default: %(default)s)')
     p.add_argument('--batch-size', type=int, default=16, help='(default: %(default)s)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--debug', action='store_true', help='show the traceback of an error')
     a = p.parse_args(argv)
     a.out = a.out or a.model
     if a.demo:
@@ -99,11 +99,7 @@ def evaluate(args):
     arrays = util.read_nyu_labeled(args.data)
     train_idx, test_idx = util.read_splits(args.splits, len(arrays['images']))
     device = torch.device(args.device)
-    try:
-        coarse, fine = load_pretrained(args.model, device)
-    except FileNotFoundError:
-        raise util.DataError(f"{os.path.join(args.model, 'coarse.pth')}: no trained coarse net; "
-                             f"run train.py first") from None
+    coarse, fine = load_pretrained(args.model, device)
     # the paper's Mean baseline uses the training set (filled depths, as the test targets)
     mean_map = mean_depth_map(util.Frames(arrays['images'][train_idx], arrays['depths'][train_idx])).to(device)
     test = util.Frames(arrays['images'][test_idx], arrays['depths'][test_idx])
@@ -176,7 +172,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    try:
-        sys.exit(main())
-    except (util.DataError, ValueError) as e:
-        sys.exit(f'error: {e}')
+    util.run_cli(main)

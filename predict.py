@@ -37,6 +37,7 @@ def parse_args(argv=None):
                    help='accept grayscale and RGBA images by converting them to RGB (dropping '
                         'alpha); by default they are refused, the net was trained on colour')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--debug', action='store_true', help='show the traceback of an error')
     return p.parse_args(argv)
 
 
@@ -93,11 +94,7 @@ def save_depth_png(depth, path, colorbar=False):
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
-    try:
-        coarse, fine = load_pretrained(args.model, device)
-    except FileNotFoundError:
-        sys.exit(f"error: {os.path.join(args.model, 'coarse.pth')}: no trained net; run train.py "
-                 f"(or train.py --demo) first, or point --model at its folder")
+    coarse, fine = load_pretrained(args.model, device)
     if args.coarse_only:
         fine = None
     if args.out:
@@ -121,4 +118,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    util.run_cli(main)

@@ -10,6 +10,7 @@ loss_coarse.png / loss_fine.png and predictions.png.
     python train.py --demo           # synthetic rooms in NYU's format, a few minutes on a CPU
 """
 import argparse
+import glob
 import math
 import os
 import signal
@@ -24,6 +25,7 @@ from loss import TRAIN_LAMBDA, safe_log, scale_invariant_loss
 from metrics import Metrics
 from net import (GlobalCoarseNet, LocalFineNet, VARIANTS, get_variant, layer_names,
                  load_pretrained_conv, predict_log_depth)
+import nyu_raw
 import util
 
 # Sec. 3.3: SGD, batch 32, momentum 0.9; 2M samples for the coarse net, 1.5M for the fine net.
@@ -32,20 +34,39 @@ MOMENTUM = 0.9
 COARSE_SAMPLES = 2_000_000
 FINE_SAMPLES = 1_500_000
 # The demo: synthetic rooms, a schedule a 2-core CPU runs in a few minutes.
+LABELED = os.path.join('nyu', 'nyu_depth_v2_labeled.mat')
 DEMO_FOLDER = os.path.join('nyu', 'synthetic')
 DEMO_SCENES, DEMO_VIEWS = 30, 6
 DEMO_COARSE_SAMPLES, DEMO_FINE_SAMPLES, DEMO_BATCH = 3200, 1600, 16
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = p.add_argument_group('data')
-    d.add_argument('--data', default=os.path.join('nyu', 'nyu_depth_v2_labeled.mat'),
-                   help='NYU Depth v2 labeled .mat (MATLAB v7.3) (default: %(default)s)')
+    d.add_argument('--data', default=LABELED,
+                   help='training set: the NYU Depth v2 labeled .mat (MATLAB v7.3), or raw frames '
+                        "(README): a BTS list .txt, DenseDepth's nyu_data.zip, a folder of "
+                        'rgb_*/depth_* pairs or a folder converted by nyu_raw.py '
+                        '(default: %(default)s)')
+    d.add_argument('--data-format', choices=('auto', 'labeled') + nyu_raw.FORMATS, default='auto',
+                   help='(default: %(default)s: by the name of --data)')
+    d.add_argument('--data-root', help="BTS: the folder the list's paths are relative to "
+                                       "(default: the list file's folder)")
+    d.add_argument('--depth-scale', type=float,
+                   help='a plain folder: metres per depth PNG unit (0.001 for millimetres)')
+    d.add_argument('--labeled', default=LABELED,
+                   help='with raw frames: the labeled .mat whose test scenes (with --splits) are '
+                        'refused in training (default: %(default)s)')
     d.add_argument('--splits', default=os.path.join('nyu', 'splits.mat'),
                    help="NYU's official train/test split (default: %(default)s)")
+    d.add_argument('--per-scene', type=int, default=None,
+                   help=f'draw N frames of every scene per pass (Sec. 4.1: the distribution '
+                        f'evened to {nyu_raw.PER_SCENE} per scene); 0 = every frame once per pass '
+                        f'(default: {nyu_raw.PER_SCENE} for raw frames, 0 for the labeled set)')
+    d.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1),
+                   help='processes decoding raw frames (default: %(default)s)')
     d.add_argument('--demo', action='store_true',
                    help=f'train on synthetic rooms written in NYU format to {DEMO_FOLDER}/ (made on '
                         f'first use) with a short schedule: {DEMO_COARSE_SAMPLES} + '
@@ -85,7 +106,11 @@ def parse_args(argv=None):
     o.add_argument('--max-steps', type=int, default=None,
                    help='stop this invocation after N steps with a checkpoint (for time-limited '
                         'cluster jobs; continue with --resume)')
+    o.add_argument('--skip-nonfinite', action='store_true',
+                   help='skip a batch whose loss is NaN or inf and count it, instead of stopping '
+                        'the run with the step number (the default)')
     o.add_argument('--threads', type=int, default=None, help='CPU threads for torch')
+    o.add_argument('--debug', action='store_true', help='show the traceback of an error')
     a = p.parse_args(argv)
     demo = a.demo
     if a.coarse_samples is None:
@@ -97,6 +122,12 @@ def parse_args(argv=None):
     for name in ('coarse_samples', 'fine_samples', 'batch_size', 'save_every'):
         if getattr(a, name) <= 0:
             p.error(f'--{name.replace("_", "-")} must be positive')
+    if a.data_format == 'auto':
+        a.data_format = 'labeled' if demo else nyu_raw.detect_format(a.data)
+    if a.per_scene is None:
+        a.per_scene = 0 if a.data_format == 'labeled' else nyu_raw.PER_SCENE
+    if a.per_scene < 0:
+        p.error('--per-scene must be 0 or positive')
     if not 0 <= a.val_fraction < 1:
         p.error('--val-fraction must be in [0, 1)')
     return a
@@ -124,34 +155,6 @@ def make_optimizer(net, variant):
     return torch.optim.SGD(param_groups(net, variant), lr=0.0, momentum=MOMENTUM)
 
 
-class BatchStream:
-    """Shuffled epochs of training indices and the per-sample augmentation draws, all from one
-    seeded generator whose state is checkpointed, so a resumed run sees the same batches."""
-
-    def __init__(self, num, seed):
-        self.num = num
-        self.gen = torch.Generator().manual_seed(seed)
-        self.perm = torch.randperm(num, generator=self.gen)
-        self.pos = 0
-
-    def next(self, batch):
-        out = []
-        while len(out) < batch:
-            if self.pos == self.num:
-                self.perm, self.pos = torch.randperm(self.num, generator=self.gen), 0
-            take = min(batch - len(out), self.num - self.pos)
-            out.extend(self.perm[self.pos:self.pos + take].tolist())
-            self.pos += take
-        return out, util.AugParams.sample(batch, self.gen)
-
-    def state(self):
-        return {'gen': self.gen.get_state(), 'perm': self.perm, 'pos': self.pos}
-
-    def load(self, state):
-        self.gen.set_state(state['gen'])
-        self.perm, self.pos = state['perm'], state['pos']
-
-
 @torch.no_grad()
 def validate(coarse, fine, frames, device, batch, lam, scale):
     """Validation frames, centre crop, nets in eval mode: the mean training loss (Eq. 4) and the
@@ -174,9 +177,54 @@ def validate(coarse, fine, frames, device, batch, lam, scale):
     return {'loss': loss_sum / count, **found.result()}
 
 
-def save_weights(net, path):
-    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-    util.atomic_write(path, lambda tmp: torch.save(state, tmp))
+def all_finite(net):
+    return all(bool(torch.isfinite(p).all()) for p in net.parameters())
+
+
+# What a checkpoint's config must share with the command line that resumes it.
+RAW_VAL_FRAMES = 300   # validation frames decoded into memory from held-out raw scenes
+RESUME_MUST_MATCH = ('batch_size', 'samples', 'lam', 'seed', 'train_depth', 'per_scene')
+
+
+def read_checkpoint(path, args, variant):
+    """The checkpoint to resume, refused (one line, saying why) if it is truncated, not ours, or
+    from another variant, stage or schedule than the command line asks for."""
+    ckpt = util.load_torch_file(path, 'a checkpoint written by train.py')
+    needed = {'format', 'variant', 'stage', 'step', 'done', 'coarse', 'optimizer', 'torch_rng',
+              'history', 'config'}
+    if not isinstance(ckpt, dict) or not needed <= ckpt.keys():
+        raise util.DataError(f'{path}: not a train.py checkpoint (no {sorted(needed)} entries)')
+    if ckpt['format'] != CHECKPOINT_FORMAT:
+        raise util.DataError(f"{path}: checkpoint format {ckpt['format']}, this train.py reads "
+                             f"format {CHECKPOINT_FORMAT}")
+    if ckpt['variant'] != variant.name:
+        raise util.DataError(f"{path}: is a checkpoint of the '{ckpt['variant']}' variant, this "
+                             f"run is '{variant.name}'; resume it with --variant {ckpt['variant']}")
+    if ckpt['done']:
+        return ckpt
+    if args.stage == 'coarse' and ckpt['stage'] == 'fine':
+        raise util.DataError(f"{path}: holds the fine stage (step {ckpt['step']}), but --stage "
+                             f"coarse was asked for; resume with --stage fine or --stage both")
+    if args.stage == 'fine' and ckpt['stage'] == 'coarse':
+        raise util.DataError(f"{path}: holds an unfinished coarse stage (step {ckpt['step']}), "
+                             f"but --stage fine was asked for; resume with --stage coarse or both")
+    samples = args.coarse_samples if ckpt['stage'] == 'coarse' else args.fine_samples
+    asked = {'batch_size': args.batch_size, 'samples': samples, 'lam': args.lam,
+             'seed': args.seed, 'train_depth': args.train_depth, 'per_scene': args.per_scene}
+    for key in RESUME_MUST_MATCH:
+        if key in ckpt['config'] and ckpt['config'][key] != asked[key]:
+            option = {'samples': f"--{ckpt['stage']}-samples"}.get(key, '--' + key.replace('_', '-'))
+            raise util.DataError(f"{path}: was started with {option} {ckpt['config'][key]}, "
+                                 f"this run asks for {asked[key]}; resume with the same setting")
+    return ckpt
+
+
+def remove_stale_temporaries(folder):
+    """Half-written files of a run that was killed while saving (atomic_write's temporaries): the
+    complete files beside them are what counts, so these are only clutter."""
+    for tmp in glob.glob(os.path.join(glob.escape(folder), '*.pth.tmp*')):
+        os.remove(tmp)
+        print(f'removed {tmp}, left by a run killed while saving')
 
 
 class StopControl:
@@ -226,8 +274,28 @@ def demo_paths():
 
 
 def load_data(args):
+    """(training set, validation Frames, scene of each training frame). The labeled set is held in
+    memory; raw frames stay on disk and are decoded as drawn (DataLoader workers)."""
     if args.demo:
         args.data, args.splits = demo_paths()
+    if args.data_format == 'labeled':
+        return load_labeled(args)
+    frames = nyu_raw.open_raw(args.data, args.data_format, args.data_root, args.depth_scale)
+    nyu_raw.refuse_test_scenes(frames, nyu_raw.test_scenes(args.labeled, args.splits))
+    train_idx, val_idx = util.split_train_val(np.arange(len(frames)), frames.scenes,
+                                              args.val_fraction, args.seed)
+    # validation: whole held-out scenes, at most RAW_VAL_FRAMES of them spread evenly, in memory
+    val_idx = val_idx[np.linspace(0, len(val_idx) - 1, min(len(val_idx), RAW_VAL_FRAMES)).astype(int)] \
+        if len(val_idx) else val_idx
+    val = util.Frames.from_dataset(frames, val_idx, min(args.workers, 4))
+    train = torch.utils.data.Subset(frames, train_idx.tolist())
+    scenes = [frames.scenes[i] for i in train_idx]
+    print(f'{frames.description}: {len(train)} training frames of {len(set(scenes))} scenes, '
+          f'{len(val)} validation frames of held-out scenes; none of the test split\'s scenes')
+    return train, val, scenes
+
+
+def load_labeled(args):
     arrays = util.read_nyu_labeled(args.data)
     train_idx, test_idx = util.read_splits(args.splits, len(arrays['images']))
     train_idx, val_idx = util.split_train_val(train_idx, arrays['scenes'], args.val_fraction, args.seed)
@@ -235,11 +303,51 @@ def load_data(args):
     train = util.Frames(arrays['images'][train_idx], arrays[depth_key][train_idx])
     val = util.Frames(arrays['images'][val_idx], arrays['depths'][val_idx])
     print(f'{args.data}: {len(train)} training, {len(val)} validation frames '
-          f'({len(test_idx)} test frames left for evaluate.py)')
-    return train, val
+          f'({len(test_idx)} test frames left for evaluate.py); depth: '
+          f"{util.describe_invalid(arrays['invalid'])}")
+    scenes = [arrays['scenes'][i] for i in train_idx] if arrays['scenes'] else None
+    if args.per_scene and scenes is None:
+        raise util.DataError(f'{args.data}: has no scene names, so --per-scene cannot balance')
+    return train, val, scenes
 
 
-def run_stage(stage, coarse, fine, train, val, args, device, ckpt, stop):
+def training_batches(train, order, first_step, total_steps, batch, workers, device):
+    """(uint8 images, float16 depths) of steps first_step.. in order. In-memory frames are indexed
+    directly; raw frames are decoded ahead by DataLoader workers, in exactly the same order."""
+    if isinstance(train, util.Frames):
+        for step in range(first_step, total_steps):
+            idx = torch.as_tensor(order.indices(step, batch), device=train.images.device)
+            yield train.images[idx], train.depths[idx]
+        return
+    steps = StepIndices(order, first_step, total_steps, batch)
+    loader = torch.utils.data.DataLoader(train, batch_sampler=steps, num_workers=workers,
+                                         pin_memory=device.type == 'cuda',
+                                         prefetch_factor=4 if workers else None,
+                                         worker_init_fn=ignore_stop_signals)
+    yield from loader
+
+
+def ignore_stop_signals(_worker_id):
+    """In decoding workers: Ctrl-C reaches the whole process group, but only the main process
+    decides to stop (after the step, with a checkpoint); it ends the workers itself."""
+    for s in StopControl.SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
+class StepIndices:
+    """The DataLoader's batch sampler: the frame indices of each remaining step."""
+
+    def __init__(self, order, first_step, total_steps, batch):
+        self.order, self.first, self.total, self.batch = order, first_step, total_steps, batch
+
+    def __len__(self):
+        return self.total - self.first
+
+    def __iter__(self):
+        return (self.order.indices(step, self.batch) for step in range(self.first, self.total))
+
+
+def run_stage(stage, coarse, fine, train, val, scenes, args, device, ckpt, stop):
     """Train one stage from `ckpt` (a resumed checkpoint for this stage, or None)."""
     from tqdm import tqdm
     variant = coarse.variant
@@ -253,34 +361,59 @@ def run_stage(stage, coarse, fine, train, val, args, device, ckpt, stop):
     samples = args.coarse_samples if stage == 'coarse' else args.fine_samples
     total_steps = math.ceil(samples / args.batch_size)
     val_every = max(1, round((args.val_every or samples / 50) / args.batch_size))
-    stream = BatchStream(len(train), args.seed + (0 if stage == 'coarse' else 1))
+    order = util.SampleOrder(len(train), args.seed + (0 if stage == 'coarse' else 1), scenes,
+                             args.per_scene)
     history = {'train': [], 'val': []}
-    step = 0
+    step, skipped, saved_step = 0, 0, None
     if ckpt is not None:
         optimizer.load_state_dict(ckpt['optimizer'])
-        stream.load(ckpt['stream'])
         torch.set_rng_state(ckpt['torch_rng'])
         history, step = ckpt['history'], ckpt['step']
+        skipped, saved_step = ckpt.get('skipped', 0), ckpt['step']
     parallel = nn.DataParallel(net) if device.type == 'cuda' and torch.cuda.device_count() > 1 else net
     coarse_run = nn.DataParallel(coarse) if parallel is not net and stage == 'fine' else coarse
     scale = variant.log_depth_std ** 2   # [R] trains on log depth / std: its loss is ours / std^2
 
+    ckpt_path = os.path.join(args.out, 'checkpoint.pth')
+
+    def kept():
+        if saved_step is None:
+            return 'no checkpoint of this stage had been written yet'
+        return f'the last checkpoint ({ckpt_path}, {stage} step {saved_step}) is intact'
+
+    def save(path, write, what):
+        """Write a file atomically; a full disk or other OSError stops the run with a message."""
+        try:
+            util.atomic_write(path, write)
+        except OSError as e:
+            raise util.UserError(f'{path}: could not write the {what} at {stage} step {step} '
+                                 f'({e.strerror or e}); {kept()}. Free some space, then '
+                                 f'continue with --resume') from None
+
     def checkpoint(done=False):
+        nonlocal saved_step
+        if not all_finite(net):   # never replace a good checkpoint with a diverged net
+            raise util.UserError(f'{stage} step {step}: the weights hold NaN or inf; not saved, '
+                                 f'{kept()}. Resume from it with --resume (a lower learning '
+                                 f'rate or --skip-nonfinite may help)')
         state = {'format': CHECKPOINT_FORMAT, 'variant': variant.name, 'stage': stage,
-                 'step': step, 'done': done, 'coarse': coarse.state_dict(),
+                 'step': step, 'done': done, 'skipped': skipped, 'coarse': coarse.state_dict(),
                  'fine': fine.state_dict() if stage == 'fine' else None,
-                 'optimizer': optimizer.state_dict(), 'stream': stream.state(),
+                 'optimizer': optimizer.state_dict(),
                  'torch_rng': torch.get_rng_state(), 'history': history,
                  'config': {'batch_size': args.batch_size, 'samples': samples, 'lam': args.lam,
-                            'seed': args.seed, 'train_depth': args.train_depth}}
-        util.atomic_write(os.path.join(args.out, 'checkpoint.pth'), lambda tmp: torch.save(state, tmp))
+                            'seed': args.seed, 'train_depth': args.train_depth,
+                            'per_scene': args.per_scene, 'data': os.path.abspath(args.data)}}
+        save(ckpt_path, lambda tmp: torch.save(state, tmp), 'checkpoint')
+        saved_step = step
 
     bar = tqdm(total=total_steps, initial=step, desc=f'{stage} net', unit='step', dynamic_ncols=True)
     run_loss, run_count, t0, steps_here = 0.0, 0, time.time(), 0
-    while step < total_steps:
-        idx, params = stream.next(args.batch_size)
-        img, depth, mask = (t.to(device) for t in train.get(idx))
-        x, y, m = util.augment(img, depth, mask, params)
+    batches = training_batches(train, order, step, total_steps, args.batch_size, args.workers, device)
+    for images_u8, depths in batches:
+        img, depth, mask = util.as_float_batch(images_u8.to(device, non_blocking=True),
+                                               depths.to(device, non_blocking=True))
+        x, y, m = util.augment(img, depth, mask, order.aug_params(step, args.batch_size))
         if stage == 'coarse':
             pred = parallel(x)
         else:
@@ -288,18 +421,29 @@ def run_stage(stage, coarse, fine, train, val, args, device, ckpt, stop):
                 c = coarse_run(x)
             pred = parallel(x, c)
         loss = scale_invariant_loss(pred, safe_log(y, m), m, args.lam) / scale
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss_value = loss.item() * scale
+        if math.isfinite(loss_value):
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            run_loss += loss_value
+            run_count += 1
+        elif args.skip_nonfinite and all_finite(net):
+            skipped += 1
+            bar.write(f'{stage} step {step + 1}: loss {loss_value}, batch skipped '
+                      f'({skipped} so far)')
+        else:
+            raise util.UserError(f'{stage} step {step + 1}: the loss is {loss_value}; training '
+                                 f'stopped before it touched the weights, {kept()}. Continue '
+                                 f'with --resume, or pass --skip-nonfinite to skip such batches')
         step += 1
         steps_here += 1
-        run_loss += loss.item() * scale
-        run_count += 1
         bar.update(1)
-        bar.set_postfix(loss=f'{run_loss / run_count:.4f}',
+        mean_loss = run_loss / run_count if run_count else float('nan')
+        bar.set_postfix(loss=f'{mean_loss:.4f}',
                         samples_s=f'{steps_here * args.batch_size / (time.time() - t0):.1f}')
         if step % val_every == 0 or step == total_steps:
-            history['train'].append((step * args.batch_size, run_loss / run_count))
+            history['train'].append((step * args.batch_size, mean_loss))
             run_loss, run_count = 0.0, 0
             if len(val):
                 v = validate(coarse, fine if stage == 'fine' else None, val, device,
@@ -317,9 +461,12 @@ def run_stage(stage, coarse, fine, train, val, args, device, ckpt, stop):
                   f"{os.path.join(args.out, 'checkpoint.pth')}; continue with --resume")
             return False
     bar.close()
-    save_weights(net, os.path.join(args.out, f'{stage}.pth'))
+    weights = os.path.join(args.out, f'{stage}.pth')
+    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    save(weights, lambda tmp: torch.save(state, tmp), f'{stage} net')
     checkpoint(done=stage == 'fine' or args.stage == 'coarse')
-    print(f"{stage} net written to {os.path.join(args.out, f'{stage}.pth')}")
+    print(f'{stage} net written to {weights}' +
+          (f' ({skipped} batches with a non-finite loss skipped)' if skipped else ''))
     return True
 
 
@@ -334,22 +481,20 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, 'checkpoint.pth')
     ckpt = None
+    remove_stale_temporaries(args.out)
     if args.resume:
         if not os.path.isfile(ckpt_path):
             raise util.DataError(f'{ckpt_path}: no checkpoint to resume from')
-        ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
-        if ckpt.get('variant') != variant.name:
-            raise util.DataError(f"{ckpt_path}: is a '{ckpt.get('variant')}' checkpoint; "
-                                 f"resume it with --variant {ckpt.get('variant')}")
-        if ckpt.get('done'):
+        ckpt = read_checkpoint(ckpt_path, args, variant)
+        if ckpt['done']:
             print(f'{ckpt_path}: that run has finished; nothing to resume')
             return 0
     elif os.path.isfile(ckpt_path):
-        old = torch.load(ckpt_path, map_location='cpu', weights_only=True)
-        if not old.get('done'):
+        old = util.load_torch_file(ckpt_path, 'a checkpoint written by train.py')
+        if not (isinstance(old, dict) and old.get('done')):
             raise util.DataError(f'{ckpt_path}: an unfinished run is there; continue it with '
                                  f'--resume, or choose another --out (nothing was overwritten)')
-    train, val = load_data(args)
+    train, val, scenes = load_data(args)
 
     coarse = GlobalCoarseNet(variant).to(device)
     fine = LocalFineNet(variant).to(device)
@@ -366,11 +511,11 @@ def main(argv=None):
         coarse_path = os.path.join(args.out, 'coarse.pth')
         if not os.path.isfile(coarse_path):
             raise util.DataError(f'{coarse_path}: the fine stage needs the trained coarse net')
-        coarse.load_state_dict(torch.load(coarse_path, map_location=device, weights_only=True))
+        util.load_weights(coarse, coarse_path, 'the coarse net written by the coarse stage')
     with StopControl(args.max_steps) as stop:
         for stage in stages:
             resumed = ckpt if ckpt is not None and ckpt['stage'] == stage else None
-            if not run_stage(stage, coarse, fine, train, val, args, device, resumed, stop):
+            if not run_stage(stage, coarse, fine, train, val, scenes, args, device, resumed, stop):
                 return {signal.SIGINT: 130, signal.SIGTERM: 143}.get(stop.signum, 0)
             ckpt = None
     if len(val):
@@ -380,7 +525,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    try:
-        sys.exit(main())
-    except util.DataError as e:
-        sys.exit(f'error: {e}')
+    util.run_cli(main)

@@ -6,6 +6,8 @@ images[i].transpose(2, 1, 0) -> (480, 640, 3) and depth i is depths[i].T -> (480
 """
 import json
 import os
+import pickle
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,12 +20,67 @@ from net import FRAME_HW, INPUT_HW, OUTPUT_HW, TARGET_OFFSET, TARGET_STRIDE
 NYU_HW = (480, 640)
 NYU_URL = 'http://horatio.cs.nyu.edu/mit/silberman/nyu_depth_v2/nyu_depth_v2_labeled.mat'
 SPLITS_URL = 'http://horatio.cs.nyu.edu/mit/silberman/indoor_seg_sup/splits.mat'
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 READ_CHUNK = 32   # frames read from the .mat at a time (a full read would need ~3 GB)
 
 
-class DataError(Exception):
-    """A dataset file that is missing or not what it claims to be; the message says which."""
+class UserError(Exception):
+    """A problem the user can fix (bad input, a refused checkpoint, a full disk, a diverged run).
+    The command-line scripts print its message as one `error: ...` line and exit with status 1;
+    with --debug they show the traceback instead (run_cli)."""
+
+
+class DataError(UserError):
+    """A dataset or model file that is missing or not what it claims to be; the message says which."""
+
+
+def run_cli(main):
+    """Run a script's main() as a command: its return value is the exit status; a UserError is one
+    line on stderr and status 1, Ctrl-C before training has started is one line and status 130."""
+    debug = '--debug' in sys.argv[1:]
+    try:
+        status = main()
+    except UserError as e:
+        if debug:
+            raise
+        print(f'error: {e}', file=sys.stderr)
+        status = 1
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print('interrupted', file=sys.stderr)
+        status = 130
+    sys.exit(status)
+
+
+def load_torch_file(path, what):
+    """torch.load a checkpoint or weights file safely: weights_only=True, so a file holding a
+    pickled program is refused instead of run, and every failure is a one-line DataError."""
+    path = os.fspath(path)
+    _check_file(path, what)
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        if 'weights only' in str(e).lower():
+            raise DataError(f'{path}: refused: it holds Python objects other than tensors, which '
+                            f'could run code when loaded; only files written by this project '
+                            f'are read ({what})') from None
+        raise DataError(f'{path}: truncated or not a PyTorch file ({what})') from None
+    except (RuntimeError, EOFError, OSError, ValueError):
+        raise DataError(f'{path}: truncated or not a PyTorch file (a copy or save that was cut '
+                        f'short?); expected {what}') from None
+
+
+def load_weights(net, path, what):
+    """Load a state_dict file into `net`, refusing (one line) weights of another layer layout."""
+    state = load_torch_file(path, what)
+    try:
+        net.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        first = str(e).strip().splitlines()[-1].strip() if str(e).strip() else type(e).__name__
+        raise DataError(f'{path}: does not fit the {net.variant.name} variant\'s '
+                        f'{type(net).__name__} ({first})') from None
+    return net
 
 
 def atomic_write(path, write):
@@ -82,8 +139,9 @@ def read_nyu_labeled(mat_path, use_cache=True, progress=True):
     """Read the labeled NYU Depth v2 .mat once into compact 320x240 arrays.
 
     Returns a dict: images (N, 240, 320, 3) uint8 RGB, depths (N, 240, 320) float16 filled depth in
-    metres, raw_depths (same) raw Kinect depth with 0 = missing, scenes (list of N str or None).
-    The arrays are written next to the .mat as <name>.cache.npz (about 0.6 GB for the real file);
+    metres, raw_depths (same) raw Kinect depth with 0 = missing, scenes (list of N str or None),
+    invalid (per depth array, counts of the full-resolution pixels that are 0, NaN, inf or negative;
+    all of them end up masked: describe_invalid words it). The arrays are written next to the .mat as <name>.cache.npz (about 0.6 GB for the real file);
     later calls read that instead (seconds instead of minutes) while the .mat is unchanged.
     """
     mat_path = os.fspath(mat_path)
@@ -94,9 +152,9 @@ def read_nyu_labeled(mat_path, use_cache=True, progress=True):
         try:
             with np.load(cache, allow_pickle=False) as z:
                 if json.loads(str(z['key'])) == key:
-                    scenes = json.loads(str(z['scenes']))
                     return {'images': z['images'], 'depths': z['depths'],
-                            'raw_depths': z['raw_depths'], 'scenes': scenes}
+                            'raw_depths': z['raw_depths'], 'scenes': json.loads(str(z['scenes'])),
+                            'invalid': json.loads(str(z['invalid']))}
         except (OSError, ValueError, KeyError):
             pass   # stale or broken cache: rebuild it below
     data = _read_mat(mat_path, progress)
@@ -104,6 +162,7 @@ def read_nyu_labeled(mat_path, use_cache=True, progress=True):
         def write(tmp):
             with open(tmp, 'wb') as f:
                 np.savez(f, key=json.dumps(key), scenes=json.dumps(data['scenes']),
+                         invalid=json.dumps(data['invalid']),
                          images=data['images'], depths=data['depths'], raw_depths=data['raw_depths'])
         try:
             atomic_write(cache, write)
@@ -112,8 +171,10 @@ def read_nyu_labeled(mat_path, use_cache=True, progress=True):
     return data
 
 
-def _check_file(path, what, url):
+def _check_file(path, what, url=None):
     if not os.path.exists(path):
+        if url is None:
+            raise DataError(f'{path}: not found ({what})')
         raise DataError(f"{path}: not found. This should be {what}; download it from {url} "
                         f"into nyu/, or run `python train.py --demo` to use synthetic scenes.")
     if not os.path.isfile(path):
@@ -149,11 +210,14 @@ def _read_mat(mat_path, progress):
                'raw_depths': np.empty((n, fh, fw), np.float16)}
         bar = tqdm(total=n, desc=f'reading {os.path.basename(mat_path)}', unit='frame',
                    disable=not progress)
+        invalid = {'depths': InvalidDepth(), 'raw_depths': InvalidDepth()}
         for start in range(0, n, READ_CHUNK):
             stop = min(start + READ_CHUNK, n)
             img = images[start:stop]           # (k, 3, 640, 480)
             dep = depths[start:stop]           # (k, 640, 480)
             rdep = raw[start:stop] if raw is not None else dep
+            invalid['depths'].add(dep)
+            invalid['raw_depths'].add(rdep)
             for k in range(stop - start):
                 # MATLAB column-major: reverse the axes to get upright H x W (x C).
                 out['images'][start + k] = downsample_rgb(img[k].transpose(2, 1, 0))
@@ -162,7 +226,44 @@ def _read_mat(mat_path, progress):
             bar.update(stop - start)
         bar.close()
         out['scenes'] = _decode_cell_strings(f, 'scenes')
+        out['invalid'] = {k: v.counts for k, v in invalid.items()}
     return out
+
+
+class InvalidDepth:
+    """Counts of the depth pixels that are masked as invalid, by kind, for one report per file:
+    0 is NYU's "missing" (Kinect holes, expected in raw depth); NaN, inf and negative values are
+    not in NYU's files but come with converted or corrupted data. All are masked, never used."""
+    KINDS = ('zero', 'nan', 'inf', 'negative')
+
+    def __init__(self):
+        self.counts = dict.fromkeys(self.KINDS + ('pixels', 'frames_with_nonfinite'), 0)
+
+    def add(self, depth):
+        d = np.asarray(depth)
+        c = self.counts
+        c['pixels'] += d.size
+        c['zero'] += int((d == 0).sum())
+        nan, inf = np.isnan(d), np.isinf(d)
+        c['nan'] += int(nan.sum())
+        c['inf'] += int(inf.sum())
+        c['negative'] += int((d < 0).sum())
+        bad = (nan | inf | (d < 0)).reshape(len(d), -1).any(axis=1)
+        c['frames_with_nonfinite'] += int(bad.sum())
+
+
+def describe_invalid(counts):
+    """One line for the report: 'raw 18.2% missing (0); 12 NaN, 3 negative in 2 frames'."""
+    parts = []
+    for name, c in counts.items():
+        if not c.get('pixels'):
+            continue
+        text = f"{name} {100 * c['zero'] / c['pixels']:.1f}% missing (0)"
+        odd = [f'{c[k]} {k if k != "nan" else "NaN"}' for k in ('nan', 'inf', 'negative') if c[k]]
+        if odd:
+            text += f" and {', '.join(odd)} in {c['frames_with_nonfinite']} frames"
+        parts.append(text)
+    return '; '.join(parts) + ' (all masked as invalid)'
 
 
 def read_splits(splits_path, num_frames):
@@ -180,6 +281,9 @@ def read_splits(splits_path, num_frames):
             raise DataError(f"{splits_path}: has no '{name}'; not NYU's splits.mat")
         # scipy reads MATLAB double as uint16 here: widen before subtracting 1 (1-based indices).
         idx = np.asarray(m[name]).astype(np.int64).ravel()
+        if idx.size and idx.min() == 0:
+            raise DataError(f"{splits_path}: '{name}' contains index 0: these indices look 0-based, "
+                            f"but NYU's splits.mat is MATLAB's 1-based (1..{num_frames})")
         if idx.size and (idx.min() < 1 or idx.max() > num_frames):
             raise DataError(f"{splits_path}: '{name}' holds {idx.min()}..{idx.max()}, outside the "
                             f"1-based range 1..{num_frames} of the dataset")
@@ -234,11 +338,78 @@ class Frames:
         self.images, self.depths = self.images.to(device), self.depths.to(device)
         return self
 
+    @staticmethod
+    def from_dataset(dataset, indices, workers=0):
+        """Decode the given items of a (3, H, W) uint8 / (H, W) float16 Dataset into memory."""
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, list(indices)),
+                                             batch_size=32, num_workers=workers)
+        frames = Frames(np.zeros((0, *FRAME_HW, 3), np.uint8), np.zeros((0, *FRAME_HW)))
+        parts = list(loader)
+        if parts:
+            frames.images = torch.cat([p[0] for p in parts])
+            frames.depths = torch.cat([p[1] for p in parts])
+        return frames
+
     def get(self, idx, mask_min_max=True):
         """Images as float 0..255, depths as float32 and their validity masks."""
         idx = torch.as_tensor(idx, device=self.images.device)
-        depth = self.depths[idx].float()
-        return self.images[idx].float(), depth, valid_depth_mask(depth, mask_min_max)
+        return as_float_batch(self.images[idx], self.depths[idx], mask_min_max)
+
+
+def as_float_batch(images_u8, depths, mask_min_max=True):
+    """A drawn batch as the nets and the loss take it: images float 0..255, depth float32 in
+    metres, and the mask of the usable depth pixels (loss.valid_depth_mask)."""
+    depth = depths.float()
+    return images_u8.float(), depth, valid_depth_mask(depth, mask_min_max)
+
+
+def balanced_pass(scene_of_frame, per_scene, generator):
+    """One pass of the paper's evened scene distribution (Sec. 4.1, 1200 per scene): per_scene
+    frames of every scene (all its frames in random order, repeated as often as a small scene
+    needs; a random subset of a large one), all shuffled together. Frame indices (LongTensor)."""
+    by_scene = {}
+    for i, s in enumerate(scene_of_frame):
+        by_scene.setdefault(s, []).append(i)
+    chosen = []
+    for s in sorted(by_scene):
+        frames = torch.tensor(by_scene[s])
+        repeats = -(-per_scene // len(frames))
+        order = torch.cat([frames[torch.randperm(len(frames), generator=generator)]
+                           for _ in range(repeats)])
+        chosen.append(order[:per_scene])
+    chosen = torch.cat(chosen)
+    return chosen[torch.randperm(len(chosen), generator=generator)]
+
+
+class SampleOrder:
+    """Which frames and which augmentation draws make training step k, as a pure function of
+    (seed, k): shuffled passes over all frames, or with per_scene the paper's evened passes. So a
+    resumed run, and DataLoader workers running ahead of the loop, see exactly the batches of an
+    uninterrupted run, with nothing to checkpoint but the step."""
+
+    def __init__(self, num, seed, scenes=None, per_scene=0):
+        self.num, self.seed, self.per_scene = num, seed, per_scene
+        self.scenes = scenes
+        self.pass_len = per_scene * len(set(scenes)) if per_scene else num
+        self._last = (None, None)
+
+    def _generator(self, kind, k):
+        return torch.Generator().manual_seed(((self.seed + 1) << 40) + (kind << 38) + k)
+
+    def _pass(self, p):
+        if self._last[0] != p:
+            g = self._generator(0, p)
+            order = (balanced_pass(self.scenes, self.per_scene, g) if self.per_scene
+                     else torch.randperm(self.num, generator=g))
+            self._last = (p, order)
+        return self._last[1]
+
+    def indices(self, step, batch):
+        positions = range(step * batch, (step + 1) * batch)
+        return [int(self._pass(q // self.pass_len)[q % self.pass_len]) for q in positions]
+
+    def aug_params(self, step, batch):
+        return AugParams.sample(batch, self._generator(1, step))
 
 
 # (row, column) of the test-time crop's top-left corner in the 240x320 frame: (6, 8)
@@ -401,13 +572,12 @@ def read_full_depths(mat_path, indices, name='depths', chunk=READ_CHUNK):
     with h5py.File(mat_path, 'r') as f:
         d = f[name]
         for start in range(0, len(indices), chunk):
-            part = np.asarray(indices[start:start + chunk])
-            order = np.argsort(part)          # h5py reads increasing indices only
-            block = d[part[order]]
-            position = np.empty_like(order)
-            position[order] = np.arange(len(order))
-            for j, i in enumerate(part):      # back in the order asked for
-                yield int(i), np.asarray(block[position[j]].T, np.float32)
+            part = indices[start:start + chunk]
+            unique = sorted(set(part))        # h5py reads strictly increasing indices only
+            block = d[unique]
+            row = {i: k for k, i in enumerate(unique)}
+            for i in part:                    # back in the order asked for, repeats included
+                yield i, np.asarray(block[row[i]].T, np.float32)
 
 
 # ----------------------------------------------------------------------------------------------

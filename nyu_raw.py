@@ -1,0 +1,333 @@
+"""Raw NYU Depth v2 frames for training, as the paper did (Sec. 4.1: ~120K raw frames of the 249
+training scenes, missing depth left unfilled and masked).
+
+Reads the raw-frame sets people have on disk (formats: ../shared/nyu-format.md, README):
+  bts         BTS "sync": a list file of `<rgb> <depth> <focal>` lines, paths relative to a root;
+              RGB JPEG, depth 16-bit PNG in millimetres, 0 = missing; scene = first folder.
+  densedepth  DenseDepth's nyu_data.zip (or its extracted folder): data/nyu2_train.csv of
+              `<rgb>,<depth>` pairs; training depth 8-bit PNG, metres = png / 255 * 10; the test
+              pairs 16-bit millimetres. Scene = the frame's folder without DenseDepth's `_out`.
+  folder      users' own data: rgb_<id>.<ext> / depth_<id>.png pairs, any depth, metres = png *
+              --depth-scale; scene = the subfolder (the folder itself for flat ones).
+  cache       a folder written by this script's conversion (below).
+Every set yields what the labeled loader yields: 320x240 RGB uint8 and depth in metres, 0 = missing.
+Frames are decoded on demand (DataLoader workers), never all held in memory.
+
+    python nyu_raw.py --data nyu/sync/nyu_train.txt --out nyu/raw_cache   # one-time conversion
+converts any set into a compact cache: uint8 RGB and uint16 millimetre depth at 320x240 in .npy
+files (about 230 KB a frame) that training memory-maps instead of decoding JPEG/PNG each time.
+"""
+import argparse
+import csv
+import io
+import json
+import os
+import re
+import zipfile
+
+import numpy as np
+import torch
+
+import util
+from net import FRAME_HW
+
+FORMATS = ('bts', 'densedepth', 'folder', 'cache')
+CACHE_META = 'raw_cache.json'
+DENSEDEPTH_CSV = {'train': 'data/nyu2_train.csv', 'test': 'data/nyu2_test.csv'}
+PER_SCENE = 1200   # Sec. 4.1: the scene distribution evened to 1200 frames per scene
+
+
+def scene_id(name):
+    """NYU scene name as the labeled set's `scenes` spells it: DenseDepth's `_out` suffix dropped,
+    and (?) a session letter after the number (bedroom_0004a / _0004b) dropped too, so every
+    recording of a test room counts as that room: when in doubt, refuse rather than leak."""
+    name = os.path.basename(name.rstrip('/'))
+    name = re.sub(r'_out$', '', name)
+    return re.sub(r'(_\d+)[a-z]$', r'\1', name).lower()
+
+
+class RawFrames(torch.utils.data.Dataset):
+    """A list of (RGB, depth) files with their scenes; item i is (3, 240, 320) uint8 RGB and
+    (240, 320) float16 depth in metres, 0 = missing, decoded on demand."""
+
+    def __init__(self, description, pairs, scenes, depth_units, zip_path=None, root=''):
+        self.description = description
+        self.pairs, self.scenes = pairs, scenes
+        self.depth_units = depth_units   # (bits, metres per unit): PNG bit depth expected
+        self.zip_path, self.root = zip_path, root
+        self._zip = None                 # opened per process (a ZipFile cannot cross a fork)
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def _open(self, name):
+        if self.zip_path is None:
+            return open(os.path.join(self.root, name), 'rb')
+        if self._zip is None or self._zip[0] != os.getpid():
+            self._zip = (os.getpid(), zipfile.ZipFile(self.zip_path))
+        try:
+            return io.BytesIO(self._zip[1].read(name))
+        except KeyError:
+            raise util.DataError(f'{self.zip_path}: has no {name}') from None
+
+    def _image(self, name):
+        from PIL import Image, UnidentifiedImageError
+        where = name if self.zip_path is None else f'{self.zip_path}:{name}'
+        try:
+            with self._open(name) as f:
+                img = Image.open(f)
+                img.load()
+                return img, where
+        except FileNotFoundError:
+            raise util.DataError(f'{os.path.join(self.root, name)}: not found (listed in '
+                                 f'{self.description})') from None
+        except (UnidentifiedImageError, OSError) as e:
+            raise util.DataError(f'{where}: not a readable image ({e})') from None
+
+    def __getitem__(self, i):
+        rgb_name, depth_name = self.pairs[i]
+        img, where = self._image(rgb_name)
+        if img.mode not in ('RGB', 'RGBA', 'P'):
+            raise util.DataError(f'{where}: a {img.mode} image, not colour')
+        rgb = np.asarray(img.convert('RGB'))
+        dimg, dwhere = self._image(depth_name)
+        bits, metres_per_unit = self.depth_units
+        found = 16 if dimg.mode in ('I;16', 'I;16B', 'I') else 8 if dimg.mode == 'L' else None
+        if found is None or (bits is not None and found != bits):
+            raise util.DataError(f'{dwhere}: depth PNG of mode {dimg.mode}; this set stores '
+                                 f'{bits}-bit depth')
+        depth = np.asarray(dimg).astype(np.float32) * metres_per_unit
+        return to_frame(rgb, where), to_depth_frame(depth, dwhere)
+
+
+def to_frame(rgb, where):
+    """640x480 (NYU's Kinect) or 320x240 RGB -> (3, 240, 320) uint8 tensor."""
+    if rgb.shape[:2] == tuple(2 * s for s in FRAME_HW):
+        rgb = util.downsample_rgb(rgb)
+    elif rgb.shape[:2] != FRAME_HW:
+        raise util.DataError(f'{where}: {rgb.shape[1]}x{rgb.shape[0]} pixels; NYU frames are '
+                             f'640x480 (or 320x240)')
+    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).contiguous()
+
+
+def to_depth_frame(depth, where):
+    """Depth in metres, 640x480 or 320x240 -> (240, 320) float16; halved by averaging only the
+    valid pixels of each 2x2 block (util.downsample_depth), so holes stay holes (0)."""
+    if depth.shape == tuple(2 * s for s in FRAME_HW):
+        depth = util.downsample_depth(depth)
+    elif depth.shape != FRAME_HW:
+        raise util.DataError(f'{where}: {depth.shape[1]}x{depth.shape[0]} depth; NYU frames are '
+                             f'640x480 (or 320x240)')
+    return torch.from_numpy(np.where(np.isfinite(depth) & (depth > 0), depth, 0).astype(np.float16))
+
+
+# ----------------------------------------------------------------------------------------------
+# The layouts
+
+def read_bts(list_path, root=None):
+    """BTS's list file: `/scene/rgb_00037.jpg /scene/sync_depth_00037.png 518.8579` a line, paths
+    relative to `root` (default: the list file's folder)."""
+    util._check_file(list_path, 'a BTS file list')
+    root = os.path.dirname(os.path.abspath(list_path)) if root is None else root
+    pairs, scenes = [], []
+    with open(list_path) as f:
+        for number, line in enumerate(f, 1):
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) not in (2, 3) or fields[1] == 'None':
+                raise util.DataError(f'{list_path}, line {number}: expected `<rgb path> <depth '
+                                     f'path> <focal>`, found {line.strip()!r}')
+            rgb, depth = (p.lstrip('/') for p in fields[:2])
+            pairs.append((rgb, depth))
+            scenes.append(scene_id(rgb.split('/')[0]))
+    return RawFrames(list_path, pairs, scenes, (16, 0.001), root=root)
+
+
+def read_densedepth(path, split='train'):
+    """DenseDepth's nyu_data.zip, read in place, or the folder it was extracted into."""
+    util._check_file(path, "DenseDepth's nyu_data.zip or its extracted folder")
+    csv_name = DENSEDEPTH_CSV[split]
+    if os.path.isdir(path):
+        zip_path, root = None, path
+        csv_file = os.path.join(path, csv_name)
+        if not os.path.isfile(csv_file):
+            raise util.DataError(f'{path}: has no {csv_name}; not an extracted nyu_data.zip')
+        with open(csv_file, newline='') as f:
+            rows = list(csv.reader(f))
+    else:
+        zip_path, root = path, ''
+        try:
+            with zipfile.ZipFile(path) as z:
+                rows = list(csv.reader(io.TextIOWrapper(z.open(csv_name), newline='')))
+        except zipfile.BadZipFile:
+            raise util.DataError(f'{path}: not a zip file') from None
+        except KeyError:
+            raise util.DataError(f'{path}: has no {csv_name}; not nyu_data.zip') from None
+    rows = [r for r in rows if r]
+    bad = next((n for n, r in enumerate(rows, 1) if len(r) != 2), None)
+    if bad:
+        raise util.DataError(f'{path}: {csv_name} line {bad} is not `<rgb path>,<depth path>`')
+    pairs = [(a.strip(), b.strip()) for a, b in rows]
+    scenes = [scene_id(os.path.dirname(a)) if split == 'train' else None for a, _ in pairs]
+    # training depth: 8-bit, 0..255 -> 0..10 m; test depth: 16-bit millimetres
+    units = (8, 10.0 / 255) if split == 'train' else (16, 0.001)
+    return RawFrames(path, pairs, scenes, units, zip_path=zip_path, root=root)
+
+
+RGB_NAME = re.compile(r'^rgb_(.+)\.(png|jpg|jpeg)$', re.IGNORECASE)
+
+
+def read_folder(folder, depth_scale):
+    """rgb_<id>.png|jpg next to depth_<id>.png, in `folder` or its subfolders (one per scene)."""
+    util._check_file(folder, 'a folder of rgb_*.png / depth_*.png pairs')
+    if depth_scale is None or depth_scale <= 0:
+        raise util.DataError(f'{folder}: a plain folder needs --depth-scale (metres per depth '
+                             f'PNG unit, e.g. 0.001 for millimetres)')
+    pairs, scenes = [], []
+    for here, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            m = RGB_NAME.match(name)
+            if not m:
+                continue
+            rel = os.path.relpath(os.path.join(here, name), folder)
+            depth = os.path.join(os.path.dirname(rel), f'depth_{m.group(1)}.png')
+            if not os.path.isfile(os.path.join(folder, depth)):
+                raise util.DataError(f'{os.path.join(folder, rel)}: no {os.path.basename(depth)} '
+                                     f'beside it')
+            pairs.append((rel, depth))
+            scene = os.path.dirname(rel) or os.path.basename(os.path.abspath(folder))
+            scenes.append(scene_id(scene.split(os.sep)[0]))
+    if not pairs:
+        raise util.DataError(f'{folder}: no rgb_*.png / rgb_*.jpg files')
+    return RawFrames(folder, pairs, scenes, (None, depth_scale), root=folder)
+
+
+class CachedFrames(torch.utils.data.Dataset):
+    """A converted set: memory-mapped uint8 RGB (N, 240, 320, 3) and uint16 mm depth (N, 240, 320);
+    only the pages of the frames drawn are read."""
+
+    def __init__(self, folder):
+        meta_path = os.path.join(folder, CACHE_META)
+        util._check_file(meta_path, 'a raw-frame cache written by nyu_raw.py')
+        with open(meta_path) as f:
+            meta = json.load(f)
+        self.description = f"{folder} (converted from {meta['source']})"
+        self.scenes = meta['scenes']
+        self.images = np.load(os.path.join(folder, 'images.npy'), mmap_mode='r')
+        self.depths_mm = np.load(os.path.join(folder, 'depths_mm.npy'), mmap_mode='r')
+        if len(self.images) != len(self.scenes) or len(self.depths_mm) != len(self.scenes):
+            raise util.DataError(f'{folder}: images, depths and {CACHE_META} disagree in length; '
+                                 f'convert again')
+
+    def __len__(self):
+        return len(self.scenes)
+
+    def __getitem__(self, i):
+        rgb = torch.from_numpy(np.array(self.images[i])).permute(2, 0, 1).contiguous()
+        depth = torch.from_numpy(self.depths_mm[i].astype(np.float32) / 1000).to(torch.float16)
+        return rgb, depth
+
+
+def open_raw(path, fmt='auto', root=None, depth_scale=None):
+    """The raw-frame set at `path` (format by name: .txt = bts, .zip or a folder with
+    data/nyu2_train.csv = densedepth, a folder with raw_cache.json = cache, else folder)."""
+    fmt = detect_format(path) if fmt == 'auto' else fmt
+    if fmt == 'bts':
+        return read_bts(path, root)
+    if fmt == 'densedepth':
+        return read_densedepth(path)
+    if fmt == 'cache':
+        return CachedFrames(path)
+    return read_folder(path, depth_scale)
+
+
+def detect_format(path):
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, CACHE_META)):
+            return 'cache'
+        if os.path.isfile(os.path.join(path, DENSEDEPTH_CSV['train'])):
+            return 'densedepth'
+        return 'folder'
+    return {'.txt': 'bts', '.zip': 'densedepth', '.mat': 'labeled'}.get(
+        os.path.splitext(path)[1].lower(), 'labeled')
+
+
+# ----------------------------------------------------------------------------------------------
+# The official scene split (the paper's scene balancing: util.balanced_pass)
+
+def test_scenes(labeled_mat, splits):
+    """The scene names of NYU's 654 test images (215 scenes), from the labeled file's `scenes`."""
+    arrays = util.read_nyu_labeled(labeled_mat)
+    if arrays['scenes'] is None:
+        raise util.DataError(f'{labeled_mat}: has no scenes; cannot tell test scenes apart')
+    _, test_idx = util.read_splits(splits, len(arrays['images']))
+    return {scene_id(arrays['scenes'][i]) for i in test_idx}
+
+
+def refuse_test_scenes(frames, forbidden):
+    """A training frame from a test scene is a leak: refuse the whole set, loudly."""
+    leaked = sorted({s for s in frames.scenes if s in forbidden})
+    if leaked:
+        count = sum(s in forbidden for s in frames.scenes)
+        raise util.DataError(f'{frames.description}: {count} training frames come from '
+                             f'{len(leaked)} scenes of the official test split ({", ".join(leaked[:5])}'
+                             f'{", ..." if len(leaked) > 5 else ""}); remove them, training on '
+                             f'test scenes makes every test figure meaningless')
+
+
+# ----------------------------------------------------------------------------------------------
+# One-time conversion into a memory-mappable cache
+
+def convert(frames, out, workers=4, progress=True):
+    """Decode every frame once (in DataLoader workers) into OUT/images.npy, OUT/depths_mm.npy and
+    OUT/raw_cache.json, written through memory maps (flat RAM) into a temporary folder renamed at
+    the end (an interrupted conversion leaves nothing half-done behind)."""
+    import shutil
+    from tqdm import tqdm
+    n = len(frames)
+    tmp = out.rstrip('/') + '.partial'
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    fh, fw = FRAME_HW
+    images = np.lib.format.open_memmap(os.path.join(tmp, 'images.npy'), 'w+', np.uint8, (n, fh, fw, 3))
+    depths = np.lib.format.open_memmap(os.path.join(tmp, 'depths_mm.npy'), 'w+', np.uint16, (n, fh, fw))
+    loader = torch.utils.data.DataLoader(frames, batch_size=32, num_workers=workers)
+    start = 0
+    for rgb, depth in tqdm(loader, desc='converting', unit='batch', disable=not progress):
+        k = len(rgb)
+        images[start:start + k] = rgb.permute(0, 2, 3, 1).numpy()
+        depths[start:start + k] = np.round(depth.float().numpy() * 1000).clip(0, 65535).astype(np.uint16)
+        start += k
+    images.flush()
+    depths.flush()
+    del images, depths
+    with open(os.path.join(tmp, CACHE_META), 'w') as f:
+        json.dump({'source': os.fspath(frames.description), 'scenes': frames.scenes}, f)
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--data', required=True, help='the raw-frame set (list file, zip or folder)')
+    p.add_argument('--format', choices=('auto',) + FORMATS[:-1], default='auto',
+                   help='(default: %(default)s: by the file name)')
+    p.add_argument('--data-root', help='BTS: the folder the list paths are relative to '
+                                       '(default: the list file\'s folder)')
+    p.add_argument('--depth-scale', type=float, help='folder: metres per depth PNG unit')
+    p.add_argument('--out', required=True, help='cache folder to write')
+    p.add_argument('--workers', type=int, default=4, help='decoding processes (default: %(default)s)')
+    p.add_argument('--debug', action='store_true', help='show the traceback of an error')
+    args = p.parse_args(argv)
+    frames = open_raw(args.data, args.format, args.data_root, args.depth_scale)
+    convert(frames, args.out, args.workers)
+    print(f'{len(frames)} frames of {len(set(frames.scenes))} scenes -> {args.out}')
+    return 0
+
+
+if __name__ == '__main__':
+    util.run_cli(main)

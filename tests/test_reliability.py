@@ -1,0 +1,424 @@
+"""Bad data, interrupted runs and hostile files (issue #5): each case one test, named after it.
+
+Bad input must give one line naming the file and what is wrong (util.UserError, printed by
+util.run_cli), faults during training must leave the last complete checkpoint usable, and no file
+may be loaded as a pickle that runs code."""
+import errno
+import glob
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+import scipy.io
+import torch
+
+import train
+import util
+from conftest import ROOT, train_args
+from test_nyu_loader import write_nyu_like
+
+SCENES = ['kitchen_0001', 'kitchen_0001', 'office_0003', 'bedroom_0010', 'office_0003']
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """A 5-frame file in NYU's layout with its 1-based v5 splits.mat."""
+    mat, splits = tmp_path / 'labeled.mat', tmp_path / 'splits.mat'
+    write_nyu_like(mat, 5, SCENES)
+    scipy.io.savemat(splits, {'trainNdxs': np.array([[1.0], [2.0], [4.0]]),
+                              'testNdxs': np.array([[3.0], [5.0]])})
+    return mat, splits
+
+
+def _refused(argv, *expected):
+    """train.main(argv) must raise a UserError whose one-line message contains `expected`."""
+    with pytest.raises(util.UserError) as e:
+        train.main(argv)
+    message = str(e.value)
+    assert '\n' not in message
+    for text in expected:
+        assert str(text) in message, message
+    return message
+
+
+def _hdf5(path, **datasets):
+    with h5py.File(path, 'w', userblock_size=512) as f:
+        for name, array in datasets.items():
+            f.create_dataset(name, data=array)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line naming the file and what is wrong
+
+def test_dataset_path_missing(tmp_path, tiny):
+    missing = tmp_path / 'nope.mat'
+    _refused(train_args((missing, tiny[1]), tmp_path / 'out'), missing, 'not found', '--demo')
+
+
+def test_directory_instead_of_file(tmp_path, tiny):
+    _refused(train_args((tmp_path, tiny[1]), tmp_path / 'out'), tmp_path, 'is a directory')
+
+
+def test_matlab_v5_file_instead_of_v73(tmp_path, tiny):
+    v5 = tmp_path / 'v5.mat'
+    scipy.io.savemat(v5, {'images': np.zeros((2, 2)), 'depths': np.zeros((2, 2))})
+    _refused(train_args((v5, tiny[1]), tmp_path / 'out'), v5, 'v7.3')
+
+
+def test_random_bytes_instead_of_v73(tmp_path, tiny):
+    junk = tmp_path / 'junk.mat'
+    junk.write_bytes(np.random.default_rng(0).bytes(4096))
+    _refused(train_args((junk, tiny[1]), tmp_path / 'out'), junk, 'not an HDF5')
+
+
+@pytest.mark.parametrize('missing', ['images', 'depths'])
+def test_hdf5_missing_images_or_depths(tmp_path, tiny, missing):
+    arrays = {'images': np.zeros((2, 3, 640, 480), np.uint8),
+              'depths': np.ones((2, 640, 480), np.float32)}
+    del arrays[missing]
+    path = _hdf5(tmp_path / 'partial.mat', **arrays)
+    _refused(train_args((path, tiny[1]), tmp_path / 'out'), path, f"no '{missing}'")
+
+
+@pytest.mark.parametrize('name, array, expected', [
+    ('images', np.zeros((2, 3, 320, 240), np.uint8), "'images' is (2, 3, 320, 240) uint8"),
+    ('images', np.zeros((2, 3, 640, 480), np.float32), "'images' is (2, 3, 640, 480) float32"),
+    ('images', np.zeros((2, 640, 480, 3), np.uint8), "(N, 3, 640, 480) uint8"),
+    ('depths', np.ones((2, 480, 640), np.float32), "'depths' is (2, 480, 640) float32"),
+    ('depths', np.ones((2, 640, 480), np.uint16), "'depths' is (2, 640, 480) uint16"),
+])
+def test_shapes_or_dtypes_not_nyus(tmp_path, tiny, name, array, expected):
+    arrays = {'images': np.zeros((2, 3, 640, 480), np.uint8),
+              'depths': np.ones((2, 640, 480), np.float32), name: array}
+    path = _hdf5(tmp_path / 'odd.mat', **arrays)
+    _refused(train_args((path, tiny[1]), tmp_path / 'out'), path, expected)
+
+
+def test_splits_missing(tmp_path, tiny):
+    missing = tmp_path / 'splits_nope.mat'
+    _refused(train_args((tiny[0], missing), tmp_path / 'out'), missing, 'not found', 'splits.mat')
+
+
+def test_splits_out_of_range(tmp_path, tiny):
+    bad = tmp_path / 'splits_range.mat'
+    scipy.io.savemat(bad, {'trainNdxs': np.array([[1.0], [2.0], [9.0]]), 'testNdxs': np.array([[3.0]])})
+    _refused(train_args((tiny[0], bad), tmp_path / 'out'), bad, "'trainNdxs' holds 1..9", '1..5')
+
+
+def test_splits_zero_based(tmp_path, tiny):
+    bad = tmp_path / 'splits_0.mat'
+    scipy.io.savemat(bad, {'trainNdxs': np.array([[0.0], [1.0], [3.0]]), 'testNdxs': np.array([[2.0], [4.0]])})
+    _refused(train_args((tiny[0], bad), tmp_path / 'out'), bad, '0-based', '1-based')
+
+
+def test_depth_nan_inf_negative_zero_masked_counted_and_reported_once(tmp_path, tiny, capsys):
+    mat, splits = tiny
+    # stored (N, 640, 480), i.e. [frame, x, y]: a 10x10 block of each bad value in frames 0, 1, 3
+    with h5py.File(mat, 'r+') as f:
+        raw = f['rawDepths']
+        for frame, value in ((0, np.nan), (1, np.inf), (3, -2.0)):
+            block = raw[frame]
+            block[200:210, 100:110] = value
+            raw[frame] = block
+    data = util.read_nyu_labeled(mat, progress=False)
+    counts = data['invalid']['raw_depths']
+    assert (counts['nan'], counts['inf'], counts['negative']) == (100, 100, 100)
+    assert counts['frames_with_nonfinite'] == 3
+    assert counts['zero'] == 5 * 40 * 80            # the pattern's hole in every frame
+    assert data['invalid']['depths']['zero'] == 0
+    for frame in (0, 1, 3):                         # 2x2 averaged: rows 50..54, cols 100..104
+        block = torch.from_numpy(data['raw_depths'][frame].astype(np.float32))
+        assert (block[50:55, 100:105] == 0).all()
+        assert not util.valid_depth_mask(block)[50:55, 100:105].any()
+    capsys.readouterr()
+    assert train.main(train_args(tiny, tmp_path / 'out', '--train-depth', 'raw', '--coarse-samples', 4,
+                                 '--batch-size', 2, '--stage', 'coarse', '--val-fraction', 0)) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if 'NaN' in line]
+    assert len(lines) == 1, lines
+    assert '100 NaN, 100 inf, 100 negative in 3 frames' in lines[0] and 'masked' in lines[0]
+    history = torch.load(tmp_path / 'out' / 'checkpoint.pth', weights_only=True)['history']
+    assert np.isfinite(history['train'][-1][1])
+
+
+def test_cli_prints_one_line_and_debug_shows_the_traceback(tmp_path):
+    missing = tmp_path / 'nope.mat'
+    for script in ('train.py', 'evaluate.py'):
+        r = subprocess.run([sys.executable, script, '--data', str(missing), '--out', str(tmp_path)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and 'Traceback' not in r.stderr
+        assert r.stderr.strip().count('\n') == 0 and r.stderr.startswith(f'error: {missing}: not found')
+    r = subprocess.run([sys.executable, 'train.py', '--data', str(missing), '--debug'],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and 'Traceback' in r.stderr and 'DataError' in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints that do not belong to the run
+
+SHORT = ['--coarse-samples', 8, '--fine-samples', 16, '--batch-size', 4, '--val-fraction', 0,
+         '--save-every', 1]
+
+
+def test_checkpoint_of_another_variant(tmp_path, tiny):
+    out = tmp_path / 'out'
+    assert train.main(train_args(tiny, out, *SHORT, '--variant', 'release', '--max-steps', 1)) == 0
+    _refused(train_args(tiny, out, *SHORT, '--resume'), out / 'checkpoint.pth',
+             "'release' variant", '--variant release')
+
+
+def test_checkpoint_of_another_stage(tmp_path, tiny):
+    out = tmp_path / 'out'
+    assert train.main(train_args(tiny, out, *SHORT, '--max-steps', 3)) == 0   # coarse 2 + fine 1
+    assert torch.load(out / 'checkpoint.pth', weights_only=True)['stage'] == 'fine'
+    _refused(train_args(tiny, out, *SHORT, '--resume', '--stage', 'coarse'),
+             out / 'checkpoint.pth', 'holds the fine stage (step 1)')
+    early = tmp_path / 'early'
+    assert train.main(train_args(tiny, early, *SHORT, '--max-steps', 1)) == 0
+    _refused(train_args(tiny, early, *SHORT, '--resume', '--stage', 'fine'),
+             early / 'checkpoint.pth', 'unfinished coarse stage (step 1)')
+
+
+def test_checkpoint_of_another_schedule(tmp_path, tiny):
+    out = tmp_path / 'out'
+    assert train.main(train_args(tiny, out, *SHORT, '--max-steps', 1)) == 0
+    changed = [a if a != 4 else 2 for a in SHORT]   # --batch-size 2
+    _refused(train_args(tiny, out, *changed, '--resume'), '--batch-size 4', 'asks for 2')
+
+
+def test_truncated_checkpoint(tmp_path, tiny):
+    out = tmp_path / 'out'
+    assert train.main(train_args(tiny, out, *SHORT, '--max-steps', 1)) == 0
+    path = out / 'checkpoint.pth'
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    _refused(train_args(tiny, out, *SHORT, '--resume'), path, 'truncated')
+    # a fresh run into that folder also reads it (to refuse overwriting): same message
+    _refused(train_args(tiny, out, *SHORT), path, 'truncated')
+
+
+def test_truncated_or_mismatched_weights_for_evaluation(tmp_path, tiny):
+    import net
+    model = tmp_path / 'model'
+    model.mkdir()
+    torch.save(net.GlobalCoarseNet(net.PAPER).state_dict(), model / 'coarse.pth')
+    torch.save(net.LocalFineNet(net.RELEASE).state_dict(), model / 'fine.pth')
+    with pytest.raises(util.DataError, match="fine.pth: does not fit the paper variant's LocalFineNet"):
+        net.load_pretrained(model)
+    data = (model / 'coarse.pth').read_bytes()
+    (model / 'coarse.pth').write_bytes(data[:len(data) // 3])
+    with pytest.raises(util.DataError, match='coarse.pth: truncated'):
+        net.load_pretrained(model)
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults during training
+
+def test_disk_full_during_save(tmp_path, tiny, monkeypatch):
+    out = tmp_path / 'out'
+    real_save, calls = torch.save, []
+
+    def save_then_fill_the_disk(obj, f, *args, **kwargs):
+        calls.append(f)
+        if len(calls) == 2:            # the second checkpoint: half written, then ENOSPC
+            with open(f, 'wb') as handle:
+                handle.write(b'PK\x03\x04 half a checkpoint')
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, 'save', save_then_fill_the_disk)
+    _refused(train_args(tiny, out, *SHORT), out / 'checkpoint.pth', 'No space left on device',
+             'at coarse step 2', 'coarse step 1) is intact', '--resume')
+    monkeypatch.undo()
+    assert torch.load(out / 'checkpoint.pth', weights_only=True)['step'] == 1
+    assert not glob.glob(str(out / '*.tmp*'))
+    assert train.main(train_args(tiny, out, *SHORT, '--resume')) == 0
+
+
+def _nan_at_call(monkeypatch, bad_calls):
+    real, calls = train.scale_invariant_loss, [0]
+
+    def loss(*args, **kwargs):
+        calls[0] += 1
+        value = real(*args, **kwargs)
+        return value * float('nan') if calls[0] in bad_calls else value
+
+    monkeypatch.setattr(train, 'scale_invariant_loss', loss)
+
+
+def test_nonfinite_loss_stops_with_the_step_number(tmp_path, tiny, monkeypatch):
+    out = tmp_path / 'out'
+    _nan_at_call(monkeypatch, {2})
+    _refused(train_args(tiny, out, *SHORT), 'coarse step 2: the loss is nan', 'coarse step 1) is intact',
+             '--skip-nonfinite')
+    ckpt = torch.load(out / 'checkpoint.pth', weights_only=True)
+    assert ckpt['step'] == 1 and all(torch.isfinite(v).all() for v in ckpt['coarse'].values())
+    monkeypatch.undo()
+    assert train.main(train_args(tiny, out, *SHORT, '--resume')) == 0
+
+
+def test_nonfinite_loss_skipped_and_counted_with_the_option(tmp_path, tiny, monkeypatch, capsys):
+    out = tmp_path / 'out'
+    _nan_at_call(monkeypatch, {2})
+    assert train.main(train_args(tiny, out, *SHORT, '--skip-nonfinite')) == 0
+    assert '(1 batches with a non-finite loss skipped)' in capsys.readouterr().out
+    assert (out / 'coarse.pth').exists() and (out / 'fine.pth').exists()
+
+
+# Real subprocesses and real signals. The run is long; each test stops it long before the end.
+LONG = ['--coarse-samples', 100000, '--batch-size', 2, '--val-fraction', 0, '--threads', 1]
+
+
+def _start(tiny, out, *extra):
+    return subprocess.Popen([sys.executable, 'train.py', *map(str, train_args(tiny, out, *LONG, *extra))],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(condition, process, timeout=120):
+    end = time.time() + timeout
+    while not condition():
+        if process.poll() is not None:
+            raise AssertionError(f'train.py ended early:\n{process.stderr.read()}')
+        if time.time() > end:
+            process.kill()
+            raise AssertionError('timed out')
+        time.sleep(0.005)
+
+
+def _resume_one_step(tiny, out, extra):
+    before = torch.load(out / 'checkpoint.pth', weights_only=True)['step']
+    r = subprocess.run([sys.executable, 'train.py',
+                        *map(str, train_args(tiny, out, *LONG, *extra, '--resume', '--max-steps', 1))],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert torch.load(out / 'checkpoint.pth', weights_only=True)['step'] == before + 1
+    assert not glob.glob(str(out / '*.tmp*'))
+
+
+@pytest.mark.parametrize('signum, status', [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_sigint_and_sigterm_save_and_resume(tmp_path, tiny, signum, status):
+    out = tmp_path / 'out'
+    save_every = ['--save-every', 1000]
+    p = _start(tiny, out, *save_every)
+    # the progress bar on stderr shows the loop is running (signals are handled from there on)
+    seen = []
+
+    def running():
+        seen.append(os.read(p.stderr.fileno(), 65536).decode(errors='replace'))
+        return re.search(r'[1-9]\d*/50000', ''.join(seen)) is not None
+    _wait_for(running, p)
+    p.send_signal(signum)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == status, stderr
+    assert 'Traceback' not in stderr and 'continue with --resume' in stdout
+    ckpt = torch.load(out / 'checkpoint.pth', weights_only=True)
+    assert ckpt['stage'] == 'coarse' and ckpt['step'] >= 1 and not ckpt['done']
+    _resume_one_step(tiny, out, save_every)
+
+
+@pytest.mark.parametrize('moment', ['during_checkpoint_write', 'between_saves'])
+def test_sigkill_keeps_the_last_complete_checkpoint(tmp_path, tiny, moment):
+    out = tmp_path / 'out'
+    save_every = 1 if moment == 'during_checkpoint_write' else 3
+    p = _start(tiny, out, '--save-every', save_every)
+    _wait_for(lambda: (out / 'checkpoint.pth').exists(), p)
+    if moment == 'during_checkpoint_write':
+        _wait_for(lambda: glob.glob(str(out / 'checkpoint.pth.tmp*')), p)
+    else:
+        time.sleep(random.uniform(0.0, 2.0))
+    p.kill()                                  # SIGKILL: no handler, no cleanup
+    p.communicate()
+    assert p.returncode == -signal.SIGKILL
+    if moment == 'during_checkpoint_write':
+        assert glob.glob(str(out / 'checkpoint.pth.tmp*')), 'the kill did not land in a write'
+    ckpt = util.load_torch_file(out / 'checkpoint.pth', 'checkpoint')   # complete and readable
+    assert ckpt['step'] >= 1 and ckpt['step'] % save_every == 0
+    _resume_one_step(tiny, out, ['--save-every', save_every])
+
+
+# ---------------------------------------------------------------------------------------------
+# Security
+
+class _Hostile:
+    """Unpickling this creates a file: what a malicious 'checkpoint' could do with any code."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (self.marker, 'w')
+
+
+def test_hostile_pickle_is_refused_everywhere(tmp_path, tiny):
+    import net
+    marker = tmp_path / 'pwned'
+    evil = tmp_path / 'evil.pth'
+    torch.save({'format': 1, 'coarse6.1.weight': _Hostile(str(marker))}, evil)
+    torch.load(evil, weights_only=False).get('coarse6.1.weight').close()  # the file is real...
+    assert marker.exists()
+    marker.unlink()
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / 'checkpoint.pth').write_bytes(evil.read_bytes())
+    _refused(train_args(tiny, out, *SHORT, '--resume'), 'checkpoint.pth: refused')
+    _refused(train_args(tiny, out, *SHORT), 'checkpoint.pth: refused')
+    _refused(train_args(tiny, tmp_path / 'other', *SHORT, '--pretrained-conv', evil), 'evil.pth: refused')
+    model = tmp_path / 'model'
+    model.mkdir()
+    (model / 'coarse.pth').write_bytes(evil.read_bytes())
+    with pytest.raises(util.DataError, match='coarse.pth: refused'):
+        net.load_pretrained(model)
+    assert not marker.exists()                # ...and nothing of it ran
+
+
+AUDIT = r'''
+import json, os, sys
+import matplotlib
+matplotlib.use('Agg')
+import matplotlib.pyplot   # builds matplotlib's own font cache on first use: the library's, not ours
+import torch               # one optimizer step: torch's lazy imports make its own cache folders
+w = torch.nn.Parameter(torch.ones(2))
+torch.optim.SGD([w], lr=0.1, momentum=0.9).step()
+writes = set()
+FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+def hook(event, args):
+    if event == 'open' and isinstance(args[0], (str, bytes, os.PathLike)) and (args[2] or 0) & FLAGS:
+        writes.add(os.path.abspath(os.fsdecode(args[0])))
+    elif event in ('os.rename', 'os.replace'):
+        writes.add(os.path.abspath(os.fsdecode(args[1])))
+    elif event in ('os.remove', 'os.mkdir', 'os.rmdir', 'shutil.rmtree'):
+        writes.add(os.path.abspath(os.fsdecode(args[0])))
+sys.addaudithook(hook)
+import train, evaluate
+assert train.main(json.loads(sys.argv[1])) == 0
+assert evaluate.main(json.loads(sys.argv[2])) == 0
+sys.stdout.write('\nWRITES ' + json.dumps(sorted(writes)))
+'''
+
+
+def test_writes_stay_in_the_output_folder_and_the_dataset_cache(tmp_path, tiny):
+    out = tmp_path / 'out'
+    work = tmp_path / 'cwd'
+    work.mkdir()
+    train_argv = [str(a) for a in train_args(tiny, out, *SHORT, '--val-fraction', 0.3)]
+    eval_argv = ['--data', str(tiny[0]), '--splits', str(tiny[1]), '--model', str(out),
+                 '--device', 'cpu']
+    r = subprocess.run([sys.executable, '-c', AUDIT, json.dumps(train_argv), json.dumps(eval_argv)],
+                       cwd=work, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, 'PYTHONPATH': ROOT})
+    assert r.returncode == 0, r.stderr
+    writes = json.loads(r.stdout.split('\nWRITES ')[-1])
+    cache = util.cache_path_for(tiny[0])
+    # os.devnull: subprocess opens it when a library probes for a shared library; not a file
+    allowed = lambda p: (p.startswith(str(out) + os.sep) or p == str(out) or p.startswith(cache)
+                         or p == os.devnull)
+    assert writes and all(allowed(p) for p in writes), [p for p in writes if not allowed(p)]
+    assert any(p.endswith('coarse.pth') for p in writes) and cache in writes
+    assert not os.listdir(work)
