@@ -124,6 +124,11 @@ def to_depth_frame(depth, where):
 # ----------------------------------------------------------------------------------------------
 # The layouts
 
+def _must_exist(path, what):
+    if not os.path.exists(path):
+        raise util.DataError(f'{path}: not found ({what})')
+
+
 def read_bts(list_path, root=None):
     """BTS's list file: `/scene/rgb_00037.jpg /scene/sync_depth_00037.png 518.8579` a line, paths
     relative to `root` (default: the list file's folder)."""
@@ -146,7 +151,7 @@ def read_bts(list_path, root=None):
 
 def read_densedepth(path, split='train'):
     """DenseDepth's nyu_data.zip, read in place, or the folder it was extracted into."""
-    util._check_file(path, "DenseDepth's nyu_data.zip or its extracted folder")
+    _must_exist(path, "DenseDepth's nyu_data.zip or its extracted folder")
     csv_name = DENSEDEPTH_CSV[split]
     if os.path.isdir(path):
         zip_path, root = None, path
@@ -180,7 +185,9 @@ RGB_NAME = re.compile(r'^rgb_(.+)\.(png|jpg|jpeg)$', re.IGNORECASE)
 
 def read_folder(folder, depth_scale):
     """rgb_<id>.png|jpg next to depth_<id>.png, in `folder` or its subfolders (one per scene)."""
-    util._check_file(folder, 'a folder of rgb_*.png / depth_*.png pairs')
+    _must_exist(folder, 'a folder of rgb_*.png / depth_*.png pairs')
+    if not os.path.isdir(folder):
+        raise util.DataError(f'{folder}: not a folder (of rgb_*.png / depth_*.png pairs)')
     if depth_scale is None or depth_scale <= 0:
         raise util.DataError(f'{folder}: a plain folder needs --depth-scale (metres per depth '
                              f'PNG unit, e.g. 0.001 for millimetres)')

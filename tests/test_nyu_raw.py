@@ -1,0 +1,270 @@
+"""Raw-frame training sets (issue #6): each layout built tiny in its exact on-disk form (real PNG
+and JPEG encodings, 16-bit depth, CSV, list file), checked value by value; scene balancing; the
+test-scene refusal; streaming in flat memory."""
+import os
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+import scipy.io
+import torch
+from PIL import Image
+
+import nyu_raw
+import train
+import util
+from conftest import ROOT, train_args
+from test_nyu_loader import write_nyu_like
+
+H, W = 480, 640
+
+
+def _frame(seed):
+    """640x480 RGB (smooth + noise) and depth in millimetres that is constant on each 2x2 block
+    (so the 320x240 result is exact), with holes: whole 2x2 blocks of 0 and a few single zeros
+    inside otherwise valid blocks (averaged over the valid pixels only)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[:H, :W]
+    rgb = np.stack([x * 255 // W, y * 255 // H, np.full_like(x, 40 * seed % 255)], -1)
+    rgb = np.clip(rgb + rng.integers(-20, 20, rgb.shape), 0, 255).astype(np.uint8)
+    blocks = rng.integers(700, 9000, (H // 2, W // 2)).astype(np.uint16)
+    blocks[:10, :20] = 0                                    # a hole: 20x40 pixels missing
+    depth = np.repeat(np.repeat(blocks, 2, 0), 2, 1)
+    depth[100, 200] = 0                                     # one missing pixel of block (50, 100)
+    return rgb, depth
+
+
+def _expected(rgb, depth_m):
+    """What the loader must give: 2x2 means (RGB rounded), depth over the valid pixels only."""
+    r = np.round(rgb.reshape(H // 2, 2, W // 2, 2, 3).astype(np.float32).mean((1, 3))).astype(np.uint8)
+    d = depth_m.reshape(H // 2, 2, W // 2, 2)
+    valid = d > 0
+    mean = np.where(valid, d, 0).sum((1, 3)) / np.maximum(valid.sum((1, 3)), 1)
+    return r, np.where(valid.any((1, 3)), mean, 0).astype(np.float16)
+
+
+def _save_png16(path, depth):
+    Image.fromarray(depth.astype(np.uint16)).save(path)
+    assert Image.open(path).mode in ('I;16', 'I')           # really a 16-bit PNG
+
+
+def _check(frames, i, rgb, depth_m, rgb_exact=True):
+    img, depth = frames[i]
+    want_rgb, want_depth = _expected(rgb, depth_m)
+    assert img.shape == (3, 240, 320) and img.dtype == torch.uint8
+    assert depth.shape == (240, 320) and depth.dtype == torch.float16
+    np.testing.assert_array_equal(depth.numpy(), want_depth)
+    assert (depth[:5, :10] == 0).all() and depth[50, 100] == np.float16(depth_m[101, 201])
+    if rgb_exact:
+        np.testing.assert_array_equal(img.permute(1, 2, 0).numpy(), want_rgb)
+
+
+@pytest.fixture
+def bts_tree(tmp_path):
+    """BTS sync layout: <root>/<scene>/rgb_NNNNN.jpg + sync_depth_NNNNN.png, a list of lines."""
+    root = tmp_path / 'sync'
+    lines, frames = [], []
+    for k, scene in enumerate(['living_room_0038', 'living_room_0038', 'kitchen_0019a']):
+        (root / scene).mkdir(parents=True, exist_ok=True)
+        rgb, depth = _frame(k)
+        Image.fromarray(rgb).save(root / scene / f'rgb_{k:05d}.jpg', quality=95)
+        _save_png16(root / scene / f'sync_depth_{k:05d}.png', depth)
+        lines.append(f'/{scene}/rgb_{k:05d}.jpg /{scene}/sync_depth_{k:05d}.png 518.8579')
+        frames.append((root / scene / f'rgb_{k:05d}.jpg', depth))
+    listing = tmp_path / 'nyudepthv2_train_files_with_gt.txt'
+    listing.write_text('\n'.join(lines) + '\n')
+    return listing, root, frames
+
+
+def test_bts_sync_layout(bts_tree):
+    listing, root, frames = bts_tree
+    data = nyu_raw.open_raw(str(listing), root=str(root))
+    assert isinstance(data, nyu_raw.RawFrames) and len(data) == 3
+    assert data.scenes == ['living_room_0038', 'living_room_0038', 'kitchen_0019']
+    for i, (jpg, depth_mm) in enumerate(frames):
+        decoded = np.asarray(Image.open(jpg).convert('RGB'))   # JPEG: what PIL decodes is the truth
+        _check(data, i, decoded, depth_mm / 1000.0)
+
+
+def test_densedepth_zip_and_extracted_folder(tmp_path):
+    folder = tmp_path / 'extracted'
+    rows, frames = [], []
+    for k, scene in enumerate(['living_room_0038_out', 'bedroom_0004_out']):
+        d = folder / 'data' / 'nyu2_train' / scene
+        d.mkdir(parents=True)
+        rgb, depth_mm = _frame(k + 5)
+        png8 = np.round(depth_mm / 10000 * 255).clip(0, 255).astype(np.uint8)   # DenseDepth's 8 bit
+        Image.fromarray(rgb).save(d / f'{k + 37}.jpg', quality=95)
+        Image.fromarray(png8).save(d / f'{k + 37}.png')
+        assert Image.open(d / f'{k + 37}.png').mode == 'L'
+        rows.append(f'data/nyu2_train/{scene}/{k + 37}.jpg,data/nyu2_train/{scene}/{k + 37}.png')
+        frames.append((d / f'{k + 37}.jpg', png8.astype(np.float32) / 255 * 10))
+    (folder / 'data' / 'nyu2_train.csv').write_text('\n'.join(rows) + '\n')
+    zpath = tmp_path / 'nyu_data.zip'
+    with zipfile.ZipFile(zpath, 'w') as z:
+        for path in sorted(folder.rglob('*')):
+            if path.is_file():
+                z.write(path, path.relative_to(folder).as_posix())
+    for source in (zpath, folder):
+        data = nyu_raw.open_raw(str(source))
+        assert data.scenes == ['living_room_0038', 'bedroom_0004']
+        for i, (jpg, depth_m) in enumerate(frames):
+            _check(data, i, np.asarray(Image.open(jpg).convert('RGB')), depth_m)
+
+
+def test_plain_folder_with_a_stated_scale(tmp_path):
+    frames = []
+    for k, scene in enumerate(['office_a', 'office_a', 'lab_b']):
+        (tmp_path / 'mine' / scene).mkdir(parents=True, exist_ok=True)
+        rgb, depth = _frame(k + 9)
+        Image.fromarray(rgb).save(tmp_path / 'mine' / scene / f'rgb_{k}.png')   # lossless: exact
+        _save_png16(tmp_path / 'mine' / scene / f'depth_{k}.png', depth // 4)
+        frames.append((rgb, (depth // 4).astype(np.float32) * 0.004))
+    with pytest.raises(util.DataError, match='--depth-scale'):
+        nyu_raw.open_raw(str(tmp_path / 'mine'))
+    data = nyu_raw.open_raw(str(tmp_path / 'mine'), depth_scale=0.004)
+    assert data.scenes == ['lab_b', 'office_a', 'office_a']
+    for i, k in enumerate([2, 0, 1]):
+        _check(data, i, *frames[k])
+    (tmp_path / 'mine' / 'lab_b' / 'depth_2.png').unlink()
+    with pytest.raises(util.DataError, match='no depth_2.png beside it'):
+        nyu_raw.open_raw(str(tmp_path / 'mine'), depth_scale=0.004)
+
+
+def test_bad_raw_files_give_one_line(bts_tree, tmp_path):
+    listing, root, _ = bts_tree
+    bad = tmp_path / 'bad_list.txt'
+    bad.write_text('/living_room_0038/rgb_00000.jpg\n')
+    with pytest.raises(util.DataError, match='line 1: expected'):
+        nyu_raw.open_raw(str(bad))
+    jpg = root / 'living_room_0038' / 'sync_depth_00000.png'
+    Image.fromarray(np.zeros((H, W), np.uint8)).save(jpg)      # 8-bit where BTS has 16-bit
+    with pytest.raises(util.DataError, match='sync_depth_00000.png: depth PNG of mode L'):
+        nyu_raw.open_raw(str(listing), root=str(root))[0]
+    (root / 'living_room_0038' / 'rgb_00000.jpg').write_bytes(b'not a jpeg')
+    with pytest.raises(util.DataError, match='rgb_00000.jpg: not a readable image'):
+        nyu_raw.open_raw(str(listing), root=str(root))[0]
+
+
+def test_real_bts_frames(shared, tmp_path):
+    demo = os.path.join(shared, 'nyu-samples', 'metric3d_nyu_demo')
+    listing = tmp_path / 'list.txt'
+    listing.write_text(''.join(f'/rgb/rgb_{k:05d}.jpg /depth/sync_depth_{k:05d}.png 518.8579\n'
+                               for k in (0, 50, 100)))
+    data = nyu_raw.open_raw(str(listing), root=demo)
+    for i, k in enumerate((0, 50, 100)):
+        img, depth = data[i]
+        raw = np.asarray(Image.open(os.path.join(demo, 'depth', f'sync_depth_{k:05d}.png'))).astype(np.float32) / 1000
+        np.testing.assert_array_equal(depth.numpy(), _expected(np.zeros((H, W, 3), np.uint8), raw)[1])
+        assert 0.15 < float((depth == 0).float().mean()) < 0.4      # raw Kinect holes kept
+        assert 0.3 < float(depth.max()) < 10
+
+
+def test_conversion_to_the_memory_mapped_cache(bts_tree, tmp_path):
+    listing, root, _ = bts_tree
+    data = nyu_raw.open_raw(str(listing), root=str(root))
+    out = nyu_raw.convert(data, str(tmp_path / 'cache'), workers=0, progress=False)
+    cached = nyu_raw.open_raw(out)
+    assert isinstance(cached, nyu_raw.CachedFrames) and cached.scenes == data.scenes
+    assert isinstance(cached.images, np.memmap)
+    for i in range(len(data)):
+        (a, da), (b, db) = data[i], cached[i]
+        assert torch.equal(a, b)
+        assert (da == 0).equal(db == 0) and (da.float() - db.float()).abs().max() <= 0.001
+
+
+def test_scene_balancing_draws_the_requested_count_per_scene():
+    scenes = ['big'] * 50 + ['small'] * 3 + ['tiny'] * 1 + ['mid'] * 12
+    g = torch.Generator().manual_seed(0)
+    chosen = util.balanced_pass(scenes, 20, g).tolist()
+    assert len(chosen) == 80
+    per_scene = {s: [i for i in chosen if scenes[i] == s] for s in set(scenes)}
+    assert {s: len(v) for s, v in per_scene.items()} == {'big': 20, 'small': 20, 'tiny': 20, 'mid': 20}
+    assert len(set(per_scene['big'])) == 20                   # a subset of a large scene
+    assert set(per_scene['small']) == {50, 51, 52}            # every frame of a small one...
+    assert max(per_scene['small'].count(i) for i in (50, 51, 52)) == 7   # ...evenly repeated
+    order = util.SampleOrder(len(scenes), 0, scenes, per_scene=20)
+    drawn = [i for step in range(10) for i in order.indices(step, 8)]   # one pass: 80 frames
+    assert {s: sum(scenes[i] == s for i in drawn) for s in set(scenes)} == \
+        {'big': 20, 'small': 20, 'tiny': 20, 'mid': 20}
+
+
+@pytest.mark.parametrize('leak', ['office_0003', 'office_0003_out', 'office_0003b'])
+def test_frames_of_a_test_scene_are_refused(bts_tree, tmp_path, leak):
+    listing, root, frames = bts_tree
+    labeled, splits = tmp_path / 'labeled.mat', tmp_path / 'splits.mat'
+    write_nyu_like(labeled, 5, ['kitchen_0001', 'kitchen_0001', 'office_0003', 'bedroom_0010', 'office_0003'])
+    scipy.io.savemat(splits, {'trainNdxs': np.array([[1.0], [2.0], [4.0]]),
+                              'testNdxs': np.array([[3.0], [5.0]])})
+    (root / leak).mkdir()
+    for name in ('rgb_00000.jpg', 'sync_depth_00000.png'):
+        (root / leak / name).write_bytes((root / 'living_room_0038' / name).read_bytes())
+    with open(listing, 'a') as f:
+        f.write(f'/{leak}/rgb_00000.jpg /{leak}/sync_depth_00000.png 518.8579\n')
+    argv = train_args((listing, splits), tmp_path / 'out', '--labeled', labeled, '--data-root', root)
+    with pytest.raises(util.DataError, match=r'1 training frames come from 1 scenes of the official '
+                                             r'test split \(office_0003\)'):
+        train.main(argv)
+    assert not (tmp_path / 'out' / 'checkpoint.pth').exists()
+
+
+def test_training_streams_raw_frames_and_the_cache_gives_the_same_batches(bts_tree, tmp_path):
+    listing, root, _ = bts_tree
+    labeled, splits = tmp_path / 'labeled.mat', tmp_path / 'splits.mat'
+    write_nyu_like(labeled, 2, ['office_0003', 'bedroom_0010'])
+    scipy.io.savemat(splits, {'trainNdxs': np.array([[1.0]]), 'testNdxs': np.array([[2.0]])})
+    cache = nyu_raw.convert(nyu_raw.open_raw(str(listing), root=str(root)), str(tmp_path / 'cache'),
+                            workers=0, progress=False)
+    schedule = ['--labeled', labeled, '--coarse-samples', 8, '--batch-size', 2, '--stage', 'coarse',
+                '--per-scene', 3, '--val-fraction', 0.3, '--seed', 3]
+    weights = []
+    for data, out, workers in ((listing, 'streamed', 2), (cache, 'cached', 0)):
+        assert train.main(train_args((data, splits), tmp_path / out, *schedule, '--data-root', root,
+                                     '--workers', workers)) == 0
+        weights.append(torch.load(tmp_path / out / 'coarse.pth', weights_only=True))
+    # the same frames in the same order (workers or not); depth differs by the cache's mm rounding
+    diff = max(float((weights[0][k] - weights[1][k]).abs().max()) for k in weights[0])
+    assert diff < 1e-2
+    changed = torch.load(tmp_path / 'cached' / 'checkpoint.pth', weights_only=True)
+    assert changed['config']['per_scene'] == 3 and changed['done']
+
+
+STREAM = r'''
+import resource, sys, torch
+sys.path.insert(0, sys.argv[1])
+import nyu_raw
+data = nyu_raw.open_raw(sys.argv[2], depth_scale=0.001)
+loader = torch.utils.data.DataLoader(data, batch_size=8, shuffle=True, num_workers=2, prefetch_factor=2)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+count = 0
+for images, depths in loader:
+    count += len(images)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+print(count, base, peak, workers)
+'''
+
+
+def test_memory_stays_flat_while_streaming_a_large_set(tmp_path):
+    """400 frames (each decoded to 230 KB of RGB + 150 KB of depth: 150 MB in all); the main
+    process's peak RSS may grow by far less than that while every frame passes through."""
+    folder = tmp_path / 'big'
+    folder.mkdir()
+    rgb, depth = _frame(1)
+    Image.fromarray(rgb).save(folder / 'rgb_0.jpg', quality=90)
+    _save_png16(folder / 'depth_0.png', depth)
+    for k in range(1, 400):   # distinct files (hard links would do for decoding, but be honest)
+        (folder / f'rgb_{k}.jpg').write_bytes((folder / 'rgb_0.jpg').read_bytes())
+        (folder / f'depth_{k}.png').write_bytes((folder / 'depth_0.png').read_bytes())
+    r = subprocess.run([sys.executable, '-c', STREAM, ROOT, str(folder)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    count, base, peak, workers = map(int, r.stdout.split())
+    decoded_mb = 400 * (3 * 240 * 320 + 2 * 240 * 320) / 2**20
+    growth_mb = (peak - base) / 1024
+    assert count == 400
+    assert growth_mb < decoded_mb / 4, (growth_mb, decoded_mb)
+    print(f'streamed 400 frames ({decoded_mb:.0f} MB decoded): main RSS grew {growth_mb:.1f} MB, '
+          f'worker peak {workers / 1024:.0f} MB')
