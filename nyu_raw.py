@@ -188,9 +188,6 @@ def read_folder(folder, depth_scale):
     _must_exist(folder, 'a folder of rgb_*.png / depth_*.png pairs')
     if not os.path.isdir(folder):
         raise util.DataError(f'{folder}: not a folder (of rgb_*.png / depth_*.png pairs)')
-    if depth_scale is None or depth_scale <= 0:
-        raise util.DataError(f'{folder}: a plain folder needs --depth-scale (metres per depth '
-                             f'PNG unit, e.g. 0.001 for millimetres)')
     pairs, scenes = [], []
     for here, dirs, files in os.walk(folder):
         dirs.sort()
@@ -207,7 +204,12 @@ def read_folder(folder, depth_scale):
             scene = os.path.dirname(rel) or os.path.basename(os.path.abspath(folder))
             scenes.append(scene_id(scene.split(os.sep)[0]))
     if not pairs:
-        raise util.DataError(f'{folder}: no rgb_*.png / rgb_*.jpg files')
+        raise util.DataError(f'{folder}: is a folder without rgb_*.png / rgb_*.jpg files; --data '
+                             f"takes the labeled .mat, a BTS list .txt, DenseDepth's nyu_data.zip "
+                             f'(or its folder), a folder of rgb_*/depth_* pairs or a converted cache')
+    if depth_scale is None or depth_scale <= 0:
+        raise util.DataError(f'{folder}: a plain folder needs --depth-scale (metres per depth '
+                             f'PNG unit, e.g. 0.001 for millimetres)')
     return RawFrames(folder, pairs, scenes, (None, depth_scale), root=folder)
 
 

@@ -101,6 +101,15 @@ def parse_args(argv=None):
                         'the device is cuda (default: %(default)s)')
     o.add_argument('--val-every', type=int, default=None,
                    help='validate every N samples (default: 50 times per stage)')
+    o.add_argument('--path', choices=['fast', 'plain'], default='fast',
+                   help="'fast': frames held on the device, the paper's augmentations drawn per "
+                        "sample but applied as one batched grid; 'plain': the usual DataLoader with "
+                        "per-sample augmentation in worker processes. Both compute the same "
+                        "(tested) (default: %(default)s)")
+    o.add_argument('--amp', action=argparse.BooleanOptionalAction, default=None,
+                   help='bf16 autocast for the nets (the loss stays fp32). A deviation for speed: '
+                        'default on with --path fast on CUDA, off otherwise (the paper: fp32)')
+    o.add_argument('--compile', action='store_true', help='torch.compile the trained net')
     o.add_argument('--save-every', type=int, default=500,
                    help='write the checkpoint every N steps (default: %(default)s)')
     o.add_argument('--max-steps', type=int, default=None,
@@ -175,6 +184,21 @@ def validate(coarse, fine, frames, device, batch, lam, scale):
     for n, mode in zip(nets, modes):
         n.train(mode)
     return {'loss': loss_sum / count, **found.result()}
+
+
+def forward_loss(stage, net, coarse, x, y, m, lam, amp=False):
+    """Eq. 4 on one augmented batch; the fine stage runs the fixed coarse net first (Sec. 3.3).
+    With amp the nets run in bf16 autocast; the loss is always computed in fp32."""
+    if x.device.type == 'cuda':
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        if stage == 'coarse':
+            pred = net(x)
+        else:
+            with torch.no_grad():
+                c = coarse(x)
+            pred = net(x, c)
+    return scale_invariant_loss(pred.float(), safe_log(y, m), m, lam)
 
 
 def all_finite(net):
@@ -311,19 +335,47 @@ def load_labeled(args):
     return train, val, scenes
 
 
-def training_batches(train, order, first_step, total_steps, batch, workers, device):
-    """(uint8 images, float16 depths) of steps first_step.. in order. In-memory frames are indexed
-    directly; raw frames are decoded ahead by DataLoader workers, in exactly the same order."""
+def training_batches(train, order, first_step, total_steps, batch, args, device, shard=(0, 1)):
+    """The augmented (input, target depth, target mask) of steps first_step.. on `device`.
+
+    fast: frames drawn as uint8 (in-memory frames indexed where they live, on the GPU when they
+    were moved there; raw frames decoded ahead by DataLoader workers), then every sample's own
+    augmentation applied in one batched grid_sample on the device.
+    plain: a DataLoader whose workers augment one sample at a time on the CPU (what most
+    reproductions do); the same draws, so the same batches.
+    shard (rank, world): this process's share of every global batch under torchrun."""
+    if args.path == 'plain':
+        keys = StepIndices(order, first_step, total_steps, batch, shard, with_keys=True)
+        loader = torch.utils.data.DataLoader(
+            util.PerSampleAugmented(train, order, batch), batch_sampler=keys,
+            num_workers=args.workers, pin_memory=device.type == 'cuda',
+            prefetch_factor=4 if args.workers else None, worker_init_fn=ignore_stop_signals,
+            generator=torch.Generator())   # workers' seeds not drawn from the RNG of dropout
+        for x, y, m in loader:
+            yield (t.to(device, non_blocking=True) for t in (x, y, m))
+        return
+    drawn = frame_batches(train, order, first_step, total_steps, batch, args.workers, device, shard)
+    mine = slice(shard[0], None, shard[1])
+    for step, (images_u8, depths) in enumerate(drawn, first_step):
+        img, depth, mask = util.as_float_batch(images_u8.to(device, non_blocking=True),
+                                               depths.to(device, non_blocking=True))
+        yield util.augment(img, depth, mask, order.aug_params(step, batch).take(mine))
+
+
+def frame_batches(train, order, first_step, total_steps, batch, workers, device, shard=(0, 1)):
+    """(uint8 images, float16 depths) of steps first_step.. in order, not yet augmented."""
     if isinstance(train, util.Frames):
         for step in range(first_step, total_steps):
-            idx = torch.as_tensor(order.indices(step, batch), device=train.images.device)
+            idx = order.indices(step, batch)[shard[0]::shard[1]]
+            idx = torch.as_tensor(idx, device=train.images.device)
             yield train.images[idx], train.depths[idx]
         return
-    steps = StepIndices(order, first_step, total_steps, batch)
+    steps = StepIndices(order, first_step, total_steps, batch, shard)
     loader = torch.utils.data.DataLoader(train, batch_sampler=steps, num_workers=workers,
                                          pin_memory=device.type == 'cuda',
                                          prefetch_factor=4 if workers else None,
-                                         worker_init_fn=ignore_stop_signals)
+                                         worker_init_fn=ignore_stop_signals,
+                                         generator=torch.Generator())
     yield from loader
 
 
@@ -337,14 +389,74 @@ def ignore_stop_signals(_worker_id):
 class StepIndices:
     """The DataLoader's batch sampler: the frame indices of each remaining step."""
 
-    def __init__(self, order, first_step, total_steps, batch):
+    def __init__(self, order, first_step, total_steps, batch, shard=(0, 1), with_keys=False):
         self.order, self.first, self.total, self.batch = order, first_step, total_steps, batch
+        self.rank, self.world = shard
+        self.with_keys = with_keys   # (step, position in the batch, frame) for per-sample work
 
     def __len__(self):
         return self.total - self.first
 
     def __iter__(self):
-        return (self.order.indices(step, self.batch) for step in range(self.first, self.total))
+        for step in range(self.first, self.total):
+            idx = self.order.indices(step, self.batch)
+            mine = [(step, j, i) for j, i in enumerate(idx) if j % self.world == self.rank]
+            yield mine if self.with_keys else [i for _, _, i in mine]
+
+
+class Distributed:
+    """Several processes launched by torchrun (WORLD_SIZE > 1): one per GPU (NCCL), or CPU
+    processes (gloo). Each computes its share of every global batch and DistributedDataParallel
+    averages the gradients, so the step is that of one process on the whole batch; rank 0 alone
+    validates and writes files. One process (plain `python train.py`): all of this is a no-op."""
+
+    def __init__(self):
+        self.world = int(os.environ.get('WORLD_SIZE', '1'))
+        self.rank = int(os.environ.get('RANK', '0'))
+        self.local_rank = int(os.environ.get('LOCAL_RANK', '0'))
+        self.device = None
+
+    @property
+    def active(self):
+        return self.world > 1
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def start(self, device):
+        if not self.active:
+            return device
+        if device.type == 'cuda':
+            device = torch.device('cuda', self.local_rank)
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+        self.device = device
+        return device
+
+    def wrap(self, net):
+        if not self.active:
+            return net
+        ids = [self.device.index] if self.device.type == 'cuda' else None
+        return nn.parallel.DistributedDataParallel(net, device_ids=ids)
+
+    def mean(self, value):
+        """The average of a float over the processes (every one gets it)."""
+        if not self.active:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return float(t) / self.world
+
+    def any(self, flag):
+        return self.mean(float(flag)) > 0
+
+    def stop(self):
+        if self.active:
+            torch.distributed.destroy_process_group()
+
+
+DIST = Distributed()
 
 
 def run_stage(stage, coarse, fine, train, val, scenes, args, device, ckpt, stop):
@@ -370,8 +482,16 @@ def run_stage(stage, coarse, fine, train, val, scenes, args, device, ckpt, stop)
         torch.set_rng_state(ckpt['torch_rng'])
         history, step = ckpt['history'], ckpt['step']
         skipped, saved_step = ckpt.get('skipped', 0), ckpt['step']
-    parallel = nn.DataParallel(net) if device.type == 'cuda' and torch.cuda.device_count() > 1 else net
-    coarse_run = nn.DataParallel(coarse) if parallel is not net and stage == 'fine' else coarse
+    if DIST.active:
+        if args.batch_size % DIST.world:
+            raise util.UserError(f'--batch-size {args.batch_size} does not split evenly over '
+                                 f'{DIST.world} processes')
+        parallel, coarse_run = DIST.wrap(net), coarse
+    else:   # one process: all visible GPUs through DataParallel (what the user asked for)
+        parallel = nn.DataParallel(net) if device.type == 'cuda' and torch.cuda.device_count() > 1 else net
+        coarse_run = nn.DataParallel(coarse) if parallel is not net and stage == 'fine' else coarse
+    if args.compile:
+        parallel = torch.compile(parallel)
     scale = variant.log_depth_std ** 2   # [R] trains on log depth / std: its loss is ours / std^2
 
     ckpt_path = os.path.join(args.out, 'checkpoint.pth')
@@ -392,6 +512,8 @@ def run_stage(stage, coarse, fine, train, val, scenes, args, device, ckpt, stop)
 
     def checkpoint(done=False):
         nonlocal saved_step
+        if not DIST.main:
+            return
         if not all_finite(net):   # never replace a good checkpoint with a diverged net
             raise util.UserError(f'{stage} step {step}: the weights hold NaN or inf; not saved, '
                                  f'{kept()}. Resume from it with --resume (a lower learning '
@@ -403,25 +525,18 @@ def run_stage(stage, coarse, fine, train, val, scenes, args, device, ckpt, stop)
                  'torch_rng': torch.get_rng_state(), 'history': history,
                  'config': {'batch_size': args.batch_size, 'samples': samples, 'lam': args.lam,
                             'seed': args.seed, 'train_depth': args.train_depth,
-                            'per_scene': args.per_scene, 'data': os.path.abspath(args.data)}}
+                            'per_scene': args.per_scene, 'data': os.path.abspath(args.data),
+                            'processes': DIST.world}}
         save(ckpt_path, lambda tmp: torch.save(state, tmp), 'checkpoint')
         saved_step = step
 
-    bar = tqdm(total=total_steps, initial=step, desc=f'{stage} net', unit='step', dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=step, desc=f'{stage} net', unit='step', dynamic_ncols=True,
+               disable=not DIST.main)
     run_loss, run_count, t0, steps_here = 0.0, 0, time.time(), 0
-    batches = training_batches(train, order, step, total_steps, args.batch_size, args.workers, device)
-    for images_u8, depths in batches:
-        img, depth, mask = util.as_float_batch(images_u8.to(device, non_blocking=True),
-                                               depths.to(device, non_blocking=True))
-        x, y, m = util.augment(img, depth, mask, order.aug_params(step, args.batch_size))
-        if stage == 'coarse':
-            pred = parallel(x)
-        else:
-            with torch.no_grad():
-                c = coarse_run(x)
-            pred = parallel(x, c)
-        loss = scale_invariant_loss(pred, safe_log(y, m), m, args.lam) / scale
-        loss_value = loss.item() * scale
+    shard = (DIST.rank, DIST.world)
+    for x, y, m in training_batches(train, order, step, total_steps, args.batch_size, args, device, shard):
+        loss = forward_loss(stage, parallel, coarse_run, x, y, m, args.lam, args.amp) / scale
+        loss_value = DIST.mean(loss.item() * scale)   # every process decides alike on NaN
         if math.isfinite(loss_value):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -445,14 +560,15 @@ def run_stage(stage, coarse, fine, train, val, scenes, args, device, ckpt, stop)
         if step % val_every == 0 or step == total_steps:
             history['train'].append((step * args.batch_size, mean_loss))
             run_loss, run_count = 0.0, 0
-            if len(val):
+            if len(val) and DIST.main:
                 v = validate(coarse, fine if stage == 'fine' else None, val, device,
                              args.batch_size, args.lam, scale)
                 history['val'].append((step * args.batch_size, v['loss'], v['si_log']))
                 bar.write(f"{stage} {step * args.batch_size} samples: val loss {v['loss']:.4f}, "
                           f"sc-inv {v['si_log']:.3f}, RMSE {v['rmse']:.3f} m, d<1.25 {v['d1']:.3f}")
-            util.plot_losses(history, stage, os.path.join(args.out, f'loss_{stage}.png'))
-        interrupted = stop.step_done()
+            if DIST.main:
+                util.plot_losses(history, stage, os.path.join(args.out, f'loss_{stage}.png'))
+        interrupted = DIST.any(stop.step_done())
         if step % args.save_every == 0 or step == total_steps or interrupted:
             checkpoint()
         if interrupted and step < total_steps:
@@ -463,7 +579,8 @@ def run_stage(stage, coarse, fine, train, val, scenes, args, device, ckpt, stop)
     bar.close()
     weights = os.path.join(args.out, f'{stage}.pth')
     state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-    save(weights, lambda tmp: torch.save(state, tmp), f'{stage} net')
+    if DIST.main:
+        save(weights, lambda tmp: torch.save(state, tmp), f'{stage} net')
     checkpoint(done=stage == 'fine' or args.stage == 'coarse')
     print(f'{stage} net written to {weights}' +
           (f' ({skipped} batches with a non-finite loss skipped)' if skipped else ''))
@@ -474,14 +591,18 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = DIST.start(torch.device(args.device))
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     variant = get_variant(args.variant)
+    if args.amp is None:
+        args.amp = args.path == 'fast' and device.type == 'cuda'
+    torch.backends.cudnn.benchmark = True   # fixed input sizes: let cuDNN pick its fastest kernels
     os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, 'checkpoint.pth')
     ckpt = None
-    remove_stale_temporaries(args.out)
+    if DIST.main:
+        remove_stale_temporaries(args.out)
     if args.resume:
         if not os.path.isfile(ckpt_path):
             raise util.DataError(f'{ckpt_path}: no checkpoint to resume from')
@@ -496,8 +617,11 @@ def main(argv=None):
                                  f'--resume, or choose another --out (nothing was overwritten)')
     train, val, scenes = load_data(args)
 
-    coarse = GlobalCoarseNet(variant).to(device)
-    fine = LocalFineNet(variant).to(device)
+    if args.path == 'fast' and isinstance(train, util.Frames):
+        train.to(device)   # uint8 frames on the GPU: 0.4 MB a frame, 0.3 GB for the labeled set
+    memory_format = torch.channels_last if device.type == 'cuda' else torch.contiguous_format
+    coarse = GlobalCoarseNet(variant).to(device, memory_format=memory_format)
+    fine = LocalFineNet(variant).to(device, memory_format=memory_format)
     if args.pretrained_conv and not ckpt:
         loaded, _ = load_pretrained_conv(coarse, args.pretrained_conv)
         print(f'loaded {", ".join(loaded)} from {args.pretrained_conv}')
@@ -518,7 +642,8 @@ def main(argv=None):
             if not run_stage(stage, coarse, fine, train, val, scenes, args, device, resumed, stop):
                 return {signal.SIGINT: 130, signal.SIGTERM: 143}.get(stop.signum, 0)
             ckpt = None
-    if len(val):
+    DIST.stop()
+    if len(val) and DIST.main:
         util.plot_predictions(coarse, fine if 'fine' in stages else None, val, device,
                               os.path.join(args.out, 'predictions.png'))
     return 0

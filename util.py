@@ -350,6 +350,9 @@ class Frames:
             frames.depths = torch.cat([p[1] for p in parts])
         return frames
 
+    def __getitem__(self, i):
+        return self.images[i], self.depths[i]
+
     def get(self, idx, mask_min_max=True):
         """Images as float 0..255, depths as float32 and their validity masks."""
         idx = torch.as_tensor(idx, device=self.images.device)
@@ -361,6 +364,25 @@ def as_float_batch(images_u8, depths, mask_min_max=True):
     metres, and the mask of the usable depth pixels (loss.valid_depth_mask)."""
     depth = depths.float()
     return images_u8.float(), depth, valid_depth_mask(depth, mask_min_max)
+
+
+class PerSampleAugmented(torch.utils.data.Dataset):
+    """The plain pipeline's dataset: item (step, j, frame) is that frame augmented alone with the
+    j-th draw of the step, on the CPU, in a DataLoader worker. The same draws as the batched
+    fast path (SampleOrder.aug_params), so both paths train on the same batches."""
+
+    def __init__(self, frames, order, batch):
+        self.frames, self.order, self.batch = frames, order, batch
+
+    def __len__(self):
+        return len(self.frames)
+
+    def __getitem__(self, key):
+        step, j, i = key
+        image_u8, depth = self.frames[i]
+        img, depth, mask = as_float_batch(image_u8[None], depth[None])
+        x, y, m = augment(img, depth, mask, self.order.aug_params(step, self.batch).take(j))
+        return x[0], y[0], m[0]
 
 
 def balanced_pass(scene_of_frame, per_scene, generator):
@@ -450,6 +472,11 @@ class AugParams:
     def to(self, device):
         return AugParams(*(t.to(device) for t in
                            (self.scale, self.angle, self.offset, self.color, self.flip)))
+
+    def take(self, rows):
+        """The draws of some samples of the batch (an index, slice or list of rows)."""
+        rows = [rows] if isinstance(rows, int) else rows
+        return AugParams(*(t[rows] for t in (self.scale, self.angle, self.offset, self.color, self.flip)))
 
 
 def _source_coords(params, out_x, out_y):

@@ -65,7 +65,12 @@ def test_dataset_path_missing(tmp_path, tiny):
 
 
 def test_directory_instead_of_file(tmp_path, tiny):
-    _refused(train_args((tmp_path, tiny[1]), tmp_path / 'out'), tmp_path, 'is a directory')
+    folder = tmp_path / 'folder'
+    folder.mkdir()
+    _refused(train_args((folder, tiny[1]), tmp_path / 'out'), folder,
+             'is a folder without rgb_*', 'the labeled .mat')
+    _refused(train_args((folder, tiny[1]), tmp_path / 'out', '--data-format', 'labeled'), folder,
+             'is a directory')
 
 
 def test_matlab_v5_file_instead_of_v73(tmp_path, tiny):

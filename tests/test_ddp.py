@@ -1,0 +1,77 @@
+"""DistributedDataParallel under torchrun, on the CPU with gloo: two processes, each on half of
+every global batch, train exactly as one process on the whole batch."""
+import shutil
+import subprocess
+import sys
+
+import torch
+
+import train
+from conftest import ROOT, train_args
+
+COMMON = ['--coarse-samples', 16, '--fine-samples', 24, '--batch-size', 4, '--val-fraction', 0.15,
+          '--val-every', 8, '--seed', 11, '--threads', 1, '--no-amp']
+
+
+def test_two_gloo_processes_equal_one_process_on_the_same_global_batch(synthetic, tmp_path):
+    # the fine stage has no dropout, so both runs draw no random numbers but the shared batches
+    base = tmp_path / 'coarse'
+    assert train.main(train_args(synthetic, base, *COMMON, '--stage', 'coarse')) == 0
+    runs = {}
+    for name in ('one', 'two'):
+        (tmp_path / name).mkdir()
+        shutil.copy(base / 'coarse.pth', tmp_path / name / 'coarse.pth')
+        runs[name] = tmp_path / name
+    for path in ('fast', 'plain'):
+        args = [str(a) for a in train_args(synthetic, runs['one'], *COMMON, '--stage', 'fine',
+                                           '--path', path, '--workers', 0)]
+        assert train.main(args) == 0
+        one = torch.load(runs['one'] / 'fine.pth', weights_only=True)
+        args = [str(a) for a in train_args(synthetic, runs['two'], *COMMON, '--stage', 'fine',
+                                           '--path', path, '--workers', 0)]
+        r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                            '--nproc-per-node', '2', 'train.py', *args],
+                           cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        two = torch.load(runs['two'] / 'fine.pth', weights_only=True)
+        assert one.keys() == two.keys()
+        for k in one:
+            torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-6)
+        history = [torch.load(runs[n] / 'checkpoint.pth', weights_only=True)['history']
+                   for n in ('one', 'two')]
+        torch.testing.assert_close(torch.tensor(history[1]['train']), torch.tensor(history[0]['train']),
+                                   rtol=1e-5, atol=1e-6)
+        assert len(history[1]['val']) == 3       # rank 0 validated
+        config = [torch.load(runs[n] / 'checkpoint.pth', weights_only=True)['config'] for n in ('one', 'two')]
+        assert (config[0]['processes'], config[1]['processes']) == (1, 2)
+        for name in runs:                          # next path: fresh fine stage
+            for f in ('fine.pth', 'checkpoint.pth'):
+                (runs[name] / f).unlink()
+
+
+def test_coarse_stage_runs_under_torchrun(synthetic, tmp_path):
+    """With dropout (coarse6) the two processes draw their own masks, so only the run itself is
+    checked: one checkpoint and one weights file, written by rank 0."""
+    args = [str(a) for a in train_args(synthetic, tmp_path, *COMMON, '--stage', 'coarse')]
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                        '--nproc-per-node', '2', 'train.py', *args],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert torch.load(tmp_path / 'checkpoint.pth', weights_only=True)['done']
+    assert (tmp_path / 'coarse.pth').exists() and not list(tmp_path.glob('*.tmp*'))
+
+
+def test_each_process_takes_its_share_of_every_global_batch(synthetic):
+    import util
+    frames = util.Frames(*(a[:20] for a in (util.read_nyu_labeled(synthetic[0], progress=False)[k]
+                                           for k in ('images', 'depths'))))
+    order = util.SampleOrder(len(frames), 0)
+    whole = list(train.frame_batches(frames, order, 0, 3, 4, 0, torch.device('cpu')))
+    halves = [list(train.frame_batches(frames, order, 0, 3, 4, 0, torch.device('cpu'), (r, 2)))
+              for r in (0, 1)]
+    for step in range(3):
+        assert torch.equal(halves[0][step][0], whole[step][0][0::2])
+        assert torch.equal(halves[1][step][0], whole[step][0][1::2])
+    keys = [list(train.StepIndices(order, 0, 2, 4, (r, 2), with_keys=True)) for r in (0, 1)]
+    for step in range(2):
+        assert sorted(keys[0][step] + keys[1][step]) == [(step, j, i) for j, i in enumerate(order.indices(step, 4))]
