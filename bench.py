@@ -11,6 +11,7 @@ share of the device's bf16 peak that the fast path reaches, the .mat cache speed
 paper's full schedule (2M + 1.5M samples) estimated from the fast figures.
 """
 import argparse
+import copy
 import os
 import tempfile
 import time
@@ -63,7 +64,7 @@ def train_speed(frames, stage, path, device, batch, steps, warmup, workers, data
     args = SimpleNamespace(path=path, workers=workers)
     amp = path == 'fast' and device.type == 'cuda'
     if path == 'fast':
-        frames = util.Frames(frames.images.permute(0, 2, 3, 1).numpy(), frames.depths.numpy()).to(device)
+        frames = copy.copy(frames).to(device)   # the shared CPU frames stay for the next rows
     coarse, fine = nets_for(path, device)
     net = coarse if stage == 'coarse' else fine
     coarse.train(stage == 'coarse')

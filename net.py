@@ -225,7 +225,7 @@ def load_pretrained(folder='model', device='cpu'):
                     if fc_inputs == 256 * v.coarse5_hw[0] * v.coarse5_hw[1]), None)
     if variant is None:
         raise util.DataError(f'{path}: weights of neither the paper nor the release coarse net')
-    coarse = util.load_weights(GlobalCoarseNet(variant), path, 'coarse net weights').to(device)
+    coarse = util.load_weights(GlobalCoarseNet(variant), path, 'coarse net weights', state).to(device)
     fine = None
     fine_path = os.path.join(folder, 'fine.pth')
     if os.path.isfile(fine_path):

@@ -124,11 +124,6 @@ def to_depth_frame(depth, where):
 # ----------------------------------------------------------------------------------------------
 # The layouts
 
-def _must_exist(path, what):
-    if not os.path.exists(path):
-        raise util.DataError(f'{path}: not found ({what})')
-
-
 def read_bts(list_path, root=None):
     """BTS's list file: `/scene/rgb_00037.jpg /scene/sync_depth_00037.png 518.8579` a line, paths
     relative to `root` (default: the list file's folder)."""
@@ -151,7 +146,7 @@ def read_bts(list_path, root=None):
 
 def read_densedepth(path, split='train'):
     """DenseDepth's nyu_data.zip, read in place, or the folder it was extracted into."""
-    _must_exist(path, "DenseDepth's nyu_data.zip or its extracted folder")
+    util.check_exists(path, "DenseDepth's nyu_data.zip or its extracted folder")
     csv_name = DENSEDEPTH_CSV[split]
     if os.path.isdir(path):
         zip_path, root = None, path
@@ -185,7 +180,7 @@ RGB_NAME = re.compile(r'^rgb_(.+)\.(png|jpg|jpeg)$', re.IGNORECASE)
 
 def read_folder(folder, depth_scale):
     """rgb_<id>.png|jpg next to depth_<id>.png, in `folder` or its subfolders (one per scene)."""
-    _must_exist(folder, 'a folder of rgb_*.png / depth_*.png pairs')
+    util.check_exists(folder, 'a folder of rgb_*.png / depth_*.png pairs')
     if not os.path.isdir(folder):
         raise util.DataError(f'{folder}: not a folder (of rgb_*.png / depth_*.png pairs)')
     pairs, scenes = [], []
@@ -268,11 +263,9 @@ def detect_format(path):
 
 def test_scenes(labeled_mat, splits):
     """The scene names of NYU's 654 test images (215 scenes), from the labeled file's `scenes`."""
-    arrays = util.read_nyu_labeled(labeled_mat)
-    if arrays['scenes'] is None:
-        raise util.DataError(f'{labeled_mat}: has no scenes; cannot tell test scenes apart')
-    _, test_idx = util.read_splits(splits, len(arrays['images']))
-    return {scene_id(arrays['scenes'][i]) for i in test_idx}
+    scenes = util.read_scene_names(labeled_mat)
+    _, test_idx = util.read_splits(splits, len(scenes))
+    return {scene_id(scenes[i]) for i in test_idx}
 
 
 def refuse_test_scenes(frames, forbidden):

@@ -39,6 +39,7 @@ DEMO_FOLDER = os.path.join('nyu', 'synthetic')
 DEMO_SCENES, DEMO_VIEWS = 30, 6
 DEMO_COARSE_SAMPLES, DEMO_FINE_SAMPLES, DEMO_BATCH = 3200, 1600, 16
 CHECKPOINT_FORMAT = 2
+RAW_VAL_FRAMES = 300   # validation frames decoded into memory from held-out raw scenes
 
 
 def parse_args(argv=None):
@@ -66,7 +67,8 @@ def parse_args(argv=None):
                         f'evened to {nyu_raw.PER_SCENE} per scene); 0 = every frame once per pass '
                         f'(default: {nyu_raw.PER_SCENE} for raw frames, 0 for the labeled set)')
     d.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1),
-                   help='processes decoding raw frames (default: %(default)s)')
+                   help='DataLoader processes: decoding raw frames, and augmenting with '
+                        '--path plain (default: %(default)s)')
     d.add_argument('--demo', action='store_true',
                    help=f'train on synthetic rooms written in NYU format to {DEMO_FOLDER}/ (made on '
                         f'first use) with a short schedule: {DEMO_COARSE_SAMPLES} + '
@@ -206,7 +208,6 @@ def all_finite(net):
 
 
 # What a checkpoint's config must share with the command line that resumes it.
-RAW_VAL_FRAMES = 300   # validation frames decoded into memory from held-out raw scenes
 RESUME_MUST_MATCH = ('batch_size', 'samples', 'lam', 'seed', 'train_depth', 'per_scene')
 
 
@@ -352,7 +353,7 @@ def training_batches(train, order, first_step, total_steps, batch, args, device,
             prefetch_factor=4 if args.workers else None, worker_init_fn=ignore_stop_signals,
             generator=torch.Generator())   # workers' seeds not drawn from the RNG of dropout
         for x, y, m in loader:
-            yield (t.to(device, non_blocking=True) for t in (x, y, m))
+            yield tuple(t.to(device, non_blocking=True) for t in (x, y, m))
         return
     drawn = frame_batches(train, order, first_step, total_steps, batch, args.workers, device, shard)
     mine = slice(shard[0], None, shard[1])
@@ -364,13 +365,12 @@ def training_batches(train, order, first_step, total_steps, batch, args, device,
 
 def frame_batches(train, order, first_step, total_steps, batch, workers, device, shard=(0, 1)):
     """(uint8 images, float16 depths) of steps first_step.. in order, not yet augmented."""
+    steps = StepIndices(order, first_step, total_steps, batch, shard)
     if isinstance(train, util.Frames):
-        for step in range(first_step, total_steps):
-            idx = order.indices(step, batch)[shard[0]::shard[1]]
+        for idx in steps:
             idx = torch.as_tensor(idx, device=train.images.device)
             yield train.images[idx], train.depths[idx]
         return
-    steps = StepIndices(order, first_step, total_steps, batch, shard)
     loader = torch.utils.data.DataLoader(train, batch_sampler=steps, num_workers=workers,
                                          pin_memory=device.type == 'cuda',
                                          prefetch_factor=4 if workers else None,
@@ -578,8 +578,8 @@ def run_stage(stage, coarse, fine, train, val, scenes, args, device, ckpt, stop)
             return False
     bar.close()
     weights = os.path.join(args.out, f'{stage}.pth')
-    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
     if DIST.main:
+        state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
         save(weights, lambda tmp: torch.save(state, tmp), f'{stage} net')
     checkpoint(done=stage == 'fine' or args.stage == 'coarse')
     print(f'{stage} net written to {weights}' +

@@ -71,9 +71,10 @@ def load_torch_file(path, what):
                         f'short?); expected {what}') from None
 
 
-def load_weights(net, path, what):
-    """Load a state_dict file into `net`, refusing (one line) weights of another layer layout."""
-    state = load_torch_file(path, what)
+def load_weights(net, path, what, state=None):
+    """Load a state_dict file into `net` (or `state`, already read from `path`), refusing (one
+    line) weights of another layer layout."""
+    state = load_torch_file(path, what) if state is None else state
     try:
         net.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as e:
@@ -141,8 +142,9 @@ def read_nyu_labeled(mat_path, use_cache=True, progress=True):
     Returns a dict: images (N, 240, 320, 3) uint8 RGB, depths (N, 240, 320) float16 filled depth in
     metres, raw_depths (same) raw Kinect depth with 0 = missing, scenes (list of N str or None),
     invalid (per depth array, counts of the full-resolution pixels that are 0, NaN, inf or negative;
-    all of them end up masked: describe_invalid words it). The arrays are written next to the .mat as <name>.cache.npz (about 0.6 GB for the real file);
-    later calls read that instead (seconds instead of minutes) while the .mat is unchanged.
+    all of them end up masked: describe_invalid words it). The arrays are written next to the .mat
+    as <name>.cache.npz (about 0.6 GB for the real file); later calls read that instead (seconds
+    instead of minutes) while the .mat is unchanged.
     """
     mat_path = os.fspath(mat_path)
     _check_file(mat_path, 'the labeled NYU Depth v2 file', NYU_URL)
@@ -171,25 +173,45 @@ def read_nyu_labeled(mat_path, use_cache=True, progress=True):
     return data
 
 
-def _check_file(path, what, url=None):
+def check_exists(path, what, url=None):
+    """A DataError naming `path` and what it should be (and where to get it) if it is missing."""
     if not os.path.exists(path):
         if url is None:
             raise DataError(f'{path}: not found ({what})')
         raise DataError(f"{path}: not found. This should be {what}; download it from {url} "
                         f"into nyu/, or run `python train.py --demo` to use synthetic scenes.")
+
+
+def _check_file(path, what, url=None):
+    check_exists(path, what, url)
     if not os.path.isfile(path):
         raise DataError(f"{path}: is a directory, not {what}")
 
 
-def _read_mat(mat_path, progress):
+def _open_mat(mat_path):
     import h5py
-    from tqdm import tqdm
     try:
-        f = h5py.File(mat_path, 'r')
+        return h5py.File(mat_path, 'r')
     except OSError:
         raise DataError(f"{mat_path}: not an HDF5 (MATLAB v7.3) file; the labeled NYU file is "
                         f"saved with -v7.3. (A MATLAB v5 .mat or a partial download?)") from None
-    with f:
+
+
+def read_scene_names(mat_path):
+    """The labeled file's scene name of every frame, without reading any image (milliseconds,
+    where read_nyu_labeled takes minutes the first time)."""
+    mat_path = os.fspath(mat_path)
+    _check_file(mat_path, 'the labeled NYU Depth v2 file', NYU_URL)
+    with _open_mat(mat_path) as f:
+        scenes = _decode_cell_strings(f, 'scenes')
+    if scenes is None:
+        raise DataError(f"{mat_path}: has no 'scenes'; not the labeled NYU file")
+    return scenes
+
+
+def _read_mat(mat_path, progress):
+    from tqdm import tqdm
+    with _open_mat(mat_path) as f:
         for name in ('images', 'depths'):
             if name not in f:
                 raise DataError(f"{mat_path}: has no '{name}' dataset; not the labeled NYU file")
