@@ -3,15 +3,19 @@
     python bench.py             # on the GPU when there is one (figures for BENCHMARKS.md)
     python bench.py --quick     # a few steps, small data, CPU: what the tests run
 
-Prints one table: training samples/s of each stage with --path plain (DataLoader workers augmenting
-one sample at a time, fp32) and --path fast (frames on the device, one batched augmentation,
-bf16 autocast and channels_last on CUDA), their ratio, the data pipeline alone, inference latency
+Prints one table: training samples/s of each stage measured on train.py's own loop (train.main, with
+its logging, validation and non-finite checks) with --path plain (DataLoader workers augmenting one
+sample at a time, fp32) and --path fast (frames on the device, one batched augmentation, bf16
+autocast and channels_last on CUDA), their ratio, the data pipeline alone, inference latency
 (batch 1) and throughput (batch 32), the FLOPs of a training sample (torch's flop counter) and the
 share of the device's bf16 peak that the fast path reaches, the .mat cache speed-up, and the
-paper's full schedule (2M + 1.5M samples) estimated from the fast figures.
+paper's full schedule (2M + 1.5M samples) estimated from the fast figures. With several GPUs, a
+row for --device cuda (nn.DataParallel over all of them).
 """
 import argparse
+import contextlib
 import copy
+import io
 import os
 import tempfile
 import time
@@ -40,8 +44,10 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def make_frames(folder, scenes, views):
-    mat, _ = util.make_synthetic_nyu(folder, scenes, views, test_fraction=0.0, progress=False)
+def make_data(folder, scenes, views):
+    """Synthetic rooms in NYU's layout (all training scenes), the frames in memory, and the time of
+    the first read of the .mat and of the cached second one."""
+    mat, splits = util.make_synthetic_nyu(folder, scenes, views, test_fraction=0.0, progress=False)
     if os.path.exists(util.cache_path_for(mat)):
         os.remove(util.cache_path_for(mat))
     t0 = time.perf_counter()
@@ -50,7 +56,7 @@ def make_frames(folder, scenes, views):
     t0 = time.perf_counter()
     util.read_nyu_labeled(mat, progress=False)               # reads the cache
     second = time.perf_counter() - t0
-    return util.Frames(arrays['images'], arrays['raw_depths']), first, second
+    return (mat, splits), util.Frames(arrays['images'], arrays['raw_depths']), first, second
 
 
 def nets_for(path, device):
@@ -59,28 +65,38 @@ def nets_for(path, device):
             LocalFineNet(PAPER).to(device, memory_format=fmt))
 
 
-def train_speed(frames, stage, path, device, batch, steps, warmup, workers, data_only=False):
-    """Samples/s of `steps` training steps (after `warmup`), or of the data pipeline alone."""
-    args = SimpleNamespace(path=path, workers=workers)
-    amp = path == 'fast' and device.type == 'cuda'
+def train_py_speed(data, stage, path, device, batch, steps, workers, folder):
+    """Samples/s of train.py's own training loop (train.main on one stage, `steps` steps): the same
+    code as a real run, its logging, validation and checkpoint cadence included. Timed over the
+    last three of four validation intervals (the first holds cuDNN autotuning and warm-up)."""
+    out = os.path.join(folder, f'{stage}-{path}-{device}'.replace(':', ''))
+    os.makedirs(out)
+    if stage == 'fine':   # the fine stage needs a coarse net; its weights do not change the speed
+        torch.save(GlobalCoarseNet(PAPER).state_dict(), os.path.join(out, 'coarse.pth'))
+    interval = max(1, steps // 4) * batch
+    argv = ['--data', data[0], '--splits', data[1], '--data-format', 'labeled', '--out', out,
+            '--device', str(device), '--stage', stage, f'--{stage}-samples', str(4 * interval),
+            '--batch-size', str(batch), '--val-every', str(interval), '--path', path,
+            '--workers', str(workers)]
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        rc = train.main(argv)
+    if rc != 0:
+        raise util.UserError(f'train.py {" ".join(argv)} returned {rc}')
+    speed = torch.load(os.path.join(out, 'checkpoint.pth'), weights_only=True)['history']['speed']
+    samples = speed[-1][0] - speed[0][0]
+    return samples / sum(seconds for _, seconds in speed[1:])
+
+
+def pipeline_speed(frames, path, device, batch, steps, warmup, workers):
+    """Samples/s of the data pipeline alone: batches drawn, augmented and on the device."""
+    args = SimpleNamespace(path=path, workers=workers, log_every=50)
     if path == 'fast':
         frames = copy.copy(frames).to(device)   # the shared CPU frames stay for the next rows
-    coarse, fine = nets_for(path, device)
-    net = coarse if stage == 'coarse' else fine
-    coarse.train(stage == 'coarse')
-    optimizer = train.make_optimizer(net, PAPER)
     order = util.SampleOrder(len(frames), 0)
-    batches = train.training_batches(frames, order, 0, warmup + steps, batch, args, device)
-    for i, (x, y, m) in enumerate(batches):
+    for i, _ in enumerate(train.training_batches(frames, order, 0, warmup + steps, batch, args, device)):
         if i == warmup:
             sync(device)
             t0 = time.perf_counter()
-        if data_only:
-            continue
-        loss = train.forward_loss(stage, net, coarse, x, y, m, 0.5, amp)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
     sync(device)
     return steps * batch / (time.perf_counter() - t0)
 
@@ -124,21 +140,24 @@ def inference(device, path, batch, repeats):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--quick', action='store_true', help='CPU, tiny data, a few steps')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                   help='cpu or cuda[:N] (default: %(default)s; cuda means cuda:0 here)')
     p.add_argument('--batch-size', type=int, default=train.BATCH_SIZE, help='(default: %(default)s, the paper)')
-    p.add_argument('--steps', type=int, default=None, help='timed steps per measurement')
+    p.add_argument('--steps', type=int, default=None,
+                   help='steps per measurement (default: 400, 8 with --quick)')
     p.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1),
                    help="the plain path's DataLoader workers (default: %(default)s)")
     args = p.parse_args(argv)
     device = torch.device('cpu' if args.quick else args.device)
+    if device.type == 'cuda' and device.index is None:
+        device = torch.device('cuda', 0)   # one GPU; several: the DataParallel row
     torch.backends.cudnn.benchmark = True
     batch = 4 if args.quick else args.batch_size
-    steps = args.steps or (2 if args.quick else 50)
+    steps = args.steps or (8 if args.quick else 400)
     warmup = 1 if args.quick else 10
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU ({os.cpu_count()} cores)'
-    print(f'device: {name}; batch {batch}, {steps} timed steps after {warmup} warm-up; torch {torch.__version__}')
-    with tempfile.TemporaryDirectory() as tmp:
-        frames, first, second = make_frames(tmp, *((2, 2) if args.quick else (16, 8)))
+    print(f'device: {name}; batch {batch}; train.py: {steps} steps a row, timed over the last 3/4; '
+          f'pipeline: {steps} steps after {warmup} warm-up; torch {torch.__version__}')
     rows = []
 
     def row(what, plain, fast, unit, fmt='{:.1f}'):
@@ -146,13 +165,20 @@ def main(argv=None):
         rows.append((what, fmt.format(plain) if plain else '-', fmt.format(fast) if fast else '-', ratio, unit))
 
     fast_speed = {}
-    for stage in ('coarse', 'fine'):
-        speeds = [train_speed(frames, stage, path, device, batch, steps, warmup, args.workers)
-                  for path in ('plain', 'fast')]
-        fast_speed[stage] = speeds[1]
-        row(f'train {stage} net', *speeds, 'samples/s')
-    row('data pipeline alone', *[train_speed(frames, 'coarse', path, device, batch, steps, warmup,
-                                             args.workers, data_only=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        data, frames, first, second = make_data(tmp, *((2, 2) if args.quick else (16, 8)))
+        for stage in ('coarse', 'fine'):
+            speeds = [train_py_speed(data, stage, path, device, batch, steps, args.workers, tmp)
+                      for path in ('plain', 'fast')]
+            fast_speed[stage] = speeds[1]
+            row(f'train {stage} net (train.py loop)', *speeds, 'samples/s')
+        gpus = torch.cuda.device_count() if device.type == 'cuda' else 0
+        if gpus > 1:
+            dp = train_py_speed(data, 'coarse', 'fast', torch.device('cuda'), batch, steps,
+                                args.workers, tmp)
+            row(f'train coarse net, --device cuda (DataParallel, {gpus} GPUs)', fast_speed['coarse'],
+                dp, 'samples/s (plain column: one GPU)')
+    row('data pipeline alone', *[pipeline_speed(frames, path, device, batch, steps, warmup, args.workers)
                                  for path in ('plain', 'fast')], 'samples/s')
     lat = [inference(device, path, 1, 5 if args.quick else 50) * 1000 for path in ('plain', 'fast')]
     rows.append(('inference batch 1 (coarse+fine)', f'{lat[0]:.2f}', f'{lat[1]:.2f}',

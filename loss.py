@@ -23,9 +23,10 @@ def valid_depth_mask(depth, mask_min_max=True):
     depth = torch.as_tensor(depth)
     valid = torch.isfinite(depth) & (depth > 0)
     if mask_min_max:
-        inf = torch.tensor(float('inf'), dtype=depth.dtype, device=depth.device)
-        lo = torch.where(valid, depth, inf).amin(dim=(-2, -1), keepdim=True)
-        hi = torch.where(valid, depth, -inf).amax(dim=(-2, -1), keepdim=True)
+        # python scalars, not device tensors: building a CUDA scalar from the host would make the
+        # GPU wait for the CPU at every training step
+        lo = depth.masked_fill(~valid, float('inf')).amin(dim=(-2, -1), keepdim=True)
+        hi = depth.masked_fill(~valid, float('-inf')).amax(dim=(-2, -1), keepdim=True)
         valid &= (depth != lo) & (depth != hi)
     return valid
 

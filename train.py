@@ -10,6 +10,7 @@ loss_coarse.png / loss_fine.png and predictions.png.
     python train.py --demo           # synthetic rooms in NYU's format, a few minutes on a CPU
 """
 import argparse
+import contextlib
 import glob
 import math
 import os
@@ -38,7 +39,7 @@ LABELED = os.path.join('nyu', 'nyu_depth_v2_labeled.mat')
 DEMO_FOLDER = os.path.join('nyu', 'synthetic')
 DEMO_SCENES, DEMO_VIEWS = 30, 6
 DEMO_COARSE_SAMPLES, DEMO_FINE_SAMPLES, DEMO_BATCH = 3200, 1600, 16
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3   # 3: every process's CPU and GPU random streams ('rng')
 RAW_VAL_FRAMES = 300   # validation frames decoded into memory from held-out raw scenes
 
 
@@ -99,8 +100,9 @@ def parse_args(argv=None):
     o.add_argument('--out', default='model', help='output folder (default: %(default)s)')
     o.add_argument('--resume', action='store_true', help='continue from OUT/checkpoint.pth')
     o.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
-                   help='cpu, cuda or cuda:N; all visible GPUs are used with DataParallel when '
-                        'the device is cuda (default: %(default)s)')
+                   help="'cuda': every visible GPU (nn.DataParallel when there are several; "
+                        "torchrun is the faster way, README); 'cuda:N': GPU N alone; 'cpu' "
+                        '(default: %(default)s)')
     o.add_argument('--val-every', type=int, default=None,
                    help='validate every N samples (default: 50 times per stage)')
     o.add_argument('--path', choices=['fast', 'plain'], default='fast',
@@ -110,10 +112,20 @@ def parse_args(argv=None):
                         "(tested) (default: %(default)s)")
     o.add_argument('--amp', action=argparse.BooleanOptionalAction, default=None,
                    help='bf16 autocast for the nets (the loss stays fp32). A deviation for speed: '
-                        'default on with --path fast on CUDA, off otherwise (the paper: fp32)')
+                        'default on with --path fast on CUDA, off otherwise. --no-amp: the '
+                        "paper's fp32, without TF32")
     o.add_argument('--compile', action='store_true', help='torch.compile the trained net')
-    o.add_argument('--save-every', type=int, default=500,
-                   help='write the checkpoint every N steps (default: %(default)s)')
+    o.add_argument('--save-minutes', type=float, default=10.0,
+                   help='write the checkpoint every N minutes of training, and always at the end '
+                        'of a stage and on a stop (default: %(default)s)')
+    o.add_argument('--save-every', type=int, default=0,
+                   help='also write it every N steps (default: %(default)s = only by time)')
+    o.add_argument('--log-every', type=int, default=None,
+                   help='read the loss on the host every N steps (progress, NaN check); in between '
+                        'a GPU step never waits for the CPU (default: 50 on CUDA, 1 on the CPU)')
+    o.add_argument('--deterministic', action='store_true',
+                   help='the same bits on every GPU run (cuDNN autotuning off, deterministic '
+                        'kernels; slower). The CPU is deterministic anyway')
     o.add_argument('--max-steps', type=int, default=None,
                    help='stop this invocation after N steps with a checkpoint (for time-limited '
                         'cluster jobs; continue with --resume)')
@@ -130,9 +142,12 @@ def parse_args(argv=None):
         a.fine_samples = DEMO_FINE_SAMPLES if demo else FINE_SAMPLES
     if a.batch_size is None:
         a.batch_size = DEMO_BATCH if demo else BATCH_SIZE
-    for name in ('coarse_samples', 'fine_samples', 'batch_size', 'save_every'):
+    for name in ('coarse_samples', 'fine_samples', 'batch_size', 'save_minutes') + \
+            (('log_every',) if a.log_every is not None else ()):
         if getattr(a, name) <= 0:
             p.error(f'--{name.replace("_", "-")} must be positive')
+    if a.save_every < 0:
+        p.error('--save-every must be 0 (off) or positive')
     if a.data_format == 'auto':
         a.data_format = 'labeled' if demo else nyu_raw.detect_format(a.data)
     if a.per_scene is None:
@@ -163,7 +178,85 @@ def param_groups(net, variant):
 
 
 def make_optimizer(net, variant):
-    return torch.optim.SGD(param_groups(net, variant), lr=0.0, momentum=MOMENTUM)
+    """SGD with momentum 0.9 and the paper's per-layer groups. Fused (one kernel for the whole
+    update) where the device has it: the same update as the default implementation (checked
+    bit for bit on the CPU), fewer passes over the weights, and it can skip a step on the GPU's
+    own verdict (NonFiniteGuard). Momentum buffers start at zero, which is exactly SGD's first
+    step (buffer = gradient) and keeps a skipped first step from leaving them uninitialised."""
+    device = next(net.parameters()).device
+    optimizer = torch.optim.SGD(param_groups(net, variant), lr=0.0, momentum=MOMENTUM,
+                                fused=True if fused_sgd_works(device) else None)
+    for group in optimizer.param_groups:
+        for p in group['params']:
+            optimizer.state[p]['momentum_buffer'] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return optimizer
+
+
+_FUSED_SGD = {}
+
+
+def fused_sgd_works(device):
+    """Whether this torch has a fused SGD kernel for the device (CUDA and, in recent releases,
+    the CPU): tried once on a one-element parameter."""
+    if device.type not in _FUSED_SGD:
+        p = torch.nn.Parameter(torch.zeros(1, device=device))
+        p.grad = torch.zeros(1, device=device)
+        try:
+            torch.optim.SGD([p], lr=0.1, momentum=MOMENTUM, fused=True).step()
+            _FUSED_SGD[device.type] = True
+        except (RuntimeError, TypeError, ValueError):
+            _FUSED_SGD[device.type] = False
+    return _FUSED_SGD[device.type]
+
+
+class NonFiniteGuard:
+    """A NaN or inf loss must never reach the weights, and the GPU must not wait for the host to
+    find out. The step's (global) loss is checked on the device and handed to fused SGD as its
+    `found_inf` flag, which makes the kernel leave weights and momentum untouched: no host read.
+    Stopping mode (the default): the flag stays set for the rest of the block, so the weights are
+    exactly those before the bad step when the next logging point reads the losses and stops the
+    run naming that step. --skip-nonfinite: only the bad step is skipped (and counted there).
+    Without fused SGD (an old torch or an exotic device), the loss is read on the host per step."""
+
+    def __init__(self, optimizer, device, skip):
+        self.skip = skip
+        self.on_device = optimizer.defaults.get('fused') is True
+        self.found = torch.zeros((), device=device)
+        self.halted = False   # host fallback, stopping mode: a bad step was seen
+        if self.on_device:
+            optimizer.found_inf = self.found   # read by SGD.step, as GradScaler does
+
+    def allows_step(self, loss_value):
+        """Called before optimizer.step() with the step's loss (a device scalar); False: do not
+        call it (host fallback only)."""
+        if not self.on_device:
+            ok = math.isfinite(float(loss_value)) and (self.skip or not self.halted)
+            self.halted = self.halted or not ok
+            return ok
+        bad = (~torch.isfinite(loss_value)).to(self.found.dtype)
+        if self.skip:
+            self.found.copy_(bad)
+        else:
+            torch.maximum(self.found, bad, out=self.found)
+        return True
+
+
+class Autocast(nn.Module):
+    """Runs `module` in autocast with an explicit dtype, inside the module's own forward.
+
+    nn.DataParallel runs each replica in a thread of its own and re-enters autocast there as
+    torch.autocast(device_type, enabled=...), without the dtype (torch/nn/parallel/
+    parallel_apply.py); the autocast dtype is thread-local, so the replicas would compute in
+    CUDA's default float16, without a GradScaler, where gradients of about 3e-7 (coarse6) are
+    subnormal. Entering autocast here, in the replicated forward, gives every replica bf16."""
+
+    def __init__(self, module, device_type, dtype=torch.bfloat16, enabled=True):
+        super().__init__()
+        self.module, self.device_type, self.dtype, self.enabled = module, device_type, dtype, enabled
+
+    def forward(self, *args):
+        with torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled):
+            return self.module(*args)
 
 
 @torch.no_grad()
@@ -204,7 +297,7 @@ def forward_loss(stage, net, coarse, x, y, m, lam, amp=False):
 
 
 def all_finite(net):
-    return all(bool(torch.isfinite(p).all()) for p in net.parameters())
+    return bool(torch.stack([torch.isfinite(p).all() for p in net.parameters()]).all())
 
 
 # What a checkpoint's config must share with the command line that resumes it.
@@ -215,7 +308,7 @@ def read_checkpoint(path, args, variant):
     """The checkpoint to resume, refused (one line, saying why) if it is truncated, not ours, or
     from another variant, stage or schedule than the command line asks for."""
     ckpt = util.load_torch_file(path, 'a checkpoint written by train.py')
-    needed = {'format', 'variant', 'stage', 'step', 'done', 'coarse', 'optimizer', 'torch_rng',
+    needed = {'format', 'variant', 'stage', 'step', 'done', 'coarse', 'optimizer', 'rng',
               'history', 'config'}
     if not isinstance(ckpt, dict) or not needed <= ckpt.keys():
         raise util.DataError(f'{path}: not a train.py checkpoint (no {sorted(needed)} entries)')
@@ -254,8 +347,8 @@ def remove_stale_temporaries(folder):
 
 class StopControl:
     """When this invocation should stop early: on SIGINT / SIGTERM (finish the step, write the
-    checkpoint, exit cleanly) or after --max-steps steps. A context manager, so the previous signal
-    handlers come back afterwards (main() is also called from tests)."""
+    checkpoint, exit cleanly) or after --max-steps steps. A context manager, so the previous
+    signal handlers come back afterwards (main() is also called from tests)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -263,8 +356,13 @@ class StopControl:
         self.max_steps, self.steps = max_steps, 0
 
     def step_done(self):
+        """Count a step; True once --max-steps steps are done (the same count in every process)."""
         self.steps += 1
-        return self.signum is not None or (self.max_steps is not None and self.steps >= self.max_steps)
+        return self.max_steps is not None and self.steps >= self.max_steps
+
+    @property
+    def signalled(self):
+        return self.signum is not None
 
     def reason(self):
         return signal.Signals(self.signum).name if self.signum else f'--max-steps {self.max_steps}'
@@ -341,7 +439,9 @@ def training_batches(train, order, first_step, total_steps, batch, args, device,
 
     fast: frames drawn as uint8 (in-memory frames indexed where they live, on the GPU when they
     were moved there; raw frames decoded ahead by DataLoader workers), then every sample's own
-    augmentation applied in one batched grid_sample on the device.
+    augmentation applied in one batched grid_sample on the device. Frame indices and draws come
+    in blocks of args.log_every steps, one upload per block (draw_block), so the steps between
+    logging points never wait for the host.
     plain: a DataLoader whose workers augment one sample at a time on the CPU (what most
     reproductions do); the same draws, so the same batches.
     shard (rank, world): this process's share of every global batch under torchrun."""
@@ -355,28 +455,58 @@ def training_batches(train, order, first_step, total_steps, batch, args, device,
         for x, y, m in loader:
             yield tuple(t.to(device, non_blocking=True) for t in (x, y, m))
         return
-    drawn = frame_batches(train, order, first_step, total_steps, batch, args.workers, device, shard)
-    mine = slice(shard[0], None, shard[1])
-    for step, (images_u8, depths) in enumerate(drawn, first_step):
-        img, depth, mask = util.as_float_batch(images_u8.to(device, non_blocking=True),
-                                               depths.to(device, non_blocking=True))
-        yield util.augment(img, depth, mask, order.aug_params(step, batch).take(mine))
-
-
-def frame_batches(train, order, first_step, total_steps, batch, workers, device, shard=(0, 1)):
-    """(uint8 images, float16 depths) of steps first_step.. in order, not yet augmented."""
-    steps = StepIndices(order, first_step, total_steps, batch, shard)
+    block = getattr(args, 'log_every', None) or 1
+    draws = step_draws(order, first_step, total_steps, batch, block, device, shard)
     if isinstance(train, util.Frames):
-        for idx in steps:
-            idx = torch.as_tensor(idx, device=train.images.device)
-            yield train.images[idx], train.depths[idx]
-        return
-    loader = torch.utils.data.DataLoader(train, batch_sampler=steps, num_workers=workers,
-                                         pin_memory=device.type == 'cuda',
-                                         prefetch_factor=4 if workers else None,
-                                         worker_init_fn=ignore_stop_signals,
-                                         generator=torch.Generator())
-    yield from loader
+        frames = ((train.images[idx], train.depths[idx], params) for idx, params in draws)
+    else:
+        loader = torch.utils.data.DataLoader(
+            train, batch_sampler=StepIndices(order, first_step, total_steps, batch, shard),
+            num_workers=args.workers, pin_memory=device.type == 'cuda',
+            prefetch_factor=4 if args.workers else None, worker_init_fn=ignore_stop_signals,
+            generator=torch.Generator())
+        frames = ((images_u8.to(device, non_blocking=True), depths.to(device, non_blocking=True),
+                   params) for (images_u8, depths), (_, params) in zip(loader, draws))
+    for images_u8, depths, params in frames:
+        img, depth, mask = util.as_float_batch(images_u8, depths)
+        yield util.augment(img, depth, mask, params)
+
+
+def frame_batches(train, order, first_step, total_steps, batch, workers, device, shard=(0, 1),
+                  block=1):
+    """(uint8 images, float16 depths) of steps first_step.. of in-memory Frames, not augmented."""
+    for idx, _ in step_draws(order, first_step, total_steps, batch, block, device, shard):
+        yield train.images[idx], train.depths[idx]
+
+
+def draw_block(order, steps, batch, shard=(0, 1)):
+    """The frame indices and augmentation draws of `steps` (a range), this process's share of each
+    global batch, as one (steps, share, 1 + AugParams.PACKED) float32 tensor: column 0 the frame,
+    then AugParams.pack(). Exactly order.indices() and order.aug_params() of each step (frame
+    numbers are exact in float32 up to 16.7M)."""
+    rank, world = shard
+    rows = []
+    for step in steps:
+        frames = torch.tensor(order.indices(step, batch)[rank::world], dtype=torch.float32)
+        params = order.aug_params(step, batch).take(slice(rank, None, world)).pack()
+        rows.append(torch.cat([frames[:, None], params], dim=1))
+    return torch.stack(rows)
+
+
+def step_draws(order, first_step, total_steps, batch, block, device, shard=(0, 1)):
+    """(frame indices, AugParams) of each step on `device`, drawn a block of steps at a time (the
+    blocks end at multiples of `block`, where the training loop reads its losses) and uploaded in
+    one asynchronous copy from pinned memory."""
+    start = first_step
+    while start < total_steps:
+        end = min(total_steps, (start // block + 1) * block)
+        packed = draw_block(order, range(start, end), batch, shard)
+        if device.type == 'cuda':
+            packed = packed.pin_memory()
+        packed = packed.to(device, non_blocking=True)
+        for rows in packed:
+            yield rows[:, 0].long(), util.AugParams.unpack(rows[:, 1:])
+        start = end
 
 
 def ignore_stop_signals(_worker_id):
@@ -424,15 +554,16 @@ class Distributed:
     def main(self):
         return self.rank == 0
 
-    def start(self, device):
+    def start(self, device, gpus):
+        """(device, GPUs) of this process: under torchrun, the GPU of its local rank alone."""
         if not self.active:
-            return device
+            return device, gpus
         if device.type == 'cuda':
-            device = torch.device('cuda', self.local_rank)
+            device, gpus = torch.device('cuda', self.local_rank), [self.local_rank]
             torch.cuda.set_device(device)
         torch.distributed.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
         self.device = device
-        return device
+        return device, gpus
 
     def wrap(self, net):
         if not self.active:
@@ -440,16 +571,29 @@ class Distributed:
         ids = [self.device.index] if self.device.type == 'cuda' else None
         return nn.parallel.DistributedDataParallel(net, device_ids=ids)
 
-    def mean(self, value):
-        """The average of a float over the processes (every one gets it)."""
-        if not self.active:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        torch.distributed.all_reduce(t)
-        return float(t) / self.world
+    def mean_(self, value):
+        """A device tensor averaged over the processes, in place. With NCCL the host does not wait
+        for it (the reduction is queued on the GPU's stream)."""
+        if self.active:
+            torch.distributed.all_reduce(value)
+            value /= self.world
+        return value
 
-    def any(self, flag):
-        return self.mean(float(flag)) > 0
+    def agree(self, *flags):
+        """Each flag True if it is True in any process (one small collective; a host read)."""
+        if not self.active:
+            return flags
+        t = torch.tensor([float(f) for f in flags], device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return tuple(v > 0 for v in t.tolist())
+
+    def gather(self, obj):
+        """[obj of rank 0, obj of rank 1, ...] in every process."""
+        if not self.active:
+            return [obj]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
 
     def stop(self):
         if self.active:
@@ -459,145 +603,314 @@ class Distributed:
 DIST = Distributed()
 
 
-def run_stage(stage, coarse, fine, train, val, scenes, args, device, ckpt, stop):
-    """Train one stage from `ckpt` (a resumed checkpoint for this stage, or None)."""
-    from tqdm import tqdm
-    variant = coarse.variant
-    net = coarse if stage == 'coarse' else fine
-    if stage == 'fine':   # Sec. 3.3: the coarse net is held fixed while the fine net trains
-        coarse.eval()
-        for p in coarse.parameters():
-            p.requires_grad_(False)
-    net.train()
-    optimizer = make_optimizer(net, variant)
-    samples = args.coarse_samples if stage == 'coarse' else args.fine_samples
-    total_steps = math.ceil(samples / args.batch_size)
-    val_every = max(1, round((args.val_every or samples / 50) / args.batch_size))
-    order = util.SampleOrder(len(train), args.seed + (0 if stage == 'coarse' else 1), scenes,
-                             args.per_scene)
-    history = {'train': [], 'val': []}
-    step, skipped, saved_step = 0, 0, None
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt['optimizer'])
-        torch.set_rng_state(ckpt['torch_rng'])
-        history, step = ckpt['history'], ckpt['step']
-        skipped, saved_step = ckpt.get('skipped', 0), ckpt['step']
-    if DIST.active:
-        if args.batch_size % DIST.world:
+def resolve_device(name):
+    """--device as (the device the nets live on, the GPUs a step runs on). 'cuda': every visible
+    GPU, through nn.DataParallel when there are several (the user's request); 'cuda:N': GPU N
+    alone; 'cpu'. Refused with one line if it does not exist here."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise util.UserError(f'--device {name}: not a device; use cpu, cuda or cuda:N') from None
+    if device.type != 'cuda':
+        return device, []
+    if not torch.cuda.is_available():
+        raise util.UserError(f'--device {name}: CUDA is not available here (torch.cuda.is_available() '
+                             f'is False); use --device cpu')
+    count = torch.cuda.device_count()
+    if device.index is None:
+        return torch.device('cuda', 0), list(range(count))
+    if device.index >= count:
+        raise util.UserError(f'--device {name}: {count} GPU(s) visible here (cuda:0..cuda:{count - 1})')
+    return device, [device.index]
+
+
+def seed_streams(seed, rank, gpus, salt=0):
+    """Seed the random streams of dropout: one of its own for every torchrun process and every
+    GPU. torch.manual_seed alone gives every process, and every GPU of one process, the same
+    stream, so the DataParallel replicas and the torchrun processes would all drop the same
+    units for their shares of the batch."""
+    def derive(*key):
+        return int(np.random.SeedSequence([seed, rank, salt, *key]).generate_state(1)[0])
+    torch.manual_seed(derive(0))
+    for i in gpus:
+        with torch.cuda.device(i):
+            torch.cuda.manual_seed(derive(i + 1))
+
+
+def rng_state(gpus):
+    return {'cpu': torch.get_rng_state(), 'cuda': [torch.cuda.get_rng_state(i) for i in gpus]}
+
+
+def set_rng_state(state, gpus):
+    torch.set_rng_state(state['cpu'])
+    for i, s in zip(gpus, state['cuda']):
+        torch.cuda.set_rng_state(s, i)
+
+
+def load_optimizer_state(optimizer, state):
+    """Momentum buffers and rates from a checkpoint; the implementation (fused or not) stays the
+    one this machine chose (a checkpoint may come from another machine or torch)."""
+    chosen = {k: optimizer.defaults.get(k) for k in ('fused', 'foreach')}
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        group.update(chosen)
+
+
+# Loss plots cost about 0.5 s each: at most one a minute, and one at the end of every stage.
+PLOT_EVERY_S = 60
+
+
+class StageRun:
+    """One stage (coarse or fine) from a checkpoint of it (`ckpt`) or from the start.
+
+    A step (train_step) runs on the device alone: nothing is read on the host, so the CPU queues
+    the next steps while the GPU computes. Everything that reads values (the losses, the
+    non-finite verdict, progress, validation, plots, checkpoints, stopping) happens at the
+    logging points (log_point): every --log-every steps, at validation and --save-every steps,
+    at the end and when a stop is asked for."""
+
+    def __init__(self, stage, coarse, fine, train, val, scenes, args, device, gpus, ckpt, stop):
+        self.stage, self.coarse, self.fine, self.train, self.val = stage, coarse, fine, train, val
+        self.args, self.device, self.gpus, self.stop = args, device, gpus, stop
+        self.variant = coarse.variant
+        self.net = coarse if stage == 'coarse' else fine
+        if stage == 'fine':   # Sec. 3.3: the coarse net is held fixed while the fine net trains
+            coarse.eval()
+            coarse.requires_grad_(False)
+        self.net.train()
+        self.optimizer = make_optimizer(self.net, self.variant)
+        self.samples = args.coarse_samples if stage == 'coarse' else args.fine_samples
+        self.total_steps = math.ceil(self.samples / args.batch_size)
+        self.val_every = max(1, round((args.val_every or self.samples / 50) / args.batch_size))
+        self.order = util.SampleOrder(len(train), args.seed + (0 if stage == 'coarse' else 1),
+                                      scenes, args.per_scene)
+        self.history = {'train': [], 'val': [], 'speed': []}
+        self.step, self.skipped, self.saved_step = 0, 0, None
+        if ckpt is not None:
+            load_optimizer_state(self.optimizer, ckpt['optimizer'])
+            self.resume_random_streams(ckpt)
+            self.history, self.step = ckpt['history'], ckpt['step']
+            self.history.setdefault('speed', [])
+            self.skipped, self.saved_step = ckpt.get('skipped', 0), ckpt['step']
+        if DIST.active and args.batch_size % DIST.world:
             raise util.UserError(f'--batch-size {args.batch_size} does not split evenly over '
                                  f'{DIST.world} processes')
-        parallel, coarse_run = DIST.wrap(net), coarse
-    else:   # one process: all visible GPUs through DataParallel (what the user asked for)
-        parallel = nn.DataParallel(net) if device.type == 'cuda' and torch.cuda.device_count() > 1 else net
-        coarse_run = nn.DataParallel(coarse) if parallel is not net and stage == 'fine' else coarse
-    if args.compile:
-        parallel = torch.compile(parallel)
-    scale = variant.log_depth_std ** 2   # [R] trains on log depth / std: its loss is ours / std^2
+        self.parallel, self.coarse_run = self.wrap_nets()
+        self.guard = NonFiniteGuard(self.optimizer, device, args.skip_nonfinite)
+        self.scale = self.variant.log_depth_std ** 2   # [R] trains on log depth / std: its loss is ours / std^2
+        self.ckpt_path = os.path.join(args.out, 'checkpoint.pth')
+        self.block_losses = []          # device scalars of the steps since the last logging point
+        self.run_loss, self.run_count = 0.0, 0
 
-    ckpt_path = os.path.join(args.out, 'checkpoint.pth')
+    def resume_random_streams(self, ckpt):
+        states = ckpt['rng']
+        if len(states) == DIST.world and len(states[DIST.rank]['cuda']) in (0, len(self.gpus)):
+            set_rng_state(states[DIST.rank], self.gpus)
+        else:
+            seed_streams(self.args.seed, DIST.rank, self.gpus, salt=ckpt['step'])
+            if DIST.main:
+                print(f'note: {self.ckpt_path} was written by {len(states)} process(es) on '
+                      f'{len(states[0]["cuda"])} GPU(s); dropout continues with new random streams')
 
-    def kept():
-        if saved_step is None:
+    def wrap_nets(self):
+        """The nets as a step runs them: in autocast with its dtype (Autocast), over several GPUs
+        (nn.DataParallel) or processes (DDP), compiled with --compile. The fine stage's coarse net
+        likewise, without DDP (it has no gradients)."""
+        kind, amp = self.device.type, self.args.amp
+        net, coarse = Autocast(self.net, kind, enabled=amp), Autocast(self.coarse, kind, enabled=amp)
+        if DIST.active:
+            net = DIST.wrap(net)
+        elif len(self.gpus) > 1:
+            net = nn.DataParallel(net, device_ids=self.gpus)
+            coarse = nn.DataParallel(coarse, device_ids=self.gpus)
+        if self.args.compile:
+            net = torch.compile(net)
+        return net, coarse
+
+    def is_log_point(self, step):
+        a = self.args
+        return (step % a.log_every == 0 or step % self.val_every == 0 or step == self.total_steps
+                or bool(a.save_every and step % a.save_every == 0))
+
+    # ------------------------------------------------------------------------------------------
+
+    def run(self):
+        """Train to the end of the stage (True) or until a stop (False)."""
+        from tqdm import tqdm
+        a = self.args
+        self.bar = tqdm(total=self.total_steps, initial=self.step, desc=f'{self.stage} net',
+                        unit='step', dynamic_ncols=True, disable=not DIST.main)
+        self.t_start = self.t_interval = time.perf_counter()
+        self.steps_here, self.last_save, self.last_plot = 0, time.monotonic(), time.monotonic()
+        batches = training_batches(self.train, self.order, self.step, self.total_steps,
+                                   a.batch_size, a, self.device, (DIST.rank, DIST.world))
+        with contextlib.closing(batches):   # ends DataLoader workers at once, also on a stop
+            for x, y, m in batches:
+                self.train_step(x, y, m)
+                self.step += 1
+                self.steps_here += 1
+                self.bar.update(1)
+                limit = self.stop.step_done()
+                # one process reacts to a signal at once; several agree at the logging points
+                now = limit or (self.stop.signalled and not DIST.active) or self.is_log_point(self.step)
+                if now:
+                    verdict = self.log_point(limit)
+                    if verdict is not None:
+                        return verdict
+        return True
+
+    def train_step(self, x, y, m):
+        """One SGD step on one augmented batch, on the device; no value is read on the host."""
+        loss = forward_loss(self.stage, self.parallel, self.coarse_run, x, y, m, self.args.lam,
+                            self.args.amp)
+        self.optimizer.zero_grad(set_to_none=True)
+        (loss / self.scale).backward()
+        value = DIST.mean_(loss.detach().clone())   # the global batch's loss, alike everywhere
+        if self.guard.allows_step(value):
+            self.optimizer.step()
+        self.block_losses.append(value)
+
+    def log_point(self, limit):
+        """The host's turn: read the losses of the steps since the last logging point (one read),
+        stop on a non-finite one (or count it), update the progress bar, validate, plot and write
+        the checkpoint when due. Returns True at the end of the stage, False when stopped here,
+        None to go on."""
+        a, stage = self.args, self.stage
+        first = self.step - len(self.block_losses) + 1
+        losses = torch.stack(self.block_losses).tolist() if self.block_losses else []
+        self.block_losses = []
+        bad = [(first + i, v) for i, v in enumerate(losses) if not math.isfinite(v)]
+        if bad and not (a.skip_nonfinite and all_finite(self.net)):
+            raise util.UserError(f'{stage} step {bad[0][0]}: the loss is {bad[0][1]}; training '
+                                 f'stopped before it touched the weights, {self.kept()}. Continue '
+                                 f'with --resume, or pass --skip-nonfinite to skip such batches')
+        for s, v in bad:
+            self.skipped += 1
+            self.bar.write(f'{stage} step {s}: loss {v}, batch skipped ({self.skipped} so far)')
+        good = [v for v in losses if math.isfinite(v)]
+        self.run_loss += sum(good)
+        self.run_count += len(good)
+        mean_loss = self.run_loss / self.run_count if self.run_count else float('nan')
+        elapsed = time.perf_counter() - self.t_start
+        self.bar.set_postfix(loss=f'{mean_loss:.4f}',
+                             samples_s=f'{self.steps_here * a.batch_size / elapsed:.1f}')
+        if self.step % self.val_every == 0 or self.step == self.total_steps:
+            self.validation_point(mean_loss)
+        signalled, time_due = DIST.agree(self.stop.signalled,
+                                         time.monotonic() - self.last_save >= 60 * a.save_minutes)
+        interrupted = (limit or signalled) and self.step < self.total_steps
+        if self.step == self.total_steps:
+            self.finish()
+            return True
+        if interrupted or time_due or (a.save_every and self.step % a.save_every == 0):
+            self.checkpoint()
+        if interrupted:
+            self.bar.close()
+            print(f'stopped ({self.stop.reason()}) at {stage} step {self.step}/{self.total_steps}; '
+                  f'checkpoint written to {self.ckpt_path}; continue with --resume')
+            return False
+        return None
+
+    def validation_point(self, mean_loss):
+        a, samples = self.args, self.step * self.args.batch_size
+        now = time.perf_counter()
+        self.history['train'].append((samples, mean_loss))
+        self.history['speed'].append((samples, now - self.t_interval))   # seconds of the interval
+        self.t_interval = now
+        self.run_loss, self.run_count = 0.0, 0
+        if len(self.val) and DIST.main:
+            v = validate(self.coarse, self.fine if self.stage == 'fine' else None, self.val,
+                         self.device, a.batch_size, a.lam, self.scale)
+            self.history['val'].append((samples, v['loss'], v['si_log']))
+            self.bar.write(f"{self.stage} {samples} samples: val loss {v['loss']:.4f}, "
+                           f"sc-inv {v['si_log']:.3f}, RMSE {v['rmse']:.3f} m, d<1.25 {v['d1']:.3f}")
+        if time.monotonic() - self.last_plot >= PLOT_EVERY_S or self.step == self.total_steps:
+            self.plot()
+
+    def plot(self):
+        if DIST.main:
+            util.plot_losses(self.history, self.stage, os.path.join(self.args.out, f'loss_{self.stage}.png'))
+        self.last_plot = time.monotonic()
+
+    def finish(self):
+        self.bar.close()
+        weights = os.path.join(self.args.out, f'{self.stage}.pth')
+        if DIST.main:
+            state = {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
+            self.save(weights, lambda tmp: torch.save(state, tmp), f'{self.stage} net')
+        self.checkpoint(done=self.stage == 'fine' or self.args.stage == 'coarse')
+        print(f'{self.stage} net written to {weights}' +
+              (f' ({self.skipped} batches with a non-finite loss skipped)' if self.skipped else ''))
+
+    # ------------------------------------------------------------------------------------------
+
+    def kept(self):
+        if self.saved_step is None:
             return 'no checkpoint of this stage had been written yet'
-        return f'the last checkpoint ({ckpt_path}, {stage} step {saved_step}) is intact'
+        return f'the last checkpoint ({self.ckpt_path}, {self.stage} step {self.saved_step}) is intact'
 
-    def save(path, write, what):
+    def save(self, path, write, what):
         """Write a file atomically; a full disk or other OSError stops the run with a message."""
         try:
             util.atomic_write(path, write)
         except OSError as e:
-            raise util.UserError(f'{path}: could not write the {what} at {stage} step {step} '
-                                 f'({e.strerror or e}); {kept()}. Free some space, then '
-                                 f'continue with --resume') from None
+            raise util.UserError(f'{path}: could not write the {what} at {self.stage} step '
+                                 f'{self.step} ({e.strerror or e}); {self.kept()}. Free some '
+                                 f'space, then continue with --resume') from None
 
-    def checkpoint(done=False):
-        nonlocal saved_step
-        if not DIST.main:
-            return
-        if not all_finite(net):   # never replace a good checkpoint with a diverged net
-            raise util.UserError(f'{stage} step {step}: the weights hold NaN or inf; not saved, '
-                                 f'{kept()}. Resume from it with --resume (a lower learning '
-                                 f'rate or --skip-nonfinite may help)')
-        state = {'format': CHECKPOINT_FORMAT, 'variant': variant.name, 'stage': stage,
-                 'step': step, 'done': done, 'skipped': skipped, 'coarse': coarse.state_dict(),
-                 'fine': fine.state_dict() if stage == 'fine' else None,
-                 'optimizer': optimizer.state_dict(),
-                 'torch_rng': torch.get_rng_state(), 'history': history,
-                 'config': {'batch_size': args.batch_size, 'samples': samples, 'lam': args.lam,
-                            'seed': args.seed, 'train_depth': args.train_depth,
-                            'per_scene': args.per_scene, 'data': os.path.abspath(args.data),
-                            'processes': DIST.world}}
-        save(ckpt_path, lambda tmp: torch.save(state, tmp), 'checkpoint')
-        saved_step = step
+    def checkpoint(self, done=False):
+        """Everything --resume needs, with every process's random streams; written by rank 0."""
+        a = self.args
+        streams = DIST.gather(rng_state(self.gpus))
+        if not all_finite(self.net):   # never replace a good checkpoint with a diverged net
+            raise util.UserError(f'{self.stage} step {self.step}: the weights hold NaN or inf; not '
+                                 f'saved, {self.kept()}. Resume from it with --resume (a lower '
+                                 f'learning rate or --skip-nonfinite may help)')
+        if DIST.main:
+            state = {'format': CHECKPOINT_FORMAT, 'variant': self.variant.name, 'stage': self.stage,
+                     'step': self.step, 'done': done, 'skipped': self.skipped,
+                     'coarse': self.coarse.state_dict(),
+                     'fine': self.fine.state_dict() if self.stage == 'fine' else None,
+                     'optimizer': self.optimizer.state_dict(), 'rng': streams,
+                     'history': self.history,
+                     'config': {'batch_size': a.batch_size, 'samples': self.samples, 'lam': a.lam,
+                                'seed': a.seed, 'train_depth': a.train_depth,
+                                'per_scene': a.per_scene, 'data': os.path.abspath(a.data),
+                                'processes': DIST.world}}
+            self.save(self.ckpt_path, lambda tmp: torch.save(state, tmp), 'checkpoint')
+        self.saved_step, self.last_save = self.step, time.monotonic()
 
-    bar = tqdm(total=total_steps, initial=step, desc=f'{stage} net', unit='step', dynamic_ncols=True,
-               disable=not DIST.main)
-    run_loss, run_count, t0, steps_here = 0.0, 0, time.time(), 0
-    shard = (DIST.rank, DIST.world)
-    for x, y, m in training_batches(train, order, step, total_steps, args.batch_size, args, device, shard):
-        loss = forward_loss(stage, parallel, coarse_run, x, y, m, args.lam, args.amp) / scale
-        loss_value = DIST.mean(loss.item() * scale)   # every process decides alike on NaN
-        if math.isfinite(loss_value):
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            run_loss += loss_value
-            run_count += 1
-        elif args.skip_nonfinite and all_finite(net):
-            skipped += 1
-            bar.write(f'{stage} step {step + 1}: loss {loss_value}, batch skipped '
-                      f'({skipped} so far)')
-        else:
-            raise util.UserError(f'{stage} step {step + 1}: the loss is {loss_value}; training '
-                                 f'stopped before it touched the weights, {kept()}. Continue '
-                                 f'with --resume, or pass --skip-nonfinite to skip such batches')
-        step += 1
-        steps_here += 1
-        bar.update(1)
-        mean_loss = run_loss / run_count if run_count else float('nan')
-        bar.set_postfix(loss=f'{mean_loss:.4f}',
-                        samples_s=f'{steps_here * args.batch_size / (time.time() - t0):.1f}')
-        if step % val_every == 0 or step == total_steps:
-            history['train'].append((step * args.batch_size, mean_loss))
-            run_loss, run_count = 0.0, 0
-            if len(val) and DIST.main:
-                v = validate(coarse, fine if stage == 'fine' else None, val, device,
-                             args.batch_size, args.lam, scale)
-                history['val'].append((step * args.batch_size, v['loss'], v['si_log']))
-                bar.write(f"{stage} {step * args.batch_size} samples: val loss {v['loss']:.4f}, "
-                          f"sc-inv {v['si_log']:.3f}, RMSE {v['rmse']:.3f} m, d<1.25 {v['d1']:.3f}")
-            if DIST.main:
-                util.plot_losses(history, stage, os.path.join(args.out, f'loss_{stage}.png'))
-        interrupted = DIST.any(stop.step_done())
-        if step % args.save_every == 0 or step == total_steps or interrupted:
-            checkpoint()
-        if interrupted and step < total_steps:
-            bar.close()
-            print(f'stopped ({stop.reason()}) at {stage} step {step}/{total_steps}; checkpoint written to '
-                  f"{os.path.join(args.out, 'checkpoint.pth')}; continue with --resume")
-            return False
-    bar.close()
-    weights = os.path.join(args.out, f'{stage}.pth')
-    if DIST.main:
-        state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-        save(weights, lambda tmp: torch.save(state, tmp), f'{stage} net')
-    checkpoint(done=stage == 'fine' or args.stage == 'coarse')
-    print(f'{stage} net written to {weights}' +
-          (f' ({skipped} batches with a non-finite loss skipped)' if skipped else ''))
-    return True
+
+def set_precision(args, device):
+    """bf16 autocast (--amp, default on for the fast path on CUDA); otherwise the paper's fp32,
+    TF32 included: cuDNN would run fp32 convolutions in TF32 by default. --deterministic: the
+    same bits on every run (cuDNN autotuning off, deterministic kernels), slower."""
+    if args.amp is None:
+        args.amp = args.path == 'fast' and device.type == 'cuda'
+    torch.backends.cudnn.allow_tf32 = bool(args.amp)
+    torch.backends.cudnn.benchmark = not args.deterministic   # fixed input sizes: autotune once
+    torch.backends.cudnn.deterministic = args.deterministic
+    if args.deterministic:
+        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')   # before cuBLAS starts
+    torch.use_deterministic_algorithms(args.deterministic, warn_only=True)
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = DIST.start(torch.device(args.device))
+    device, gpus = DIST.start(*resolve_device(args.device))
+    if args.compile and len(gpus) > 1 and not DIST.active:
+        raise util.UserError(f'--compile does not work with nn.DataParallel ({len(gpus)} GPUs in one '
+                             f'process): use torchrun for several GPUs (README), or --device cuda:0')
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
+    if args.log_every is None:
+        args.log_every = 50 if device.type == 'cuda' else 1   # on the CPU a read costs nothing
+    set_precision(args, device)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     variant = get_variant(args.variant)
-    if args.amp is None:
-        args.amp = args.path == 'fast' and device.type == 'cuda'
-    torch.backends.cudnn.benchmark = True   # fixed input sizes: let cuDNN pick its fastest kernels
     os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, 'checkpoint.pth')
     ckpt = None
@@ -625,6 +938,7 @@ def main(argv=None):
     if args.pretrained_conv and not ckpt:
         loaded, _ = load_pretrained_conv(coarse, args.pretrained_conv)
         print(f'loaded {", ".join(loaded)} from {args.pretrained_conv}')
+    seed_streams(args.seed, DIST.rank, gpus)   # the same initial weights, each its own dropout
     stages = ['coarse', 'fine'] if args.stage == 'both' else [args.stage]
     if ckpt is not None:
         coarse.load_state_dict(ckpt['coarse'])
@@ -639,7 +953,8 @@ def main(argv=None):
     with StopControl(args.max_steps) as stop:
         for stage in stages:
             resumed = ckpt if ckpt is not None and ckpt['stage'] == stage else None
-            if not run_stage(stage, coarse, fine, train, val, scenes, args, device, resumed, stop):
+            run = StageRun(stage, coarse, fine, train, val, scenes, args, device, gpus, resumed, stop)
+            if not run.run():
                 return {signal.SIGINT: 130, signal.SIGTERM: 143}.get(stop.signum, 0)
             ckpt = None
     DIST.stop()

@@ -500,6 +500,18 @@ class AugParams:
         rows = [rows] if isinstance(rows, int) else rows
         return AugParams(*(t[rows] for t in (self.scale, self.angle, self.offset, self.color, self.flip)))
 
+    # One float32 row per sample, [scale, angle, x, y, r, g, b, flip], so that the draws of many
+    # steps travel to the GPU in one copy (train.draw_block). Exact: offsets are whole pixels.
+    PACKED = 8
+
+    def pack(self):
+        return torch.cat([self.scale[:, None], self.angle[:, None], self.offset, self.color,
+                          self.flip[:, None].float()], dim=1)
+
+    @staticmethod
+    def unpack(rows):
+        return AugParams(rows[:, 0], rows[:, 1], rows[:, 2:4], rows[:, 4:7], rows[:, 7] > 0.5)
+
 
 def _source_coords(params, out_x, out_y):
     """Where in the 240x320 source frame each output crop pixel comes from.

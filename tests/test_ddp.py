@@ -51,13 +51,16 @@ def test_two_gloo_processes_equal_one_process_on_the_same_global_batch(synthetic
 
 def test_coarse_stage_runs_under_torchrun(synthetic, tmp_path):
     """With dropout (coarse6) the two processes draw their own masks, so only the run itself is
-    checked: one checkpoint and one weights file, written by rank 0."""
+    checked: one checkpoint (with both processes' random streams) and one weights file, written
+    by rank 0."""
     args = [str(a) for a in train_args(synthetic, tmp_path, *COMMON, '--stage', 'coarse')]
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone',
                         '--nproc-per-node', '2', 'train.py', *args],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert torch.load(tmp_path / 'checkpoint.pth', weights_only=True)['done']
+    ckpt = torch.load(tmp_path / 'checkpoint.pth', weights_only=True)
+    assert ckpt['done'] and len(ckpt['rng']) == 2   # both processes' random streams, their own
+    assert not torch.equal(ckpt['rng'][0]['cpu'], ckpt['rng'][1]['cpu'])
     assert (tmp_path / 'coarse.pth').exists() and not list(tmp_path.glob('*.tmp*'))
 
 
