@@ -24,6 +24,8 @@ from types import SimpleNamespace
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import cli
+import synthetic
 import train
 import util
 from net import INPUT_HW, PAPER, GlobalCoarseNet, LocalFineNet, predict_log_depth
@@ -47,7 +49,7 @@ def sync(device):
 def make_data(folder, scenes, views):
     """Synthetic rooms in NYU's layout (all training scenes), the frames in memory, and the time of
     the first read of the .mat and of the cached second one."""
-    mat, splits = util.make_synthetic_nyu(folder, scenes, views, test_fraction=0.0, progress=False)
+    mat, splits = synthetic.make_synthetic_nyu(folder, scenes, views, test_fraction=0.0, progress=False)
     if os.path.exists(util.cache_path_for(mat)):
         os.remove(util.cache_path_for(mat))
     t0 = time.perf_counter()
@@ -81,10 +83,9 @@ def train_py_speed(data, stage, path, device, batch, steps, workers, folder):
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         rc = train.main(argv)
     if rc != 0:
-        raise util.UserError(f'train.py {" ".join(argv)} returned {rc}')
-    speed = torch.load(os.path.join(out, 'checkpoint.pth'), weights_only=True)['history']['speed']
-    samples = speed[-1][0] - speed[0][0]
-    return samples / sum(seconds for _, seconds in speed[1:])
+        raise cli.UserError(f'train.py {" ".join(argv)} returned {rc}')
+    rows = torch.load(os.path.join(out, 'checkpoint.pth'), weights_only=True)['history']
+    return (rows[-1]['samples'] - rows[0]['samples']) / (rows[-1]['elapsed_s'] - rows[0]['elapsed_s'])
 
 
 def pipeline_speed(frames, path, device, batch, steps, warmup, workers):
@@ -206,4 +207,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    util.run_cli(main)
+    cli.run_cli(main)

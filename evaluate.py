@@ -16,6 +16,8 @@ import os
 import numpy as np
 import torch
 
+import cli
+import files
 import util
 from metrics import HEADINGS, NAMES, Metrics
 from net import load_pretrained
@@ -108,9 +110,8 @@ def evaluate(args):
     found = {p: {m: Metrics(per_image=(p == 'crop')) for m in methods} for p in protocols}
     examples = []   # (per-image RMSE of the best net, paper protocol; index) for the figure
     gt_frames = util.read_full_depths(args.data, test_idx)
-    from tqdm import tqdm
     with torch.no_grad():
-        for start in tqdm(range(0, len(test), args.batch_size), desc='evaluating', unit='batch'):
+        for start in cli.progress(range(0, len(test), args.batch_size), desc='evaluating', unit='batch'):
             idx = list(range(start, min(start + args.batch_size, len(test))))
             img, _, _ = test.get(idx)
             x = util.crop_input(img.to(device))
@@ -141,7 +142,7 @@ def evaluate(args):
               'results': results,
               'paper_table1': {m: dict(zip(PAPER_COLUMNS, v)) for m, v in PAPER_TABLE1.items()}}
     path = os.path.join(args.out, 'eval.json')
-    util.atomic_write(path, lambda tmp: open(tmp, 'w').write(json.dumps(report, indent=2)))
+    files.atomic_write(path, lambda tmp: open(tmp, 'w').write(json.dumps(report, indent=2)))
     examples.sort()
     picks = [examples[0][1], examples[len(examples) // 2][1], examples[-1][1]]
     figure = os.path.join(args.out, 'eval_examples.png')
@@ -172,4 +173,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    util.run_cli(main)
+    cli.run_cli(main)

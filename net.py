@@ -13,10 +13,14 @@ Two variants share this file, and everything that differs between them lives in 
                weight decay.
 Where neither source settles a detail the choice is marked "(?)" and listed in the README.
 """
+import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+
+from cli import DataError
+from files import load_torch_file
 
 INPUT_HW = (228, 304)   # network input, cropped from the 240 x 320 frame
 OUTPUT_HW = (55, 74)    # coarse7 / fine3 output grid
@@ -195,40 +199,50 @@ def layer_names(net):
 def load_pretrained_conv(net, path):
     """Load user-supplied ImageNet weights for coarse1..coarse5 ([P]: "pretrained on the ImageNet
     classification task"). `path` holds a state_dict with keys coarseK.0.weight / coarseK.0.bias."""
-    import util   # util imports this module; the safe loader lives there
-    state = util.load_torch_file(path, 'a state_dict with coarse1..coarse5 weights')
+    state = load_torch_file(path, 'a state_dict with coarse1..coarse5 weights')
     wanted = {k: v for k, v in state.items() if k.split('.')[0] in {f'coarse{i}' for i in range(1, 6)}}
     if not wanted:
-        raise util.DataError(f"{path}: no coarse1..coarse5 weights in this file")
+        raise DataError(f"{path}: no coarse1..coarse5 weights in this file")
     try:
         missing = net.load_state_dict(wanted, strict=False)
     except RuntimeError as e:
-        raise util.DataError(f'{path}: {str(e).strip().splitlines()[-1].strip()}') from None
+        raise DataError(f'{path}: {str(e).strip().splitlines()[-1].strip()}') from None
     return sorted(wanted), missing
+
+
+def load_weights(net, path, what, state=None):
+    """Load a state_dict file into `net` (or `state`, already read from `path`), refusing (one
+    line) weights of another layer layout."""
+    state = load_torch_file(path, what) if state is None else state
+    try:
+        net.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        first = str(e).strip().splitlines()[-1].strip() if str(e).strip() else type(e).__name__
+        raise DataError(f'{path}: does not fit the {net.variant.name} variant\'s '
+                        f'{type(net).__name__} ({first})') from None
+    return net
 
 
 def load_pretrained(folder='model', device='cpu'):
     """The trained nets from `folder` (coarse.pth, and fine.pth if present), in eval mode, in one
     line for a notebook: `coarse, fine = load_pretrained()`. The variant is read off the weights'
     shapes (the release's coarse6 and fine1 differ in size). fine is None without fine.pth.
-    Files are read with weights_only=True; a bad one raises util.DataError saying what is wrong."""
-    import os
-    import util
+    Files are read with weights_only=True; a bad one raises DataError saying what is wrong."""
     path = os.path.join(folder, 'coarse.pth')
     if not os.path.isfile(path):
-        raise util.DataError(f'{path}: no trained coarse net; run train.py (or train.py --demo) '
+        raise DataError(f'{path}: no trained coarse net; run train.py (or train.py --demo) '
                              f'first, or point at the folder it wrote')
-    state = util.load_torch_file(path, 'coarse net weights written by train.py')
+    state = load_torch_file(path, 'coarse net weights written by train.py')
     fc = state.get('coarse6.1.weight') if isinstance(state, dict) else None
     fc_inputs = fc.shape[1] if isinstance(fc, torch.Tensor) and fc.dim() == 2 else None
     variant = next((v for v in VARIANTS.values()
                     if fc_inputs == 256 * v.coarse5_hw[0] * v.coarse5_hw[1]), None)
     if variant is None:
-        raise util.DataError(f'{path}: weights of neither the paper nor the release coarse net')
-    coarse = util.load_weights(GlobalCoarseNet(variant), path, 'coarse net weights', state).to(device)
+        raise DataError(f'{path}: weights of neither the paper nor the release coarse net')
+    coarse = load_weights(GlobalCoarseNet(variant), path, 'coarse net weights', state).to(device)
     fine = None
     fine_path = os.path.join(folder, 'fine.pth')
     if os.path.isfile(fine_path):
-        fine = util.load_weights(LocalFineNet(variant), fine_path, 'fine net weights').to(device)
+        fine = load_weights(LocalFineNet(variant), fine_path, 'fine net weights').to(device)
         fine.eval()
     return coarse.eval(), fine

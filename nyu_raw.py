@@ -28,6 +28,8 @@ import zipfile
 import numpy as np
 import torch
 
+import cli
+import files
 import util
 from net import FRAME_HW
 
@@ -68,7 +70,7 @@ class RawFrames(torch.utils.data.Dataset):
         try:
             return io.BytesIO(self._zip[1].read(name))
         except KeyError:
-            raise util.DataError(f'{self.zip_path}: has no {name}') from None
+            raise cli.DataError(f'{self.zip_path}: has no {name}') from None
 
     def _image(self, name):
         from PIL import Image, UnidentifiedImageError
@@ -79,22 +81,22 @@ class RawFrames(torch.utils.data.Dataset):
                 img.load()
                 return img, where
         except FileNotFoundError:
-            raise util.DataError(f'{os.path.join(self.root, name)}: not found (listed in '
+            raise cli.DataError(f'{os.path.join(self.root, name)}: not found (listed in '
                                  f'{self.description})') from None
         except (UnidentifiedImageError, OSError) as e:
-            raise util.DataError(f'{where}: not a readable image ({e})') from None
+            raise cli.DataError(f'{where}: not a readable image ({e})') from None
 
     def __getitem__(self, i):
         rgb_name, depth_name = self.pairs[i]
         img, where = self._image(rgb_name)
         if img.mode not in ('RGB', 'RGBA', 'P'):
-            raise util.DataError(f'{where}: a {img.mode} image, not colour')
+            raise cli.DataError(f'{where}: a {img.mode} image, not colour')
         rgb = np.asarray(img.convert('RGB'))
         dimg, dwhere = self._image(depth_name)
         bits, metres_per_unit = self.depth_units
         found = 16 if dimg.mode in ('I;16', 'I;16B', 'I') else 8 if dimg.mode == 'L' else None
         if found is None or (bits is not None and found != bits):
-            raise util.DataError(f'{dwhere}: depth PNG of mode {dimg.mode}; this set stores '
+            raise cli.DataError(f'{dwhere}: depth PNG of mode {dimg.mode}; this set stores '
                                  f'{bits}-bit depth')
         depth = np.asarray(dimg).astype(np.float32) * metres_per_unit
         return to_frame(rgb, where), to_depth_frame(depth, dwhere)
@@ -105,7 +107,7 @@ def to_frame(rgb, where):
     if rgb.shape[:2] == tuple(2 * s for s in FRAME_HW):
         rgb = util.downsample_rgb(rgb)
     elif rgb.shape[:2] != FRAME_HW:
-        raise util.DataError(f'{where}: {rgb.shape[1]}x{rgb.shape[0]} pixels; NYU frames are '
+        raise cli.DataError(f'{where}: {rgb.shape[1]}x{rgb.shape[0]} pixels; NYU frames are '
                              f'640x480 (or 320x240)')
     return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).contiguous()
 
@@ -116,7 +118,7 @@ def to_depth_frame(depth, where):
     if depth.shape == tuple(2 * s for s in FRAME_HW):
         depth = util.downsample_depth(depth)
     elif depth.shape != FRAME_HW:
-        raise util.DataError(f'{where}: {depth.shape[1]}x{depth.shape[0]} depth; NYU frames are '
+        raise cli.DataError(f'{where}: {depth.shape[1]}x{depth.shape[0]} depth; NYU frames are '
                              f'640x480 (or 320x240)')
     return torch.from_numpy(np.where(np.isfinite(depth) & (depth > 0), depth, 0).astype(np.float16))
 
@@ -127,7 +129,7 @@ def to_depth_frame(depth, where):
 def read_bts(list_path, root=None):
     """BTS's list file: `/scene/rgb_00037.jpg /scene/sync_depth_00037.png 518.8579` a line, paths
     relative to `root` (default: the list file's folder)."""
-    util._check_file(list_path, 'a BTS file list')
+    files.check_file(list_path, 'a BTS file list')
     root = os.path.dirname(os.path.abspath(list_path)) if root is None else root
     pairs, scenes = [], []
     with open(list_path) as f:
@@ -136,7 +138,7 @@ def read_bts(list_path, root=None):
             if not fields:
                 continue
             if len(fields) not in (2, 3) or fields[1] == 'None':
-                raise util.DataError(f'{list_path}, line {number}: expected `<rgb path> <depth '
+                raise cli.DataError(f'{list_path}, line {number}: expected `<rgb path> <depth '
                                      f'path> <focal>`, found {line.strip()!r}')
             rgb, depth = (p.lstrip('/') for p in fields[:2])
             pairs.append((rgb, depth))
@@ -146,13 +148,13 @@ def read_bts(list_path, root=None):
 
 def read_densedepth(path, split='train'):
     """DenseDepth's nyu_data.zip, read in place, or the folder it was extracted into."""
-    util.check_exists(path, "DenseDepth's nyu_data.zip or its extracted folder")
+    files.check_exists(path, "DenseDepth's nyu_data.zip or its extracted folder")
     csv_name = DENSEDEPTH_CSV[split]
     if os.path.isdir(path):
         zip_path, root = None, path
         csv_file = os.path.join(path, csv_name)
         if not os.path.isfile(csv_file):
-            raise util.DataError(f'{path}: has no {csv_name}; not an extracted nyu_data.zip')
+            raise cli.DataError(f'{path}: has no {csv_name}; not an extracted nyu_data.zip')
         with open(csv_file, newline='') as f:
             rows = list(csv.reader(f))
     else:
@@ -161,13 +163,13 @@ def read_densedepth(path, split='train'):
             with zipfile.ZipFile(path) as z:
                 rows = list(csv.reader(io.TextIOWrapper(z.open(csv_name), newline='')))
         except zipfile.BadZipFile:
-            raise util.DataError(f'{path}: not a zip file') from None
+            raise cli.DataError(f'{path}: not a zip file') from None
         except KeyError:
-            raise util.DataError(f'{path}: has no {csv_name}; not nyu_data.zip') from None
+            raise cli.DataError(f'{path}: has no {csv_name}; not nyu_data.zip') from None
     rows = [r for r in rows if r]
     bad = next((n for n, r in enumerate(rows, 1) if len(r) != 2), None)
     if bad:
-        raise util.DataError(f'{path}: {csv_name} line {bad} is not `<rgb path>,<depth path>`')
+        raise cli.DataError(f'{path}: {csv_name} line {bad} is not `<rgb path>,<depth path>`')
     pairs = [(a.strip(), b.strip()) for a, b in rows]
     scenes = [scene_id(os.path.dirname(a)) if split == 'train' else None for a, _ in pairs]
     # training depth: 8-bit, 0..255 -> 0..10 m; test depth: 16-bit millimetres
@@ -180,30 +182,30 @@ RGB_NAME = re.compile(r'^rgb_(.+)\.(png|jpg|jpeg)$', re.IGNORECASE)
 
 def read_folder(folder, depth_scale):
     """rgb_<id>.png|jpg next to depth_<id>.png, in `folder` or its subfolders (one per scene)."""
-    util.check_exists(folder, 'a folder of rgb_*.png / depth_*.png pairs')
+    files.check_exists(folder, 'a folder of rgb_*.png / depth_*.png pairs')
     if not os.path.isdir(folder):
-        raise util.DataError(f'{folder}: not a folder (of rgb_*.png / depth_*.png pairs)')
+        raise cli.DataError(f'{folder}: not a folder (of rgb_*.png / depth_*.png pairs)')
     pairs, scenes = [], []
-    for here, dirs, files in os.walk(folder):
+    for here, dirs, names in os.walk(folder):
         dirs.sort()
-        for name in sorted(files):
+        for name in sorted(names):
             m = RGB_NAME.match(name)
             if not m:
                 continue
             rel = os.path.relpath(os.path.join(here, name), folder)
             depth = os.path.join(os.path.dirname(rel), f'depth_{m.group(1)}.png')
             if not os.path.isfile(os.path.join(folder, depth)):
-                raise util.DataError(f'{os.path.join(folder, rel)}: no {os.path.basename(depth)} '
+                raise cli.DataError(f'{os.path.join(folder, rel)}: no {os.path.basename(depth)} '
                                      f'beside it')
             pairs.append((rel, depth))
             scene = os.path.dirname(rel) or os.path.basename(os.path.abspath(folder))
             scenes.append(scene_id(scene.split(os.sep)[0]))
     if not pairs:
-        raise util.DataError(f'{folder}: is a folder without rgb_*.png / rgb_*.jpg files; --data '
+        raise cli.DataError(f'{folder}: is a folder without rgb_*.png / rgb_*.jpg files; --data '
                              f"takes the labeled .mat, a BTS list .txt, DenseDepth's nyu_data.zip "
                              f'(or its folder), a folder of rgb_*/depth_* pairs or a converted cache')
     if depth_scale is None or depth_scale <= 0:
-        raise util.DataError(f'{folder}: a plain folder needs --depth-scale (metres per depth '
+        raise cli.DataError(f'{folder}: a plain folder needs --depth-scale (metres per depth '
                              f'PNG unit, e.g. 0.001 for millimetres)')
     return RawFrames(folder, pairs, scenes, (None, depth_scale), root=folder)
 
@@ -214,7 +216,7 @@ class CachedFrames(torch.utils.data.Dataset):
 
     def __init__(self, folder):
         meta_path = os.path.join(folder, CACHE_META)
-        util._check_file(meta_path, 'a raw-frame cache written by nyu_raw.py')
+        files.check_file(meta_path, 'a raw-frame cache written by nyu_raw.py')
         with open(meta_path) as f:
             meta = json.load(f)
         self.description = f"{folder} (converted from {meta['source']})"
@@ -222,7 +224,7 @@ class CachedFrames(torch.utils.data.Dataset):
         self.images = np.load(os.path.join(folder, 'images.npy'), mmap_mode='r')
         self.depths_mm = np.load(os.path.join(folder, 'depths_mm.npy'), mmap_mode='r')
         if len(self.images) != len(self.scenes) or len(self.depths_mm) != len(self.scenes):
-            raise util.DataError(f'{folder}: images, depths and {CACHE_META} disagree in length; '
+            raise cli.DataError(f'{folder}: images, depths and {CACHE_META} disagree in length; '
                                  f'convert again')
 
     def __len__(self):
@@ -273,7 +275,7 @@ def refuse_test_scenes(frames, forbidden):
     leaked = sorted({s for s in frames.scenes if s in forbidden})
     if leaked:
         count = sum(s in forbidden for s in frames.scenes)
-        raise util.DataError(f'{frames.description}: {count} training frames come from '
+        raise cli.DataError(f'{frames.description}: {count} training frames come from '
                              f'{len(leaked)} scenes of the official test split ({", ".join(leaked[:5])}'
                              f'{", ..." if len(leaked) > 5 else ""}); remove them, training on '
                              f'test scenes makes every test figure meaningless')
@@ -287,7 +289,6 @@ def convert(frames, out, workers=4, progress=True):
     OUT/raw_cache.json, written through memory maps (flat RAM) into a temporary folder renamed at
     the end (an interrupted conversion leaves nothing half-done behind)."""
     import shutil
-    from tqdm import tqdm
     n = len(frames)
     tmp = out.rstrip('/') + '.partial'
     shutil.rmtree(tmp, ignore_errors=True)
@@ -297,7 +298,7 @@ def convert(frames, out, workers=4, progress=True):
     depths = np.lib.format.open_memmap(os.path.join(tmp, 'depths_mm.npy'), 'w+', np.uint16, (n, fh, fw))
     loader = torch.utils.data.DataLoader(frames, batch_size=32, num_workers=workers)
     start = 0
-    for rgb, depth in tqdm(loader, desc='converting', unit='batch', disable=not progress):
+    for rgb, depth in cli.progress(loader, progress, desc='converting', unit='batch'):
         k = len(rgb)
         images[start:start + k] = rgb.permute(0, 2, 3, 1).numpy()
         depths[start:start + k] = np.round(depth.float().numpy() * 1000).clip(0, 65535).astype(np.uint16)
@@ -332,4 +333,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    util.run_cli(main)
+    cli.run_cli(main)

@@ -16,6 +16,8 @@ import sys
 import numpy as np
 import torch
 
+import cli
+import files
 import util
 from net import load_pretrained, predict_log_depth
 
@@ -85,10 +87,10 @@ def save_depth_png(depth, path, colorbar=False):
         im = ax.imshow(depth, cmap='jet_r')
         ax.axis('off')
         fig.colorbar(im, ax=ax, label='depth (m)', fraction=0.05)
-        util.atomic_write(path, lambda tmp: fig.savefig(tmp, format='png', dpi=100, bbox_inches='tight'))
+        files.atomic_write(path, lambda tmp: fig.savefig(tmp, format='png', dpi=100, bbox_inches='tight'))
         plt.close(fig)
     else:
-        util.atomic_write(path, lambda tmp: plt.imsave(tmp, depth, cmap='jet_r', format='png'))
+        files.atomic_write(path, lambda tmp: plt.imsave(tmp, depth, cmap='jet_r', format='png'))
 
 
 def main(argv=None):
@@ -110,7 +112,7 @@ def main(argv=None):
         depth = predict_depth(coarse, fine, rgb, device)
         stem = os.path.splitext(os.path.basename(path))[0] + '_depth'
         base = os.path.join(args.out or os.path.dirname(os.path.abspath(path)), stem)
-        util.atomic_write(base + '.npy', lambda tmp: _save_npy(tmp, depth))
+        files.atomic_write(base + '.npy', lambda tmp: _save_npy(tmp, depth))
         save_depth_png(depth, base + '.png', args.colorbar)
         print(f'{path}: {depth.shape[1]}x{depth.shape[0]}, {depth.min():.2f}-{depth.max():.2f} m '
               f'-> {base}.npy, {base}.png')
@@ -118,4 +120,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    util.run_cli(main)
+    cli.run_cli(main)

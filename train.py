@@ -11,6 +11,7 @@ loss_coarse.png / loss_fine.png and predictions.png.
 """
 import argparse
 import contextlib
+import datetime
 import glob
 import math
 import os
@@ -25,8 +26,11 @@ import torch.nn as nn
 from loss import TRAIN_LAMBDA, safe_log, scale_invariant_loss
 from metrics import Metrics
 from net import (GlobalCoarseNet, LocalFineNet, VARIANTS, get_variant, layer_names,
-                 load_pretrained_conv, predict_log_depth)
+                 load_pretrained_conv, load_weights, predict_log_depth)
+import cli
+import files
 import nyu_raw
+import synthetic
 import util
 
 # Sec. 3.3: SGD, batch 32, momentum 0.9; 2M samples for the coarse net, 1.5M for the fine net.
@@ -98,7 +102,9 @@ def parse_args(argv=None):
     t.add_argument('--seed', type=int, default=0, help='(default: %(default)s)')
     o = p.add_argument_group('running')
     o.add_argument('--out', default='model', help='output folder (default: %(default)s)')
-    o.add_argument('--resume', action='store_true', help='continue from OUT/checkpoint.pth')
+    o.add_argument('--resume', nargs='?', const='yes', choices=['yes', 'auto'],
+                   help='continue from OUT/checkpoint.pth; `--resume auto`: continue it if it is '
+                        'there, else start afresh (one command line a scheduler can rerun)')
     o.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
                    help="'cuda': every visible GPU (nn.DataParallel when there are several; "
                         "torchrun is the faster way, README); 'cuda:N': GPU N alone; 'cpu' "
@@ -132,6 +138,9 @@ def parse_args(argv=None):
     o.add_argument('--skip-nonfinite', action='store_true',
                    help='skip a batch whose loss is NaN or inf and count it, instead of stopping '
                         'the run with the step number (the default)')
+    o.add_argument('--print-every', type=float, default=60.0, metavar='SECONDS',
+                   help='where the output is a file or a pipe, not a terminal: a plain progress '
+                        'line every N seconds instead of the bar (default: %(default)s)')
     o.add_argument('--threads', type=int, default=None, help='CPU threads for torch')
     o.add_argument('--debug', action='store_true', help='show the traceback of an error')
     a = p.parse_args(argv)
@@ -146,8 +155,8 @@ def parse_args(argv=None):
             (('log_every',) if a.log_every is not None else ()):
         if getattr(a, name) <= 0:
             p.error(f'--{name.replace("_", "-")} must be positive')
-    if a.save_every < 0:
-        p.error('--save-every must be 0 (off) or positive')
+    if a.save_every < 0 or a.print_every < 0:
+        p.error('--save-every and --print-every must be 0 or positive')
     if a.data_format == 'auto':
         a.data_format = 'labeled' if demo else nyu_raw.detect_format(a.data)
     if a.per_scene is None:
@@ -307,24 +316,24 @@ RESUME_MUST_MATCH = ('batch_size', 'samples', 'lam', 'seed', 'train_depth', 'per
 def read_checkpoint(path, args, variant):
     """The checkpoint to resume, refused (one line, saying why) if it is truncated, not ours, or
     from another variant, stage or schedule than the command line asks for."""
-    ckpt = util.load_torch_file(path, 'a checkpoint written by train.py')
-    needed = {'format', 'variant', 'stage', 'step', 'done', 'coarse', 'optimizer', 'rng',
-              'history', 'config'}
+    ckpt = files.load_torch_file(path, 'a checkpoint written by train.py')
+    needed = {'format', 'variant', 'stage', 'step', 'done', 'skipped', 'coarse', 'optimizer',
+              'rng', 'history', 'running_loss', 'config'}
     if not isinstance(ckpt, dict) or not needed <= ckpt.keys():
-        raise util.DataError(f'{path}: not a train.py checkpoint (no {sorted(needed)} entries)')
+        raise cli.DataError(f'{path}: not a train.py checkpoint (no {sorted(needed)} entries)')
     if ckpt['format'] != CHECKPOINT_FORMAT:
-        raise util.DataError(f"{path}: checkpoint format {ckpt['format']}, this train.py reads "
+        raise cli.DataError(f"{path}: checkpoint format {ckpt['format']}, this train.py reads "
                              f"format {CHECKPOINT_FORMAT}")
     if ckpt['variant'] != variant.name:
-        raise util.DataError(f"{path}: is a checkpoint of the '{ckpt['variant']}' variant, this "
+        raise cli.DataError(f"{path}: is a checkpoint of the '{ckpt['variant']}' variant, this "
                              f"run is '{variant.name}'; resume it with --variant {ckpt['variant']}")
     if ckpt['done']:
         return ckpt
     if args.stage == 'coarse' and ckpt['stage'] == 'fine':
-        raise util.DataError(f"{path}: holds the fine stage (step {ckpt['step']}), but --stage "
+        raise cli.DataError(f"{path}: holds the fine stage (step {ckpt['step']}), but --stage "
                              f"coarse was asked for; resume with --stage fine or --stage both")
     if args.stage == 'fine' and ckpt['stage'] == 'coarse':
-        raise util.DataError(f"{path}: holds an unfinished coarse stage (step {ckpt['step']}), "
+        raise cli.DataError(f"{path}: holds an unfinished coarse stage (step {ckpt['step']}), "
                              f"but --stage fine was asked for; resume with --stage coarse or both")
     samples = args.coarse_samples if ckpt['stage'] == 'coarse' else args.fine_samples
     asked = {'batch_size': args.batch_size, 'samples': samples, 'lam': args.lam,
@@ -332,7 +341,7 @@ def read_checkpoint(path, args, variant):
     for key in RESUME_MUST_MATCH:
         if key in ckpt['config'] and ckpt['config'][key] != asked[key]:
             option = {'samples': f"--{ckpt['stage']}-samples"}.get(key, '--' + key.replace('_', '-'))
-            raise util.DataError(f"{path}: was started with {option} {ckpt['config'][key]}, "
+            raise cli.DataError(f"{path}: was started with {option} {ckpt['config'][key]}, "
                                  f"this run asks for {asked[key]}; resume with the same setting")
     return ckpt
 
@@ -346,11 +355,12 @@ def remove_stale_temporaries(folder):
 
 
 class StopControl:
-    """When this invocation should stop early: on SIGINT / SIGTERM (finish the step, write the
-    checkpoint, exit cleanly) or after --max-steps steps. A context manager, so the previous
+    """When this invocation should stop early: on SIGINT / SIGTERM / SIGUSR1 (finish the step,
+    write the checkpoint, exit with 128 + the signal's number) or after --max-steps steps. A context manager, so the previous
     signal handlers come back afterwards (main() is also called from tests)."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    # SIGUSR1: what SLURM sends ahead of a job's time limit with --signal (README)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self, max_steps=None):
         self.max_steps, self.steps = max_steps, 0
@@ -392,7 +402,7 @@ def demo_paths():
                     os.path.join(DEMO_FOLDER, 'synthetic_splits.mat'))
     if not (os.path.isfile(data) and os.path.isfile(splits)):
         print(f'making the synthetic demo data in {DEMO_FOLDER}/ (once)')
-        util.make_synthetic_nyu(DEMO_FOLDER, DEMO_SCENES, DEMO_VIEWS, seed=0)
+        synthetic.make_synthetic_nyu(DEMO_FOLDER, DEMO_SCENES, DEMO_VIEWS, seed=0)
     return data, splits
 
 
@@ -430,7 +440,7 @@ def load_labeled(args):
           f"{util.describe_invalid(arrays['invalid'])}")
     scenes = [arrays['scenes'][i] for i in train_idx] if arrays['scenes'] else None
     if args.per_scene and scenes is None:
-        raise util.DataError(f'{args.data}: has no scene names, so --per-scene cannot balance')
+        raise cli.DataError(f'{args.data}: has no scene names, so --per-scene cannot balance')
     return train, val, scenes
 
 
@@ -610,17 +620,17 @@ def resolve_device(name):
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise util.UserError(f'--device {name}: not a device; use cpu, cuda or cuda:N') from None
+        raise cli.UserError(f'--device {name}: not a device; use cpu, cuda or cuda:N') from None
     if device.type != 'cuda':
         return device, []
     if not torch.cuda.is_available():
-        raise util.UserError(f'--device {name}: CUDA is not available here (torch.cuda.is_available() '
+        raise cli.UserError(f'--device {name}: CUDA is not available here (torch.cuda.is_available() '
                              f'is False); use --device cpu')
     count = torch.cuda.device_count()
     if device.index is None:
         return torch.device('cuda', 0), list(range(count))
     if device.index >= count:
-        raise util.UserError(f'--device {name}: {count} GPU(s) visible here (cuda:0..cuda:{count - 1})')
+        raise cli.UserError(f'--device {name}: {count} GPU(s) visible here (cuda:0..cuda:{count - 1})')
     return device, [device.index]
 
 
@@ -684,23 +694,24 @@ class StageRun:
         self.val_every = max(1, round((args.val_every or self.samples / 50) / args.batch_size))
         self.order = util.SampleOrder(len(train), args.seed + (0 if stage == 'coarse' else 1),
                                       scenes, args.per_scene)
-        self.history = {'train': [], 'val': [], 'speed': []}
+        self.history = []   # one row (util.HISTORY_COLUMNS) per validation point
         self.step, self.skipped, self.saved_step = 0, 0, None
         if ckpt is not None:
             load_optimizer_state(self.optimizer, ckpt['optimizer'])
             self.resume_random_streams(ckpt)
             self.history, self.step = ckpt['history'], ckpt['step']
-            self.history.setdefault('speed', [])
-            self.skipped, self.saved_step = ckpt.get('skipped', 0), ckpt['step']
+            self.skipped, self.saved_step = ckpt['skipped'], ckpt['step']
         if DIST.active and args.batch_size % DIST.world:
-            raise util.UserError(f'--batch-size {args.batch_size} does not split evenly over '
+            raise cli.UserError(f'--batch-size {args.batch_size} does not split evenly over '
                                  f'{DIST.world} processes')
         self.parallel, self.coarse_run = self.wrap_nets()
         self.guard = NonFiniteGuard(self.optimizer, device, args.skip_nonfinite)
         self.scale = self.variant.log_depth_std ** 2   # [R] trains on log depth / std: its loss is ours / std^2
         self.ckpt_path = os.path.join(args.out, 'checkpoint.pth')
+        self.csv_path = os.path.join(args.out, f'history_{stage}.csv')
         self.block_losses = []          # device scalars of the steps since the last logging point
-        self.run_loss, self.run_count = 0.0, 0
+        # the training loss since the last history row (in the checkpoint: a resumed row is whole)
+        self.run_loss, self.run_count = ckpt['running_loss'] if ckpt is not None else (0.0, 0)
 
     def resume_random_streams(self, ckpt):
         states = ckpt['rng']
@@ -736,12 +747,18 @@ class StageRun:
 
     def run(self):
         """Train to the end of the stage (True) or until a stop (False)."""
-        from tqdm import tqdm
         a = self.args
-        self.bar = tqdm(total=self.total_steps, initial=self.step, desc=f'{self.stage} net',
-                        unit='step', dynamic_ncols=True, disable=not DIST.main)
+        # a terminal gets the progress bar; a log file (or a pipe) plain lines every --print-every s
+        self.bar = cli.progress(total=self.total_steps, initial=self.step, enabled=DIST.main,
+                                desc=f'{self.stage} net', unit='step', dynamic_ncols=True)
+        self.print_lines = DIST.main and not (sys.stdout.isatty() and sys.stderr.isatty())
+        if DIST.main:   # the rows of the checkpoint, and none after it: no duplicates on resume
+            util.write_history(self.csv_path, self.history)
         self.t_start = self.t_interval = time.perf_counter()
+        self.elapsed_before = self.history[-1]['elapsed_s'] if self.history else 0.0
+        self.samples_before = self.step * a.batch_size
         self.steps_here, self.last_save, self.last_plot = 0, time.monotonic(), time.monotonic()
+        self.last_line = -math.inf
         batches = training_batches(self.train, self.order, self.step, self.total_steps,
                                    a.batch_size, a, self.device, (DIST.rank, DIST.world))
         with contextlib.closing(batches):   # ends DataLoader workers at once, also on a stop
@@ -781,19 +798,18 @@ class StageRun:
         self.block_losses = []
         bad = [(first + i, v) for i, v in enumerate(losses) if not math.isfinite(v)]
         if bad and not (a.skip_nonfinite and all_finite(self.net)):
-            raise util.UserError(f'{stage} step {bad[0][0]}: the loss is {bad[0][1]}; training '
+            raise cli.UserError(f'{stage} step {bad[0][0]}: the loss is {bad[0][1]}; training '
                                  f'stopped before it touched the weights, {self.kept()}. Continue '
                                  f'with --resume, or pass --skip-nonfinite to skip such batches')
         for s, v in bad:
             self.skipped += 1
             self.bar.write(f'{stage} step {s}: loss {v}, batch skipped ({self.skipped} so far)')
-        good = [v for v in losses if math.isfinite(v)]
-        self.run_loss += sum(good)
-        self.run_count += len(good)
+        for v in losses:   # one at a time: the same sums however the steps fall into blocks
+            if math.isfinite(v):
+                self.run_loss += v
+                self.run_count += 1
         mean_loss = self.run_loss / self.run_count if self.run_count else float('nan')
-        elapsed = time.perf_counter() - self.t_start
-        self.bar.set_postfix(loss=f'{mean_loss:.4f}',
-                             samples_s=f'{self.steps_here * a.batch_size / elapsed:.1f}')
+        self.report(mean_loss)
         if self.step % self.val_every == 0 or self.step == self.total_steps:
             self.validation_point(mean_loss)
         signalled, time_due = DIST.agree(self.stop.signalled,
@@ -811,25 +827,49 @@ class StageRun:
             return False
         return None
 
+    def report(self, mean_loss):
+        """Progress: the bar's figures, or a plain line (stage, step/total, samples, loss, samples/s,
+        ETA) at most every --print-every seconds and at the end of the stage."""
+        a = self.args
+        elapsed = time.perf_counter() - self.t_start
+        rate = self.steps_here * a.batch_size / elapsed
+        self.bar.set_postfix(loss=f'{mean_loss:.4f}', samples_s=f'{rate:.1f}')
+        last = self.step == self.total_steps
+        if self.print_lines and (last or time.monotonic() - self.last_line >= a.print_every):
+            eta = round((self.total_steps - self.step) * elapsed / self.steps_here)
+            print(f'{self.stage} step {self.step}/{self.total_steps} '
+                  f'({self.step * a.batch_size} samples): loss {mean_loss:.4f}, '
+                  f'samples_s={rate:.1f}, ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}',
+                  flush=True)
+            self.last_line = time.monotonic()
+
     def validation_point(self, mean_loss):
-        a, samples = self.args, self.step * self.args.batch_size
-        now = time.perf_counter()
-        self.history['train'].append((samples, mean_loss))
-        self.history['speed'].append((samples, now - self.t_interval))   # seconds of the interval
-        self.t_interval = now
+        """A row of the history (the training loss since the last row, validation, speed),
+        appended to OUT/history_<stage>.csv; the loss plot, at most once a minute."""
+        a, samples, now = self.args, self.step * self.args.batch_size, time.perf_counter()
+        row = {'step': self.step, 'samples': samples, 'train_loss': mean_loss,
+               'samples_per_s': (samples - self.samples_before) / (now - self.t_interval),
+               'elapsed_s': self.elapsed_before + now - self.t_start,
+               'wall_time': datetime.datetime.now().isoformat(timespec='seconds')}
+        self.t_interval, self.samples_before = now, samples
         self.run_loss, self.run_count = 0.0, 0
-        if len(self.val) and DIST.main:
-            v = validate(self.coarse, self.fine if self.stage == 'fine' else None, self.val,
-                         self.device, a.batch_size, a.lam, self.scale)
-            self.history['val'].append((samples, v['loss'], v['si_log']))
-            self.bar.write(f"{self.stage} {samples} samples: val loss {v['loss']:.4f}, "
-                           f"sc-inv {v['si_log']:.3f}, RMSE {v['rmse']:.3f} m, d<1.25 {v['d1']:.3f}")
+        if DIST.main:
+            if len(self.val):
+                v = validate(self.coarse, self.fine if self.stage == 'fine' else None, self.val,
+                             self.device, a.batch_size, a.lam, self.scale)
+                row.update({f'val_{k}': value for k, value in v.items()})
+                self.bar.write(f"{self.stage} {samples} samples: val loss {v['loss']:.4f}, sc-inv "
+                               f"{v['si_log']:.3f}, RMSE {v['rmse']:.3f} m, d<1.25 {v['d1']:.3f}")
+            util.append_history(self.csv_path, row)
+        self.history.append(row)
         if time.monotonic() - self.last_plot >= PLOT_EVERY_S or self.step == self.total_steps:
             self.plot()
 
     def plot(self):
+        """The loss plot, drawn from the history CSV (what a user can also plot themselves)."""
         if DIST.main:
-            util.plot_losses(self.history, self.stage, os.path.join(self.args.out, f'loss_{self.stage}.png'))
+            util.plot_losses(util.read_history(self.csv_path), self.stage,
+                             os.path.join(self.args.out, f'loss_{self.stage}.png'))
         self.last_plot = time.monotonic()
 
     def finish(self):
@@ -852,9 +892,9 @@ class StageRun:
     def save(self, path, write, what):
         """Write a file atomically; a full disk or other OSError stops the run with a message."""
         try:
-            util.atomic_write(path, write)
+            files.atomic_write(path, write)
         except OSError as e:
-            raise util.UserError(f'{path}: could not write the {what} at {self.stage} step '
+            raise cli.UserError(f'{path}: could not write the {what} at {self.stage} step '
                                  f'{self.step} ({e.strerror or e}); {self.kept()}. Free some '
                                  f'space, then continue with --resume') from None
 
@@ -863,7 +903,7 @@ class StageRun:
         a = self.args
         streams = DIST.gather(rng_state(self.gpus))
         if not all_finite(self.net):   # never replace a good checkpoint with a diverged net
-            raise util.UserError(f'{self.stage} step {self.step}: the weights hold NaN or inf; not '
+            raise cli.UserError(f'{self.stage} step {self.step}: the weights hold NaN or inf; not '
                                  f'saved, {self.kept()}. Resume from it with --resume (a lower '
                                  f'learning rate or --skip-nonfinite may help)')
         if DIST.main:
@@ -872,7 +912,7 @@ class StageRun:
                      'coarse': self.coarse.state_dict(),
                      'fine': self.fine.state_dict() if self.stage == 'fine' else None,
                      'optimizer': self.optimizer.state_dict(), 'rng': streams,
-                     'history': self.history,
+                     'history': self.history, 'running_loss': (self.run_loss, self.run_count),
                      'config': {'batch_size': a.batch_size, 'samples': self.samples, 'lam': a.lam,
                                 'seed': a.seed, 'train_depth': a.train_depth,
                                 'per_scene': a.per_scene, 'data': os.path.abspath(a.data),
@@ -901,7 +941,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     device, gpus = DIST.start(*resolve_device(args.device))
     if args.compile and len(gpus) > 1 and not DIST.active:
-        raise util.UserError(f'--compile does not work with nn.DataParallel ({len(gpus)} GPUs in one '
+        raise cli.UserError(f'--compile does not work with nn.DataParallel ({len(gpus)} GPUs in one '
                              f'process): use torchrun for several GPUs (README), or --device cuda:0')
     if device.type == 'cuda':
         torch.cuda.set_device(device)
@@ -916,17 +956,22 @@ def main(argv=None):
     ckpt = None
     if DIST.main:
         remove_stale_temporaries(args.out)
+    if args.resume == 'auto':
+        found = os.path.isfile(ckpt_path)
+        print(f'--resume auto: continuing {ckpt_path}' if found else
+              f'--resume auto: no checkpoint in {args.out}, starting afresh')
+        args.resume = 'yes' if found else None
     if args.resume:
         if not os.path.isfile(ckpt_path):
-            raise util.DataError(f'{ckpt_path}: no checkpoint to resume from')
+            raise cli.DataError(f'{ckpt_path}: no checkpoint to resume from')
         ckpt = read_checkpoint(ckpt_path, args, variant)
         if ckpt['done']:
             print(f'{ckpt_path}: that run has finished; nothing to resume')
             return 0
     elif os.path.isfile(ckpt_path):
-        old = util.load_torch_file(ckpt_path, 'a checkpoint written by train.py')
+        old = files.load_torch_file(ckpt_path, 'a checkpoint written by train.py')
         if not (isinstance(old, dict) and old.get('done')):
-            raise util.DataError(f'{ckpt_path}: an unfinished run is there; continue it with '
+            raise cli.DataError(f'{ckpt_path}: an unfinished run is there; continue it with '
                                  f'--resume, or choose another --out (nothing was overwritten)')
     train, val, scenes = load_data(args)
 
@@ -948,14 +993,16 @@ def main(argv=None):
     if stages == ['fine'] and ckpt is None:
         coarse_path = os.path.join(args.out, 'coarse.pth')
         if not os.path.isfile(coarse_path):
-            raise util.DataError(f'{coarse_path}: the fine stage needs the trained coarse net')
-        util.load_weights(coarse, coarse_path, 'the coarse net written by the coarse stage')
+            raise cli.DataError(f'{coarse_path}: the fine stage needs the trained coarse net')
+        load_weights(coarse, coarse_path, 'the coarse net written by the coarse stage')
     with StopControl(args.max_steps) as stop:
         for stage in stages:
             resumed = ckpt if ckpt is not None and ckpt['stage'] == stage else None
             run = StageRun(stage, coarse, fine, train, val, scenes, args, device, gpus, resumed, stop)
             if not run.run():
-                return {signal.SIGINT: 130, signal.SIGTERM: 143}.get(stop.signum, 0)
+                # one process: 130, 143, 138 as if killed by the signal; under torchrun 0, a clean
+                # stop (a non-zero status would make torchrun report a failure)
+                return 128 + stop.signum if stop.signum and not DIST.active else 0
             ckpt = None
     DIST.stop()
     if len(val) and DIST.main:
@@ -965,4 +1012,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    util.run_cli(main)
+    cli.run_cli(main)

@@ -1,4 +1,4 @@
-"""NYU Depth v2 loading, the paper's augmentation, synthetic NYU-format scenes, and plots.
+"""NYU Depth v2 loading, the paper's augmentation, and plots.
 
 Formats: ../shared/nyu-format.md (summarised in the README). The labeled file is MATLAB v7.3,
 i.e. HDF5: h5py shows MATLAB's column-major arrays with their axes reversed, so image i is
@@ -6,15 +6,16 @@ images[i].transpose(2, 1, 0) -> (480, 640, 3) and depth i is depths[i].T -> (480
 """
 import json
 import os
-import pickle
-import sys
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cli import DataError, progress as progress_bar
+from files import atomic_write, check_file
 from loss import valid_depth_mask
+from metrics import NAMES as METRIC_NAMES
 from net import FRAME_HW, INPUT_HW, OUTPUT_HW, TARGET_OFFSET, TARGET_STRIDE
 
 NYU_HW = (480, 640)
@@ -22,80 +23,6 @@ NYU_URL = 'http://horatio.cs.nyu.edu/mit/silberman/nyu_depth_v2/nyu_depth_v2_lab
 SPLITS_URL = 'http://horatio.cs.nyu.edu/mit/silberman/indoor_seg_sup/splits.mat'
 CACHE_VERSION = 2
 READ_CHUNK = 32   # frames read from the .mat at a time (a full read would need ~3 GB)
-
-
-class UserError(Exception):
-    """A problem the user can fix (bad input, a refused checkpoint, a full disk, a diverged run).
-    The command-line scripts print its message as one `error: ...` line and exit with status 1;
-    with --debug they show the traceback instead (run_cli)."""
-
-
-class DataError(UserError):
-    """A dataset or model file that is missing or not what it claims to be; the message says which."""
-
-
-def run_cli(main):
-    """Run a script's main() as a command: its return value is the exit status; a UserError is one
-    line on stderr and status 1, Ctrl-C before training has started is one line and status 130."""
-    debug = '--debug' in sys.argv[1:]
-    try:
-        status = main()
-    except UserError as e:
-        if debug:
-            raise
-        print(f'error: {e}', file=sys.stderr)
-        status = 1
-    except KeyboardInterrupt:
-        if debug:
-            raise
-        print('interrupted', file=sys.stderr)
-        status = 130
-    sys.exit(status)
-
-
-def load_torch_file(path, what):
-    """torch.load a checkpoint or weights file safely: weights_only=True, so a file holding a
-    pickled program is refused instead of run, and every failure is a one-line DataError."""
-    path = os.fspath(path)
-    _check_file(path, what)
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:
-        if 'weights only' in str(e).lower():
-            raise DataError(f'{path}: refused: it holds Python objects other than tensors, which '
-                            f'could run code when loaded; only files written by this project '
-                            f'are read ({what})') from None
-        raise DataError(f'{path}: truncated or not a PyTorch file ({what})') from None
-    except (RuntimeError, EOFError, OSError, ValueError):
-        raise DataError(f'{path}: truncated or not a PyTorch file (a copy or save that was cut '
-                        f'short?); expected {what}') from None
-
-
-def load_weights(net, path, what, state=None):
-    """Load a state_dict file into `net` (or `state`, already read from `path`), refusing (one
-    line) weights of another layer layout."""
-    state = load_torch_file(path, what) if state is None else state
-    try:
-        net.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError) as e:
-        first = str(e).strip().splitlines()[-1].strip() if str(e).strip() else type(e).__name__
-        raise DataError(f'{path}: does not fit the {net.variant.name} variant\'s '
-                        f'{type(net).__name__} ({first})') from None
-    return net
-
-
-def atomic_write(path, write):
-    """Call write(tmp_path), fsync, then rename over `path`: a crash never leaves half a file."""
-    path = os.fspath(path)
-    tmp = f'{path}.tmp{os.getpid()}'
-    try:
-        write(tmp)
-        with open(tmp, 'rb') as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,7 +74,7 @@ def read_nyu_labeled(mat_path, use_cache=True, progress=True):
     instead of minutes) while the .mat is unchanged.
     """
     mat_path = os.fspath(mat_path)
-    _check_file(mat_path, 'the labeled NYU Depth v2 file', NYU_URL)
+    check_file(mat_path, 'the labeled NYU Depth v2 file', NYU_URL)
     cache = cache_path_for(mat_path)
     key = _cache_key(mat_path)
     if use_cache and os.path.isfile(cache):
@@ -173,21 +100,6 @@ def read_nyu_labeled(mat_path, use_cache=True, progress=True):
     return data
 
 
-def check_exists(path, what, url=None):
-    """A DataError naming `path` and what it should be (and where to get it) if it is missing."""
-    if not os.path.exists(path):
-        if url is None:
-            raise DataError(f'{path}: not found ({what})')
-        raise DataError(f"{path}: not found. This should be {what}; download it from {url} "
-                        f"into nyu/, or run `python train.py --demo` to use synthetic scenes.")
-
-
-def _check_file(path, what, url=None):
-    check_exists(path, what, url)
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: is a directory, not {what}")
-
-
 def _open_mat(mat_path):
     import h5py
     try:
@@ -201,7 +113,7 @@ def read_scene_names(mat_path):
     """The labeled file's scene name of every frame, without reading any image (milliseconds,
     where read_nyu_labeled takes minutes the first time)."""
     mat_path = os.fspath(mat_path)
-    _check_file(mat_path, 'the labeled NYU Depth v2 file', NYU_URL)
+    check_file(mat_path, 'the labeled NYU Depth v2 file', NYU_URL)
     with _open_mat(mat_path) as f:
         scenes = _decode_cell_strings(f, 'scenes')
     if scenes is None:
@@ -210,7 +122,6 @@ def read_scene_names(mat_path):
 
 
 def _read_mat(mat_path, progress):
-    from tqdm import tqdm
     with _open_mat(mat_path) as f:
         for name in ('images', 'depths'):
             if name not in f:
@@ -230,8 +141,8 @@ def _read_mat(mat_path, progress):
         out = {'images': np.empty((n, fh, fw, 3), np.uint8),
                'depths': np.empty((n, fh, fw), np.float16),
                'raw_depths': np.empty((n, fh, fw), np.float16)}
-        bar = tqdm(total=n, desc=f'reading {os.path.basename(mat_path)}', unit='frame',
-                   disable=not progress)
+        bar = progress_bar(None, progress, total=n, desc=f'reading {os.path.basename(mat_path)}',
+                           unit='frame')
         invalid = {'depths': InvalidDepth(), 'raw_depths': InvalidDepth()}
         for start in range(0, n, READ_CHUNK):
             stop = min(start + READ_CHUNK, n)
@@ -292,7 +203,7 @@ def read_splits(splits_path, num_frames):
     """The official split (splits.mat, MATLAB v5): 0-based train and test indices (int64)."""
     import scipy.io
     splits_path = os.fspath(splits_path)
-    _check_file(splits_path, "NYU's official split file", SPLITS_URL)
+    check_file(splits_path, "NYU's official split file", SPLITS_URL)
     try:
         m = scipy.io.loadmat(splits_path)
     except Exception as e:
@@ -642,180 +553,6 @@ def read_full_depths(mat_path, indices, name='depths', chunk=READ_CHUNK):
 
 
 # ----------------------------------------------------------------------------------------------
-# Synthetic indoor scenes, written in NYU's labeled .mat layout
-
-def render_room(room_rng, view_rng, hw=NYU_HW):
-    """One RGB-D frame of a random box room seen by a Kinect-like camera.
-
-    room_rng draws the room (size, furniture-like boxes standing on the floor, colours), view_rng
-    the camera (position, heading, pitch, roll) and the sensor (noise, holes), so frames rendered
-    with one room seed are views of the same room. NYU's intrinsics; textures and Lambert shading.
-    Returns rgb (H, W, 3) uint8, depth (H, W) float32 z-depth in metres (complete), raw depth with
-    Kinect-like holes (0 = missing), labels (H, W) uint16 (surface class) and instances (uint8).
-    """
-    h, w = hw
-    fx, fy, cx, cy = 518.8579, 519.4696, 325.5824, 253.7362
-    sx, sy = w / 640, h / 480
-    room = np.array([room_rng.uniform(3.0, 6.0), room_rng.uniform(2.4, 3.0), room_rng.uniform(4.0, 8.0)])
-    boxes = []
-    for _ in range(room_rng.integers(2, 7)):
-        size = room_rng.uniform([0.4, 0.4, 0.4], [1.6, 1.8, 1.2])
-        lo = np.array([room_rng.uniform(0, room[0] - size[0]), 0.0,
-                       room_rng.uniform(1.2, room[2] - size[2])])
-        boxes.append((lo, lo + size))
-    palette = room_rng.uniform(0.25, 0.95, size=(4 + len(boxes), 3))
-    # world: x across, y up, z away from the camera's wall; the camera stands near z = 0
-    cam = np.array([view_rng.uniform(0.5, room[0] - 0.5), view_rng.uniform(1.0, 1.7),
-                    view_rng.uniform(0.3, 1.0)])
-    yaw, pitch, roll = np.deg2rad([view_rng.uniform(-35, 35), view_rng.uniform(-15, 5),
-                                   view_rng.uniform(-3, 3)])
-    # rays in camera coordinates with z = 1 (x right, y up here), so the hit distance t along a
-    # ray is its z-depth, which is what NYU's depth maps hold
-    u, v = np.meshgrid((np.arange(w) + 0.5) / sx - 0.5, (np.arange(h) + 0.5) / sy - 0.5)
-    rays_cam = np.stack([(u - cx) / fx, -(v - cy) / fy, np.ones_like(u)], -1)
-    cr, sr, cp, sp, cyw, syw = np.cos(roll), np.sin(roll), np.cos(pitch), np.sin(pitch), np.cos(yaw), np.sin(yaw)
-    rz = np.array([[cr, -sr, 0], [sr, cr, 0], [0, 0, 1]])
-    rx = np.array([[1, 0, 0], [0, cp, sp], [0, -sp, cp]])
-    ry = np.array([[cyw, 0, syw], [0, 1, 0], [-syw, 0, cyw]])
-    rays = rays_cam @ (ry @ rx @ rz).T
-    with np.errstate(divide='ignore', invalid='ignore'):
-        inv = 1.0 / rays
-        # from inside the room, the ray leaves the box [0, room] through the nearest face
-        t_far = np.maximum(-cam * inv, (room - cam) * inv)
-        t = t_far.min(-1)
-        axis = t_far.argmin(-1)
-        hit_dir = np.take_along_axis(rays, axis[..., None], -1)[..., 0]
-        label = np.where(axis == 1, np.where(hit_dir < 0, 1, 2), 3).astype(np.uint16)  # floor, ceiling, wall
-        normal = np.zeros_like(rays)
-        np.put_along_axis(normal, axis[..., None], -np.sign(hit_dir)[..., None], -1)
-        instance = np.zeros((h, w), np.uint8)
-        for k, (lo, hi) in enumerate(boxes):   # slab test; boxes are labels 4, 5, ...
-            t0, t1 = (lo - cam) * inv, (hi - cam) * inv
-            tmin, tmax = np.minimum(t0, t1), np.maximum(t0, t1)
-            enter, leave = tmin.max(-1), tmax.min(-1)
-            hit = (enter <= leave) & (enter > 0) & (enter < t)
-            t = np.where(hit, enter, t)
-            face = tmin.argmax(-1)
-            fdir = np.take_along_axis(rays, face[..., None], -1)[..., 0]
-            n_box = np.zeros_like(rays)
-            np.put_along_axis(n_box, face[..., None], -np.sign(fdir)[..., None], -1)
-            normal = np.where(hit[..., None], n_box, normal)
-            label = np.where(hit, 4 + k, label).astype(np.uint16)
-            instance = np.where(hit, k + 1, instance).astype(np.uint8)
-    point = cam + t[..., None] * rays
-    depth = np.round(np.clip(t, 0.5, 10.0), 3).astype(np.float32)   # millimetre steps, like a sensor
-    base = palette[label - 1]
-    stripes = 0.5 + 0.5 * np.sin(point[..., 0] * 9.0 + point[..., 2] * 3.0)
-    checker = (np.floor(point[..., 0] * 2) + np.floor(point[..., 2] * 2)) % 2
-    texture = np.where(label == 1, 0.75 + 0.25 * checker,
-                       np.where(label == 3, 0.85 + 0.15 * stripes, 0.9 + 0.1 * stripes))
-    light = np.array([room[0] / 2, room[1] - 0.1, room[2] / 2])
-    to_light = light - point
-    to_light /= np.linalg.norm(to_light, axis=-1, keepdims=True)
-    shade = 0.35 + 0.65 * np.clip((normal * to_light).sum(-1), 0, 1)
-    noise = view_rng.normal(0, 0.02, size=(h, w, 1))
-    rgb = (np.clip(base * (texture * shade)[..., None] + noise, 0, 1) * 255).astype(np.uint8)
-    # Kinect-like raw depth: holes at grazing angles, along depth edges, in blobs and far away
-    raw = depth.copy()
-    grazing = np.abs((normal * rays).sum(-1)) / np.linalg.norm(rays, axis=-1) < 0.15
-    gy, gx = np.gradient(depth)
-    edges = np.hypot(gx, gy) > 0.1
-    blobs = np.zeros((h, w), bool)
-    yy, xx = np.mgrid[:h, :w]
-    for _ in range(view_rng.integers(1, 5)):
-        r = view_rng.uniform(5, 30) * sx
-        blobs |= (yy - view_rng.uniform(0, h)) ** 2 + (xx - view_rng.uniform(0, w)) ** 2 < r * r
-    raw[grazing | edges | blobs | (depth > 9.5)] = 0
-    return rgb, depth, raw, label, instance
-
-
-def write_nyu_labeled_mat(path, frames, scenes, progress=True):
-    """Write frames in exactly the layout of nyu_depth_v2_labeled.mat (MATLAB v7.3 = HDF5 with a
-    512-byte user block): datasets named and shaped as MATLAB stores them, axes reversed.
-
-    frames: a sized iterable of (rgb (480, 640, 3) uint8, depth, raw depth, labels, instances).
-    scenes: one scene name per frame (the `scenes` cellstr)."""
-    import h5py
-    from tqdm import tqdm
-    n = len(scenes)
-    h, w = NYU_HW
-
-    def write(tmp):
-        with h5py.File(tmp, 'w', userblock_size=512) as f:
-            specs = {'images': ((n, 3, w, h), np.uint8, 'uint8'),
-                     'depths': ((n, w, h), np.float32, 'single'),
-                     'rawDepths': ((n, w, h), np.float32, 'single'),
-                     'labels': ((n, w, h), np.uint16, 'uint16'),
-                     'instances': ((n, w, h), np.uint8, 'uint8')}
-            dsets = {}
-            for name, (shape, dtype, mclass) in specs.items():
-                # one frame per chunk, gzip: MATLAB's -v7.3 writes compressed chunked datasets too
-                dsets[name] = f.create_dataset(name, shape, dtype, chunks=(1,) + shape[1:],
-                                               compression='gzip', compression_opts=1,
-                                               shuffle=True)
-                dsets[name].attrs['MATLAB_class'] = np.bytes_(mclass)
-            for i, (rgb, depth, raw, label, inst) in enumerate(tqdm(
-                    frames, total=n, desc='writing synthetic NYU .mat', unit='frame',
-                    disable=not progress)):
-                dsets['images'][i] = rgb.transpose(2, 1, 0)
-                dsets['depths'][i] = depth.T
-                dsets['rawDepths'][i] = raw.T
-                dsets['labels'][i] = label.T
-                dsets['instances'][i] = inst.T
-            refs = f.create_group('#refs#')
-            for name, values in (('scenes', scenes), ('sceneTypes', [s.rsplit('_', 1)[0] for s in scenes])):
-                ds = f.create_dataset(name, (1, n), dtype=h5py.ref_dtype)
-                for i, text in enumerate(values):
-                    chars = refs.create_dataset(f'{name}_{i}', data=np.array(
-                        [[ord(c)] for c in text], np.uint16))   # MATLAB 1xL char -> (L, 1)
-                    chars.attrs['MATLAB_class'] = np.bytes_('char')
-                    ds[0, i] = chars.ref
-                ds.attrs['MATLAB_class'] = np.bytes_('cell')
-    atomic_write(path, write)
-
-
-def write_splits_mat(path, train_idx, test_idx):
-    """splits.mat as NYU ships it: MATLAB v5, trainNdxs / testNdxs (k, 1) doubles, 1-based."""
-    import scipy.io
-
-    def write(tmp):
-        with open(tmp, 'wb') as f:
-            scipy.io.savemat(f, {'trainNdxs': (np.asarray(train_idx, np.float64) + 1)[:, None],
-                                 'testNdxs': (np.asarray(test_idx, np.float64) + 1)[:, None]})
-    atomic_write(path, write)
-
-
-def make_synthetic_nyu(folder, num_scenes=40, frames_per_scene=6, test_fraction=0.45, seed=0,
-                       progress=True):
-    """Write <folder>/synthetic_labeled.mat and <folder>/synthetic_splits.mat: random rooms (several
-    camera poses each) in NYU's labeled layout, split by scene like NYU's official split (which has
-    654 of 1449 frames, 45 %, in test). Returns the two paths. Synthetic, not NYU."""
-    os.makedirs(folder, exist_ok=True)
-    mat = os.path.join(folder, 'synthetic_labeled.mat')
-    splits = os.path.join(folder, 'synthetic_splits.mat')
-    scenes = [f'synthetic_room_{s:04d}' for s in range(num_scenes) for _ in range(frames_per_scene)]
-
-    class Views:   # rendered lazily, one at a time, while the file is written
-        def __len__(self):
-            return len(scenes)
-
-        def __iter__(self):
-            for s in range(num_scenes):
-                for k in range(frames_per_scene):   # one room per scene, a new view per frame
-                    yield render_room(np.random.default_rng([seed, s]),
-                                      np.random.default_rng([seed, s, k + 1]))
-
-    write_nyu_labeled_mat(mat, Views(), scenes, progress)
-    order = np.random.default_rng(seed).permutation(num_scenes)
-    test_scenes = set(order[:int(round(test_fraction * num_scenes))].tolist())
-    scene_of = np.repeat(np.arange(num_scenes), frames_per_scene)
-    test = np.flatnonzero(np.isin(scene_of, list(test_scenes)))
-    train = np.flatnonzero(~np.isin(scene_of, list(test_scenes)))
-    write_splits_mat(splits, train, test)
-    return mat, splits
-
-
-# ----------------------------------------------------------------------------------------------
 # Plots
 
 def _pyplot():
@@ -825,17 +562,60 @@ def _pyplot():
     return plt
 
 
+# The training history, one row per validation point: train.py appends to OUT/history_<stage>.csv
+# as it goes (and rewrites it from the checkpoint on --resume); the loss plots are drawn from it.
+HISTORY_COLUMNS = ('step', 'samples', 'train_loss', 'val_loss', *(f'val_{k}' for k in METRIC_NAMES),
+                   'samples_per_s', 'elapsed_s', 'wall_time')
+
+
+def _csv_line(values):
+    return ','.join('' if v is None else v if isinstance(v, str) else repr(v) for v in values) + '\n'
+
+
+def write_history(path, rows):
+    """The CSV with its header and `rows` (dicts of HISTORY_COLUMNS), atomically."""
+    def write(tmp):
+        with open(tmp, 'w') as f:
+            f.write(','.join(HISTORY_COLUMNS) + '\n')
+            for row in rows:
+                f.write(_csv_line(row.get(k) for k in HISTORY_COLUMNS))
+    atomic_write(path, write)
+
+
+def append_history(path, row):
+    with open(path, 'a') as f:
+        f.write(_csv_line(row.get(k) for k in HISTORY_COLUMNS))
+
+
+def read_history(path):
+    """The rows of a history CSV as dicts: numbers as float (int for step and samples), a missing
+    value (no validation set) as None, wall_time as its text."""
+    import csv
+    with open(path, newline='') as f:
+        rows = list(csv.DictReader(f))
+    kinds = {'step': int, 'samples': int, 'wall_time': str}
+    return [{k: (kinds.get(k, float)(v) if v != '' else None) for k, v in row.items()} for row in rows]
+
+
 def plot_losses(history, stage, path):
-    """Training loss (mean over each validation interval) and validation loss / error vs samples."""
+    """Training loss (mean over each validation interval) and validation loss / error vs samples.
+    history: rows of read_history (also taken: {'train': [(samples, loss)], 'val': [(samples,
+    loss, sc-inv)]}, the form of earlier versions)."""
+    if isinstance(history, dict):
+        val = {s: (l, e) for s, l, e in history['val']}
+        history = [{'samples': s, 'train_loss': l, 'val_loss': val.get(s, (None,))[0],
+                    'val_si_log': val.get(s, (None, None))[1]} for s, l in history['train']]
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    if history['train']:
-        s, l = zip(*history['train'])
-        ax.plot(s, l, label='train loss (Eq. 4, augmented)')
-    if history['val']:
-        s, vl, ve = zip(*history['val'])
-        ax.plot(s, vl, label='validation loss (Eq. 4, centre crop)')
-        ax.plot(s, np.square(ve), '--', label='validation scale-invariant error (Eq. 1)')
+    if history:
+        ax.plot([r['samples'] for r in history], [r['train_loss'] for r in history],
+                label='train loss (Eq. 4, augmented)')
+    validated = [r for r in history if r.get('val_loss') is not None]
+    if validated:
+        s = [r['samples'] for r in validated]
+        ax.plot(s, [r['val_loss'] for r in validated], label='validation loss (Eq. 4, centre crop)')
+        ax.plot(s, [r['val_si_log'] ** 2 for r in validated], '--',
+                label='validation scale-invariant error (Eq. 1)')
     ax.set_xlabel('training samples')
     ax.set_ylabel('loss (log depth$^2$)')
     ax.set_title(f'{stage} network')

@@ -30,9 +30,9 @@ def train_args(data, out, *extra):
 @pytest.fixture(scope='session')
 def synthetic(tmp_path_factory):
     """A small synthetic data set in NYU's labeled layout: 14 rooms x 3 views."""
-    import util
+    import synthetic
     folder = tmp_path_factory.mktemp('synthetic')
-    return util.make_synthetic_nyu(folder, num_scenes=14, frames_per_scene=3, seed=1, progress=False)
+    return synthetic.make_synthetic_nyu(folder, num_scenes=14, frames_per_scene=3, seed=1, progress=False)
 
 
 @pytest.fixture(scope='session')

@@ -7,6 +7,7 @@ import pytest
 import scipy.io
 import torch
 
+import cli
 import evaluate
 import util
 from test_nyu_loader import write_nyu_like
@@ -94,5 +95,5 @@ def test_crop_protocol_region_range_and_clamp():
 
 def test_missing_weights_message(tmp_path, synthetic):
     mat, splits = synthetic
-    with pytest.raises(util.DataError, match='run train.py'):
+    with pytest.raises(cli.DataError, match='run train.py'):
         evaluate.main(['--data', str(mat), '--splits', str(splits), '--model', str(tmp_path)])

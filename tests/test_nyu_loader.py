@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import scipy.io
 
+import cli
+import synthetic
 import util
 
 H, W = 480, 640
@@ -146,18 +148,18 @@ def test_cache_is_reused_and_refreshed(tiny_mat):
 
 
 def test_bad_files_give_clear_errors(tmp_path):
-    with pytest.raises(util.DataError, match='not found'):
+    with pytest.raises(cli.DataError, match='not found'):
         util.read_nyu_labeled(tmp_path / 'missing.mat')
-    with pytest.raises(util.DataError, match='directory'):
+    with pytest.raises(cli.DataError, match='directory'):
         util.read_nyu_labeled(tmp_path)
     v5 = tmp_path / 'v5.mat'
     scipy.io.savemat(v5, {'images': np.zeros((2, 2))})
-    with pytest.raises(util.DataError, match='v7.3'):
+    with pytest.raises(cli.DataError, match='v7.3'):
         util.read_nyu_labeled(v5, use_cache=False)
 
 
 def test_synthetic_writer_produces_nyu_layout(tmp_path):
-    mat, splits = util.make_synthetic_nyu(tmp_path, num_scenes=2, frames_per_scene=2,
+    mat, splits = synthetic.make_synthetic_nyu(tmp_path, num_scenes=2, frames_per_scene=2,
                                           test_fraction=0.5, progress=False)
     with open(mat, 'rb') as f:
         f.seek(512)

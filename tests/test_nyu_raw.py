@@ -12,6 +12,7 @@ import scipy.io
 import torch
 from PIL import Image
 
+import cli
 import nyu_raw
 import train
 import util
@@ -122,14 +123,14 @@ def test_plain_folder_with_a_stated_scale(tmp_path):
         Image.fromarray(rgb).save(tmp_path / 'mine' / scene / f'rgb_{k}.png')   # lossless: exact
         _save_png16(tmp_path / 'mine' / scene / f'depth_{k}.png', depth // 4)
         frames.append((rgb, (depth // 4).astype(np.float32) * 0.004))
-    with pytest.raises(util.DataError, match='--depth-scale'):
+    with pytest.raises(cli.DataError, match='--depth-scale'):
         nyu_raw.open_raw(str(tmp_path / 'mine'))
     data = nyu_raw.open_raw(str(tmp_path / 'mine'), depth_scale=0.004)
     assert data.scenes == ['lab_b', 'office_a', 'office_a']
     for i, k in enumerate([2, 0, 1]):
         _check(data, i, *frames[k])
     (tmp_path / 'mine' / 'lab_b' / 'depth_2.png').unlink()
-    with pytest.raises(util.DataError, match='no depth_2.png beside it'):
+    with pytest.raises(cli.DataError, match='no depth_2.png beside it'):
         nyu_raw.open_raw(str(tmp_path / 'mine'), depth_scale=0.004)
 
 
@@ -137,14 +138,14 @@ def test_bad_raw_files_give_one_line(bts_tree, tmp_path):
     listing, root, _ = bts_tree
     bad = tmp_path / 'bad_list.txt'
     bad.write_text('/living_room_0038/rgb_00000.jpg\n')
-    with pytest.raises(util.DataError, match='line 1: expected'):
+    with pytest.raises(cli.DataError, match='line 1: expected'):
         nyu_raw.open_raw(str(bad))
     jpg = root / 'living_room_0038' / 'sync_depth_00000.png'
     Image.fromarray(np.zeros((H, W), np.uint8)).save(jpg)      # 8-bit where BTS has 16-bit
-    with pytest.raises(util.DataError, match='sync_depth_00000.png: depth PNG of mode L'):
+    with pytest.raises(cli.DataError, match='sync_depth_00000.png: depth PNG of mode L'):
         nyu_raw.open_raw(str(listing), root=str(root))[0]
     (root / 'living_room_0038' / 'rgb_00000.jpg').write_bytes(b'not a jpeg')
-    with pytest.raises(util.DataError, match='rgb_00000.jpg: not a readable image'):
+    with pytest.raises(cli.DataError, match='rgb_00000.jpg: not a readable image'):
         nyu_raw.open_raw(str(listing), root=str(root))[0]
 
 
@@ -204,7 +205,7 @@ def test_frames_of_a_test_scene_are_refused(bts_tree, tmp_path, leak):
     with open(listing, 'a') as f:
         f.write(f'/{leak}/rgb_00000.jpg /{leak}/sync_depth_00000.png 518.8579\n')
     argv = train_args((listing, splits), tmp_path / 'out', '--labeled', labeled, '--data-root', root)
-    with pytest.raises(util.DataError, match=r'1 training frames come from 1 scenes of the official '
+    with pytest.raises(cli.DataError, match=r'1 training frames come from 1 scenes of the official '
                                              r'test split \(office_0003\)'):
         train.main(argv)
     assert not (tmp_path / 'out' / 'checkpoint.pth').exists()

@@ -1,7 +1,7 @@
 """Bad data, interrupted runs and hostile files (issue #5): each case one test, named after it.
 
-Bad input must give one line naming the file and what is wrong (util.UserError, printed by
-util.run_cli), faults during training must leave the last complete checkpoint usable, and no file
+Bad input must give one line naming the file and what is wrong (cli.UserError, printed by
+cli.run_cli), faults during training must leave the last complete checkpoint usable, and no file
 may be loaded as a pickle that runs code."""
 import errno
 import glob
@@ -20,6 +20,8 @@ import pytest
 import scipy.io
 import torch
 
+import cli
+import files
 import train
 import util
 from conftest import ROOT, train_args
@@ -40,7 +42,7 @@ def tiny(tmp_path):
 
 def _refused(argv, *expected):
     """train.main(argv) must raise a UserError whose one-line message contains `expected`."""
-    with pytest.raises(util.UserError) as e:
+    with pytest.raises(cli.UserError) as e:
         train.main(argv)
     message = str(e.value)
     assert '\n' not in message
@@ -151,7 +153,7 @@ def test_depth_nan_inf_negative_zero_masked_counted_and_reported_once(tmp_path, 
     assert len(lines) == 1, lines
     assert '100 NaN, 100 inf, 100 negative in 3 frames' in lines[0] and 'masked' in lines[0]
     history = torch.load(tmp_path / 'out' / 'checkpoint.pth', weights_only=True)['history']
-    assert np.isfinite(history['train'][-1][1])
+    assert np.isfinite(history[-1]['train_loss'])
 
 
 def test_cli_prints_one_line_and_debug_shows_the_traceback(tmp_path):
@@ -215,11 +217,11 @@ def test_truncated_or_mismatched_weights_for_evaluation(tmp_path, tiny):
     model.mkdir()
     torch.save(net.GlobalCoarseNet(net.PAPER).state_dict(), model / 'coarse.pth')
     torch.save(net.LocalFineNet(net.RELEASE).state_dict(), model / 'fine.pth')
-    with pytest.raises(util.DataError, match="fine.pth: does not fit the paper variant's LocalFineNet"):
+    with pytest.raises(cli.DataError, match="fine.pth: does not fit the paper variant's LocalFineNet"):
         net.load_pretrained(model)
     data = (model / 'coarse.pth').read_bytes()
     (model / 'coarse.pth').write_bytes(data[:len(data) // 3])
-    with pytest.raises(util.DataError, match='coarse.pth: truncated'):
+    with pytest.raises(cli.DataError, match='coarse.pth: truncated'):
         net.load_pretrained(model)
 
 
@@ -277,8 +279,10 @@ def test_nonfinite_loss_skipped_and_counted_with_the_option(tmp_path, tiny, monk
     assert (out / 'coarse.pth').exists() and (out / 'fine.pth').exists()
 
 
-# Real subprocesses and real signals. The run is long; each test stops it long before the end.
-LONG = ['--coarse-samples', 100000, '--batch-size', 2, '--val-fraction', 0, '--threads', 1]
+# Real subprocesses and real signals. The run is long; each test stops it long before the end. Its
+# output is a pipe, so train.py prints plain progress lines (one per step: --print-every 0).
+LONG = ['--coarse-samples', 100000, '--batch-size', 2, '--val-fraction', 0, '--threads', 1,
+        '--print-every', 0]
 
 
 def _start(tiny, out, *extra):
@@ -307,22 +311,35 @@ def _resume_one_step(tiny, out, extra):
     assert not glob.glob(str(out / '*.tmp*'))
 
 
-@pytest.mark.parametrize('signum, status', [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_sigint_and_sigterm_save_and_resume(tmp_path, tiny, signum, status):
-    out = tmp_path / 'out'
-    save_every = ['--save-every', 1000]
-    p = _start(tiny, out, *save_every)
-    # the progress bar on stderr shows the loop is running (signals are handled from there on)
+def _running(p):
+    """A condition for _wait_for: a progress line on stdout shows the loop is running (signals
+    are handled from there on). Reads without blocking, so the wait's timeout holds."""
+    os.set_blocking(p.stdout.fileno(), False)
     seen = []
 
     def running():
-        seen.append(os.read(p.stderr.fileno(), 65536).decode(errors='replace'))
-        return re.search(r'[1-9]\d*/50000', ''.join(seen)) is not None
-    _wait_for(running, p)
+        try:
+            seen.append(os.read(p.stdout.fileno(), 65536).decode(errors='replace'))
+        except BlockingIOError:
+            pass
+        return re.search(r'step [1-9]\d*/50000', ''.join(seen)) is not None
+    return running
+
+
+@pytest.mark.parametrize('signum, status', [(signal.SIGINT, 130), (signal.SIGTERM, 143),
+                                            (signal.SIGUSR1, 138)])
+def test_sigint_sigterm_and_sigusr1_save_and_resume(tmp_path, tiny, signum, status):
+    """SIGUSR1 is what SLURM sends before a job's time limit (--signal): the same as SIGTERM."""
+    out = tmp_path / 'out'
+    save_every = ['--save-every', 1000]
+    p = _start(tiny, out, *save_every)
+    _wait_for(_running(p), p)
     p.send_signal(signum)
+    os.set_blocking(p.stdout.fileno(), True)
     stdout, stderr = p.communicate(timeout=120)
     assert p.returncode == status, stderr
     assert 'Traceback' not in stderr and 'continue with --resume' in stdout
+    assert f'stopped ({signal.Signals(signum).name})' in stdout
     ckpt = torch.load(out / 'checkpoint.pth', weights_only=True)
     assert ckpt['stage'] == 'coarse' and ckpt['step'] >= 1 and not ckpt['done']
     _resume_one_step(tiny, out, save_every)
@@ -337,13 +354,13 @@ def test_sigkill_keeps_the_last_complete_checkpoint(tmp_path, tiny, moment):
     if moment == 'during_checkpoint_write':
         _wait_for(lambda: glob.glob(str(out / 'checkpoint.pth.tmp*')), p)
     else:
-        time.sleep(random.uniform(0.0, 2.0))
+        time.sleep(random.Random(moment).uniform(0.0, 2.0))   # seeded: the same moment every run
     p.kill()                                  # SIGKILL: no handler, no cleanup
     p.communicate()
     assert p.returncode == -signal.SIGKILL
     if moment == 'during_checkpoint_write':
         assert glob.glob(str(out / 'checkpoint.pth.tmp*')), 'the kill did not land in a write'
-    ckpt = util.load_torch_file(out / 'checkpoint.pth', 'checkpoint')   # complete and readable
+    ckpt = files.load_torch_file(out / 'checkpoint.pth', 'checkpoint')   # complete and readable
     assert ckpt['step'] >= 1 and ckpt['step'] % save_every == 0
     _resume_one_step(tiny, out, ['--save-every', save_every])
 
@@ -378,7 +395,7 @@ def test_hostile_pickle_is_refused_everywhere(tmp_path, tiny):
     model = tmp_path / 'model'
     model.mkdir()
     (model / 'coarse.pth').write_bytes(evil.read_bytes())
-    with pytest.raises(util.DataError, match='coarse.pth: refused'):
+    with pytest.raises(cli.DataError, match='coarse.pth: refused'):
         net.load_pretrained(model)
     assert not marker.exists()                # ...and nothing of it ran
 

@@ -6,6 +6,7 @@ import time
 
 import torch
 
+import synthetic
 import train
 import util
 from conftest import ROOT, train_args
@@ -17,7 +18,7 @@ STEPS = ['--coarse-samples', 24, '--fine-samples', 12, '--batch-size', 4, '--val
 
 def _per_step_losses(out):
     history = torch.load(out / 'checkpoint.pth', weights_only=True)['history']
-    return torch.tensor([loss for _, loss in history['train']])
+    return torch.tensor([row['train_loss'] for row in history])
 
 
 def test_plain_per_sample_augmentation_is_the_batched_one_and_aligned():
@@ -67,7 +68,7 @@ def test_bf16_fast_path_follows_the_fp32_loss_curve(synthetic, tmp_path):
 
 
 def test_second_read_of_the_mat_is_10x_faster(tmp_path):
-    mat, _ = util.make_synthetic_nyu(tmp_path, num_scenes=3, frames_per_scene=4, progress=False)
+    mat, _ = synthetic.make_synthetic_nyu(tmp_path, num_scenes=3, frames_per_scene=4, progress=False)
     assert not os.path.exists(util.cache_path_for(mat))
     t0 = time.perf_counter()
     first = util.read_nyu_labeled(mat, progress=False)
