@@ -2,10 +2,14 @@
 
     python evaluate.py                 # model/ on the 654 NYU test images in nyu/
     python evaluate.py --demo          # model/ on the synthetic demo's test scenes
+    python evaluate.py --data nyu/bts/official_splits/test     # or DenseDepth's nyu_test.zip
 
-Two protocols (PROTOCOL_TEXT below, printed by --help), both by default, each named in the output.
-A "Mean" row is computed here from the training split (each output cell's mean training depth,
-predicted for every test image), to check the paper's own Mean baseline row.
+Two protocols (PROTOCOL_TEXT below, printed by --help), both by default, each named in the output
+with the ground truth it used: the paper's on filled depth, the later works' crop protocol on raw
+depth, as their sources did (--gt to choose). The test set may be the labeled .mat, BTS's official
+test folder or DenseDepth's test arrays (nyu_test.py); a protocol whose ground truth the set lacks
+is refused. A "Mean" row (Sec. 4.3: the mean depth image of the training set, per pixel) is
+computed from the labeled file's 795 training images, to check the paper's own Mean row.
 Writes OUT/eval.json and OUT/eval_examples.png (best / median / worst test images).
 """
 import argparse
@@ -18,6 +22,7 @@ import torch
 
 import cli
 import files
+import nyu_test
 import util
 from metrics import HEADINGS, NAMES, Metrics
 from net import load_pretrained
@@ -34,13 +39,17 @@ PAPER_TABLE1 = {
 PAPER_COLUMNS = ('d1', 'd2', 'd3', 'abs_rel', 'sq_rel', 'rmse', 'rmse_log', 'si_log')
 PROTOCOL_TEXT = {
     'paper': 'Sec. 4.3: the 55x74 prediction upsampled by nearest neighbour to the 640x480 frame, on '
-             'the region the network covers (rows 20..460, columns 24..616); every valid ground-'
-             'truth pixel (> 0) of the test set pooled; no depth cap; sc-inv per image.',
+             'the region the network covers (rows 20..460, columns 24..616: 84.8% of the frame; the '
+             'paper compared on its intersection with Make3D\'s region, 86% of it, which no source '
+             'we have pins down, so the paper\'s figures cover a slightly smaller region than '
+             'ours); every valid ground-truth pixel (> 0) of the test set pooled; no depth cap; '
+             'sc-inv per image.',
     'crop': 'later work (BTS, AdaBins, ZoeDepth): the prediction upsampled bilinearly to 640x480 '
             '(border cells repeated outside the covered region); rows 45:471, columns 41:601 '
             '(0-based slices); valid where 1e-3 < gt < 10; prediction clamped to [1e-3, 10]; '
             'metrics per image, then averaged.',
 }
+DEFAULT_GT = {'paper': 'filled', 'crop': 'raw'}   # Sec. 4.3: filled depths; BTS: rawDepths
 PROTOCOLS = tuple(PROTOCOL_TEXT)
 CROP = (45, 471, 41, 601)            # rows, columns of the 480x640 frame, 0-based slices
 CROP_RANGE = (1e-3, 10.0)
@@ -50,9 +59,14 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog='protocols:\n' + '\n'.join(f'  {k}: {v}' for k, v in PROTOCOL_TEXT.items()))
     p.add_argument('--data', default=os.path.join('nyu', 'nyu_depth_v2_labeled.mat'),
-                   help='NYU Depth v2 labeled .mat (default: %(default)s)')
+                   help="the test set: NYU Depth v2's labeled .mat (with --splits), BTS's official "
+                        "test folder, DenseDepth's nyu_test.zip or its folder, or nyu_data.zip's "
+                        'test pairs (nyu_test.py) (default: %(default)s)')
     p.add_argument('--splits', default=os.path.join('nyu', 'splits.mat'),
-                   help='official split (default: %(default)s)')
+                   help='official split, with the labeled .mat (default: %(default)s)')
+    p.add_argument('--gt', choices=sorted(nyu_test.GROUND_TRUTH),
+                   help="ground truth for every protocol: 'filled' or 'raw' (default: each "
+                        "protocol's own: paper filled, crop raw)")
     p.add_argument('--demo', action='store_true', help="the synthetic demo data of train.py --demo")
     p.add_argument('--model', default='model', help='folder with coarse.pth [and fine.pth] (default: %(default)s)')
     p.add_argument('--out', default=None, help='where eval.json and the figure go (default: --model)')
@@ -72,16 +86,34 @@ def _row(values):
     return [f'{values[k]:.3f}' for k in NAMES]
 
 
-def format_table(results, protocol, num_images):
+def format_table(results, protocol, gt, num_images):
     """The paper's rows verbatim, then ours, one column per metric (log10: ours only)."""
     cols = [HEADINGS[k] for k in NAMES]
     rows = [(f'[paper] {name}', vals + ['-']) for name, vals in PAPER_TABLE1.items()]
     rows += [(f'[ours]  {name}', _row(vals)) for name, vals in results.items()]
     width = max(len(r[0]) for r in rows) + 2
-    lines = [f'protocol: {protocol} ({num_images} test images); paper rows: Table 1, paper protocol',
+    lines = [f'protocol: {protocol}; ground truth: {nyu_test.GROUND_TRUTH[gt]}; {num_images} test '
+             f'images. Paper rows: Table 1 (its protocol, filled depth)',
              ''.ljust(width) + ' '.join(c.rjust(9) for c in cols)]
     lines += [name.ljust(width) + ' '.join(v.rjust(9) for v in vals) for name, vals in rows]
     return '\n'.join(lines)
+
+
+def choose_protocols(args, test):
+    """{protocol: ground truth kind} for the protocols asked for and the ground truth the set has.
+    One protocol asked for without its ground truth: refused; of both, the other one runs."""
+    asked = PROTOCOLS if args.protocol == 'both' else (args.protocol,)
+    gt = {p: args.gt or DEFAULT_GT[p] for p in asked}
+    usable = {p: k for p, k in gt.items() if k in test.ground_truth}
+    for p in asked:
+        if p not in usable:
+            have = ' or '.join(f'--gt {k}' for k in test.ground_truth)
+            message = (f'{args.data}: the {p} protocol needs {gt[p]} ground truth, and this test '
+                       f'set carries {" and ".join(test.ground_truth)} depth only; use {have}')
+            if not usable:
+                raise cli.DataError(message)
+            print(f'note: {message}; only the {", ".join(usable)} protocol is computed')
+    return usable
 
 
 def mean_depth_map(frames, batch=64):
@@ -98,47 +130,55 @@ def mean_depth_map(frames, batch=64):
 
 
 def evaluate(args):
-    arrays = util.read_nyu_labeled(args.data)
-    train_idx, test_idx = util.read_splits(args.splits, len(arrays['images']))
+    test = nyu_test.open_test_set(args.data, args.splits)
+    protocols = choose_protocols(args, test)
     device = torch.device(args.device)
     coarse, fine = load_pretrained(args.model, device)
-    # the paper's Mean baseline uses the training set (filled depths, as the test targets)
-    mean_map = mean_depth_map(util.Frames(arrays['images'][train_idx], arrays['depths'][train_idx])).to(device)
-    test = util.Frames(arrays['images'][test_idx], arrays['depths'][test_idx])
-    methods = ['Mean', 'Coarse'] + (['Coarse + Fine'] if fine is not None else [])
-    protocols = PROTOCOLS if args.protocol == 'both' else (args.protocol,)
+    means = {}
+    if test.train is not None:   # the paper's Mean baseline: the training set's mean depth image
+        means['Mean'] = mean_depth_map(test.train).to(device)
+    else:
+        print(f'note: no Mean row: it needs the labeled file\'s training images, not in {args.data}')
+    methods = [*means, 'Coarse'] + (['Coarse + Fine'] if fine is not None else [])
     found = {p: {m: Metrics(per_image=(p == 'crop')) for m in methods} for p in protocols}
-    examples = []   # (per-image RMSE of the best net, paper protocol; index) for the figure
-    gt_frames = util.read_full_depths(args.data, test_idx)
+    examples = []   # (per-image RMSE of the best net, first protocol; position) for the figure
+    kinds = sorted(set(protocols.values()))
+    gt_frames = {k: test.depths(k, range(len(test))) for k in kinds}
+    first = next(iter(protocols))
     with torch.no_grad():
         for start in cli.progress(range(0, len(test), args.batch_size), desc='evaluating', unit='batch'):
             idx = list(range(start, min(start + args.batch_size, len(test))))
-            img, _, _ = test.get(idx)
+            img, _, _ = test.frames.get(idx)
             x = util.crop_input(img.to(device))
             c = coarse(x)
-            preds = {'Mean': mean_map.expand(len(idx), -1, -1, -1), 'Coarse': c.exp()}
+            preds = {m: mean.expand(len(idx), -1, -1, -1) for m, mean in means.items()}
+            preds['Coarse'] = c.exp()
             if fine is not None:
                 preds['Coarse + Fine'] = fine(x, c).exp()
-            gt = torch.from_numpy(np.stack([next(gt_frames)[1] for _ in idx]))[:, None].to(device)
-            valid = torch.isfinite(gt) & (gt > 0)
-            for protocol in protocols:
+            gts = {k: torch.from_numpy(np.stack([next(gt_frames[k]) for _ in idx]))[:, None].to(device)
+                   for k in kinds}
+            for protocol, kind in protocols.items():
+                valid = torch.isfinite(gts[kind]) & (gts[kind] > 0)
                 for method, pred in preds.items():
-                    p, g, m = protocol_pixels(protocol, pred, gt, valid)
+                    p, g, m = protocol_pixels(protocol, pred, gts[kind], valid)
                     found[protocol][method].add(pred=p, gt=g, mask=m)
-            p, g, m = protocol_pixels('paper', preds[methods[-1]], gt, valid)
-            for k, i in enumerate(idx):   # the last net's own RMSE on each image, for the figure
-                if m[k].any():
-                    examples.append((Metrics().add(pred=p[k:k + 1], gt=g[k:k + 1],
-                                                   mask=m[k:k + 1]).result()['rmse'], i))
+                if protocol == first:   # the last net's own RMSE on each image, for the figure
+                    p, g, m = protocol_pixels(protocol, preds[methods[-1]], gts[kind], valid)
+                    for k, i in enumerate(idx):
+                        if m[k].any():
+                            examples.append((Metrics().add(pred=p[k:k + 1], gt=g[k:k + 1],
+                                                           mask=m[k:k + 1]).result()['rmse'], i))
     results = {p: {m: found[p][m].result() for m in methods} for p in protocols}
-    for p in protocols:
-        print(format_table(results[p], p, len(test)))
+    for p, kind in protocols.items():
+        print(format_table(results[p], p, kind, len(test)))
         print()
     os.makedirs(args.out, exist_ok=True)
     report = {'date': datetime.datetime.now().isoformat(timespec='seconds'),
-              'data': os.path.abspath(args.data), 'test_images': len(test),
-              'model': os.path.abspath(args.model), 'variant': coarse.variant.name,
+              'data': os.path.abspath(args.data), 'test_set': test.description,
+              'test_images': len(test), 'model': os.path.abspath(args.model),
+              'variant': coarse.variant.name,
               'protocols': {p: PROTOCOL_TEXT[p] for p in protocols},
+              'ground_truth': {p: f'{k}: {nyu_test.GROUND_TRUTH[k]}' for p, k in protocols.items()},
               'results': results,
               'paper_table1': {m: dict(zip(PAPER_COLUMNS, v)) for m, v in PAPER_TABLE1.items()}}
     path = os.path.join(args.out, 'eval.json')
@@ -146,8 +186,7 @@ def evaluate(args):
     examples.sort()
     picks = [examples[0][1], examples[len(examples) // 2][1], examples[-1][1]]
     figure = os.path.join(args.out, 'eval_examples.png')
-    gt_pick = {i: d for i, d in util.read_full_depths(args.data, test_idx[picks])}
-    util.plot_examples(coarse, fine, test, picks, [gt_pick[test_idx[i]] for i in picks],
+    util.plot_examples(coarse, fine, test.frames, picks, list(test.depths(protocols[first], picks)),
                        ['best', 'median', 'worst'], device, figure)
     print(f'written: {path}, {figure}')
     return results

@@ -86,20 +86,25 @@ class RawFrames(torch.utils.data.Dataset):
         except (UnidentifiedImageError, OSError) as e:
             raise cli.DataError(f'{where}: not a readable image ({e})') from None
 
-    def __getitem__(self, i):
-        rgb_name, depth_name = self.pairs[i]
-        img, where = self._image(rgb_name)
+    def rgb(self, i):
+        """Frame i's RGB as stored (H, W, 3) uint8, and where it was read from."""
+        img, where = self._image(self.pairs[i][0])
         if img.mode not in ('RGB', 'RGBA', 'P'):
             raise cli.DataError(f'{where}: a {img.mode} image, not colour')
-        rgb = np.asarray(img.convert('RGB'))
-        dimg, dwhere = self._image(depth_name)
+        return np.asarray(img.convert('RGB')), where
+
+    def depth(self, i):
+        """Frame i's depth as stored (H, W) float32 metres, 0 = missing, and where it was read from."""
+        dimg, where = self._image(self.pairs[i][1])
         bits, metres_per_unit = self.depth_units
         found = 16 if dimg.mode in ('I;16', 'I;16B', 'I') else 8 if dimg.mode == 'L' else None
         if found is None or (bits is not None and found != bits):
-            raise cli.DataError(f'{dwhere}: depth PNG of mode {dimg.mode}; this set stores '
-                                 f'{bits}-bit depth')
-        depth = np.asarray(dimg).astype(np.float32) * metres_per_unit
-        return to_frame(rgb, where), to_depth_frame(depth, dwhere)
+            raise cli.DataError(f'{where}: depth PNG of mode {dimg.mode}; this set stores '
+                                f'{bits}-bit depth')
+        return np.asarray(dimg).astype(np.float32) * metres_per_unit, where
+
+    def __getitem__(self, i):
+        return to_frame(*self.rgb(i)), to_depth_frame(*self.depth(i))
 
 
 def to_frame(rgb, where):

@@ -16,6 +16,8 @@ def shared():
     """../shared beside the checkout (reference material, real NYU samples); users' clones do not
     have it, so tests that need it skip with the reason."""
     if not os.path.isdir(os.path.join(SHARED, 'nyu-samples')):
+        if os.environ.get('REQUIRE_SHARED') == '1':   # .ci/run where ../shared exists
+            pytest.fail(f'{SHARED}/nyu-samples not present, and REQUIRE_SHARED=1')
         pytest.skip(f'{SHARED}/nyu-samples not present (only on the project machines)')
     return SHARED
 

@@ -55,6 +55,36 @@ def test_identity_is_the_centre_crop():
     assert cd[0, 0, 54, 73] == CODE0 + (6 + 5 + 216) * FW + (8 + 5 + 292)
 
 
+def test_rotation_by_five_degrees_moves_a_crop_corner_where_the_formula_says():
+    """The image sample at the crop's first pixel, written out here: the frame rotated by 5
+    degrees about its centre c = (159.5, 119.5), the crop corner at (30, 20) of the rotated frame,
+    so the source is c + R(p - c) with R = [[cos, sin], [-sin, cos]] of 5 degrees (a slip to
+    radians, 286 degrees, lands elsewhere)."""
+    import math
+    t = math.radians(5.0)
+    px, py = 30 - 159.5, 20 - 119.5
+    expected = (159.5 + math.cos(t) * px + math.sin(t) * py, 119.5 - math.sin(t) * px + math.cos(t) * py)
+    img, _, _ = util.augment(*_position_frame(), _params(angle=5.0, offset=(30, 20)))
+    assert float(img[0, 0, 0, 0]) == pytest.approx(expected[0], abs=1e-3)   # channel 0 holds x
+    assert float(img[0, 1, 0, 0]) == pytest.approx(expected[1], abs=1e-3)   # channel 1 holds y
+    assert math.hypot(expected[0] - 159.5, expected[1] - 119.5) == pytest.approx(math.hypot(px, py))
+
+
+def test_scaled_crop_starts_where_the_formula_says():
+    """Zoom by s = 1.37 (pixel centres: scaled x = s (x + 0.5) - 0.5), crop at (40, 30): the
+    first input pixel comes from source x = 40.5 / 1.37 - 0.5, y = 30.5 / 1.37 - 0.5."""
+    img, _, _ = util.augment(*_position_frame(), _params(scale=1.37, offset=(40, 30)))
+    assert float(img[0, 0, 0, 0]) == pytest.approx(40.5 / 1.37 - 0.5, abs=1e-3)
+    assert float(img[0, 1, 0, 0]) == pytest.approx(30.5 / 1.37 - 0.5, abs=1e-3)
+
+
+def test_flip_mirrors_the_crop_where_the_formula_says():
+    """Flipped, the crop's first pixel is its last unflipped one: x = 8 + 303."""
+    img, _, _ = util.augment(*_position_frame(), _params(offset=(8, 6), flip=True))
+    assert float(img[0, 0, 0, 0]) == pytest.approx(8 + 303, abs=1e-3)
+    assert float(img[0, 1, 0, 0]) == pytest.approx(6, abs=1e-3)
+
+
 def test_translation_aligned():
     img, *_ = _check_aligned(_params(offset=(3, 11)))
     assert float(img[0, 0, 0, 0]) == pytest.approx(3, abs=1e-3)
@@ -137,10 +167,11 @@ def test_invalid_source_pixels_stay_invalid():
 
 def test_sampled_ranges_are_the_papers():
     p = util.AugParams.sample(4000, torch.Generator().manual_seed(0))
-    assert 1.0 <= p.scale.min() and p.scale.max() <= 1.5
-    assert -5.0 <= p.angle.min() and p.angle.max() <= 5.0
-    assert 0.8 <= p.color.min() and p.color.max() <= 1.2
-    assert 0.45 < p.flip.float().mean() < 0.55
+    assert 1.0 <= p.scale.min() < 1.01 and 1.49 < p.scale.max() <= 1.5         # covers [1, 1.5]
+    assert -5.0 <= p.angle.min() < -4.9 and 4.9 < p.angle.max() <= 5.0        # degrees, +-5
+    for c in range(3):
+        assert 0.8 <= p.color[:, c].min() < 0.81 and 1.19 < p.color[:, c].max() <= 1.2
+    assert 0.47 < p.flip.float().mean() < 0.53
     # every crop lies inside the scaled frame
     assert (p.offset[:, 0] <= FW * p.scale - INPUT_HW[1]).all()
     assert (p.offset[:, 1] <= FH * p.scale - INPUT_HW[0]).all()

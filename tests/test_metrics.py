@@ -69,6 +69,30 @@ def test_arguments_cannot_be_swapped_silently():
     assert compute_metrics(pred=gt, gt=pred)['abs_rel'] == pytest.approx(0.5)
 
 
+def test_threshold_edges_are_strict():
+    """Ratios of exactly 1.25, 1.25^2 and 1.25^3 (exact in binary) do not count: `<`."""
+    gt = torch.tensor([[4.0, 16.0, 64.0]])
+    m = compute_metrics(pred=torch.tensor([[5.0, 25.0, 125.0]]), gt=gt)
+    assert (m['d1'], m['d2'], m['d3']) == (0.0, 1 / 3, 2 / 3)
+    m = compute_metrics(pred=torch.tensor([[4.999, 24.99, 124.9]]), gt=gt)
+    assert (m['d1'], m['d2'], m['d3']) == (1 / 3, 2 / 3, 1.0)
+
+
+def test_scale_invariant_error_pooled_and_per_image_by_hand():
+    """Log differences d: image A (0.1, 0.3), image B (0.2, 0.2, 0.5). Eq. 1 per image, mean(d^2)
+    - mean(d)^2: A 0.05 - 0.04 = 0.01, B 0.11 - 0.09 = 0.02. Pooled (the paper protocol): the root
+    of their mean; per image: the mean of their roots."""
+    gt = torch.tensor([[1.0, 2.0, 0.0], [3.0, 1.5, 2.5]])
+    d = torch.tensor([[0.1, 0.3, 0.0], [0.2, 0.2, 0.5]])
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    pred = gt * d.exp()
+    pred[0, 2] = 1.0
+    pooled = compute_metrics(pred=pred, gt=gt, mask=mask)
+    per_image = compute_metrics(pred=pred, gt=gt, mask=mask, per_image=True)
+    assert pooled['si_log'] == pytest.approx(math.sqrt((0.01 + 0.02) / 2), rel=1e-5)
+    assert per_image['si_log'] == pytest.approx((math.sqrt(0.01) + math.sqrt(0.02)) / 2, rel=1e-5)
+
+
 def test_pooled_versus_per_image():
     # image A: one pixel off by 3 m; image B: three exact pixels
     pred = torch.tensor([[4.0, 0, 0, 0], [1.0, 1.0, 1.0, 0]])

@@ -89,3 +89,18 @@ def test_fine_field_of_view(variant, expected):
     43 (9 + 2*1 + 4*4 + 4*4); the release's 3x3/2 pool gives the stated 45. The paper variant
     follows the figure; the README notes the mismatch."""
     assert _receptive_field(LocalFineNet(variant).modules()) == expected
+
+
+@pytest.mark.parametrize('variant', [PAPER, RELEASE])
+def test_outputs_are_linear(variant):
+    """coarse7 and fine3 are linear (log depth can be negative, below 1 m): a ReLU on either would
+    clip these outputs at 0."""
+    torch.manual_seed(0)
+    coarse, fine = GlobalCoarseNet(variant).eval(), LocalFineNet(variant).eval()
+    with torch.no_grad():
+        coarse.coarse7.bias.fill_(-5.0)
+        fine.fine3.bias.fill_(-5.0)
+        x = torch.rand(1, 3, 228, 304) * 255
+        c = coarse(x)
+        assert (c < -1).all()
+        assert (fine(x, c) < -1).all()

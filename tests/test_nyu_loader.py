@@ -28,10 +28,10 @@ def _pattern_frame(i):
     return rgb, depth, raw
 
 
-def write_nyu_like(path, n, scenes=None):
+def write_nyu_like(path, n, scenes=None, frame=_pattern_frame):
     """Written from the format description alone (not from util's writer): MATLAB v7.3 = HDF5 with
     a 512-byte user block; MATLAB is column-major, so a 480x640x3xN array is stored (N, 3, 640, 480)."""
-    frames = [_pattern_frame(i) for i in range(n)]
+    frames = [frame(i) for i in range(n)]
     with h5py.File(path, 'w', userblock_size=512) as f:
         img = f.create_dataset('images', data=np.stack([fr[0].transpose(2, 1, 0) for fr in frames]))
         img.attrs['MATLAB_class'] = np.bytes_('uint8')
@@ -133,18 +133,42 @@ def test_validation_split_takes_whole_training_scenes():
     assert len(val) == 8
 
 
-def test_cache_is_reused_and_refreshed(tiny_mat):
+def test_frames_across_read_chunks(tmp_path, monkeypatch):
+    """The .mat is read a chunk of frames at a time: with chunks of 2, five frames whose images
+    and depths carry their own number come out in their places."""
+    def numbered(i):
+        rgb, depth, raw = _pattern_frame(i)
+        rgb = rgb.copy()
+        rgb[..., 0] = 30 * i + 5
+        return rgb, depth, raw
+    path = tmp_path / 'chunks.mat'
+    write_nyu_like(path, 5, frame=numbered)
+    monkeypatch.setattr(util, 'READ_CHUNK', 2)
+    data = util.read_nyu_labeled(path, use_cache=False, progress=False)
+    assert [int(data['images'][i, 0, 0, 0]) for i in range(5)] == [5, 35, 65, 95, 125]
+    assert [float(data['depths'][i, 0, 0]) for i in range(5)] == pytest.approx([1, 2, 3, 4, 5], abs=0.02)
+
+
+def test_cache_is_reused_and_refreshed(tiny_mat, monkeypatch):
     path = tiny_mat[0]
     first = util.read_nyu_labeled(path, progress=False)
-    cache = util.cache_path_for(path)
-    assert os.path.isfile(cache)
+    assert os.path.isfile(util.cache_path_for(path))
+    real_read = util._read_mat
+
+    def must_not_read(*args):
+        raise AssertionError('the .mat was read again although the cache is valid')
+    monkeypatch.setattr(util, '_read_mat', must_not_read)
     second = util.read_nyu_labeled(path, progress=False)
     np.testing.assert_array_equal(first['images'], second['images'])
     np.testing.assert_array_equal(first['raw_depths'], second['raw_depths'])
-    # a changed .mat is read again, not served from the stale cache
-    write_nyu_like(path, 2)
-    os.utime(path, ns=(1, 1))
-    assert len(util.read_nyu_labeled(path, progress=False)['images']) == 2
+    # the .mat changed in place, same size: read again, not served from the stale cache
+    monkeypatch.setattr(util, '_read_mat', real_read)
+    size = os.path.getsize(path)
+    with h5py.File(path, 'r+') as f:
+        f['images'][0, 0, 10, 10] = 77
+    assert os.path.getsize(path) == size
+    os.utime(path, ns=(2_000_000_000, 2_000_000_000))
+    assert util.read_nyu_labeled(path, progress=False)['images'][0, 5, 5, 0] != first['images'][0, 5, 5, 0]
 
 
 def test_bad_files_give_clear_errors(tmp_path):

@@ -86,3 +86,28 @@ def test_real_nyu_frame(trained, tmp_path, shared):
     r = _predict('--model', trained, '--out', tmp_path, jpg)
     assert r.returncode == 0, r.stderr
     assert np.load(tmp_path / 'rgb_00000_depth.npy').shape == (480, 640)
+
+
+def test_depth_is_exp_of_the_nets_on_the_centre_crop_of_the_320x240_resize(trained, tmp_path):
+    """The whole pipeline written out here: RGB order and 0..255 scale as read, an antialiased
+    bilinear resize to 320x240, the centre 304x228 crop, exp of coarse + fine, and the 55x74 map
+    upsampled bilinearly onto the rows 20..460 and columns 24..616 of a 640x480 image."""
+    import torch
+    import torch.nn.functional as F
+    from net import load_pretrained
+    y, x = np.mgrid[:480, :640]
+    rgb = np.stack([x * 255 // 639, y * 255 // 479, (x + y) % 256], -1).astype(np.uint8)  # asymmetric
+    Image.fromarray(rgb).save(tmp_path / 'room.png')
+    assert _predict(tmp_path / 'room.png', '--model', trained, '--device', 'cpu').returncode == 0
+    depth = np.load(tmp_path / 'room_depth.npy')
+    coarse, fine = load_pretrained(trained)
+    with torch.no_grad():
+        image = torch.from_numpy(rgb).permute(2, 0, 1)[None].float()
+        half = F.interpolate(image, size=(240, 320), mode='bilinear', align_corners=False, antialias=True)
+        crop = half[:, :, 6:234, 8:312]
+        expected = fine(crop, coarse(crop)).exp()
+        region = F.interpolate(expected, size=(440, 592), mode='bilinear', align_corners=False)[0, 0]
+    np.testing.assert_allclose(depth[20:460, 24:616], region.numpy(), rtol=1e-5)
+    with torch.no_grad():   # the check has teeth: BGR order gives another depth map
+        bgr = fine(crop.flip(1), coarse(crop.flip(1))).exp()
+    assert not torch.allclose(bgr, expected, rtol=1e-3)

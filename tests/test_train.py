@@ -39,6 +39,31 @@ def test_optimizer_groups_cover_every_parameter_with_paper_rates(variant, make):
         'coarse' if make is GlobalCoarseNet else 'fine')}
 
 
+def test_paper_weight_decay_is_zero():
+    """[P] states none: the paper variant trains without weight decay, both nets."""
+    for net in (GlobalCoarseNet(PAPER), LocalFineNet(PAPER)):
+        assert all(g['weight_decay'] == 0.0 for g in train.make_optimizer(net, PAPER).param_groups)
+
+
+def test_fine_stage_runs_the_coarse_net_fixed(trained, synthetic, tmp_path, monkeypatch):
+    """Sec. 3.3: while the fine net trains, the coarse net runs in eval mode (no dropout) and
+    without gradients, every time it is called."""
+    import shutil
+    calls, real = [], GlobalCoarseNet.forward
+
+    def forward(self, x):
+        calls.append((self.training, torch.is_grad_enabled(), any(p.requires_grad for p in self.parameters())))
+        return real(self, x)
+
+    out = tmp_path / 'out'
+    out.mkdir()
+    shutil.copy(trained / 'coarse.pth', out / 'coarse.pth')
+    monkeypatch.setattr(GlobalCoarseNet, 'forward', forward)
+    assert train.main(train_args(synthetic, out, '--stage', 'fine', '--fine-samples', 8,
+                                 '--batch-size', 4, '--val-fraction', 0)) == 0
+    assert len(calls) >= 2 and set(calls) == {(False, False, False)}
+
+
 def test_release_weight_decay():
     opt = train.make_optimizer(GlobalCoarseNet(RELEASE), RELEASE)
     wd = {g['layer']: g['weight_decay'] for g in opt.param_groups}
