@@ -16,15 +16,18 @@ import argparse
 import contextlib
 import copy
 import io
+import json
 import os
 import tempfile
 import time
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import cli
+import nyu_raw
 import synthetic
 import train
 import util
@@ -58,7 +61,7 @@ def make_data(folder, scenes, views):
     t0 = time.perf_counter()
     util.read_nyu_labeled(mat, progress=False)               # reads the cache
     second = time.perf_counter() - t0
-    return (mat, splits), util.Frames(arrays['images'], arrays['raw_depths']), first, second
+    return (mat, splits), arrays, first, second
 
 
 def nets_for(path, device):
@@ -67,16 +70,32 @@ def nets_for(path, device):
             LocalFineNet(PAPER).to(device, memory_format=fmt))
 
 
+def make_raw_cache(folder, arrays, count):
+    """A converted raw-frame cache (nyu_raw.py's format) of `count` frames, the synthetic frames
+    repeated, 12 frames a scene: what `train.py --data` reads as raw frames."""
+    os.makedirs(folder)
+    take = np.arange(count) % len(arrays['images'])
+    np.save(os.path.join(folder, 'images.npy'), arrays['images'][take])
+    depth_mm = np.round(arrays['raw_depths'][take].astype(np.float32) * 1000).astype(np.uint16)
+    np.save(os.path.join(folder, 'depths_mm.npy'), depth_mm)
+    with open(os.path.join(folder, nyu_raw.CACHE_META), 'w') as f:
+        json.dump({'source': 'bench.py', 'scenes': [f'bench_{i // 12:04d}' for i in range(count)]}, f)
+    return folder
+
+
 def train_py_speed(data, stage, path, device, batch, steps, workers, folder):
     """Samples/s of train.py's own training loop (train.main on one stage, `steps` steps): the same
     code as a real run, its logging, validation and checkpoint cadence included. Timed over the
-    last three of four validation intervals (the first holds cuDNN autotuning and warm-up)."""
-    out = os.path.join(folder, f'{stage}-{path}-{device}'.replace(':', ''))
+    last three of four validation intervals (the first holds cuDNN autotuning and warm-up).
+    data: (labeled .mat, splits.mat), or (raw-frame cache, splits.mat, labeled .mat)."""
+    out = os.path.join(folder, f'{stage}-{path}-{device}-{os.path.basename(data[0])}'.replace(':', ''))
     os.makedirs(out)
     if stage == 'fine':   # the fine stage needs a coarse net; its weights do not change the speed
         torch.save(GlobalCoarseNet(PAPER).state_dict(), os.path.join(out, 'coarse.pth'))
     interval = max(1, steps // 4) * batch
-    argv = ['--data', data[0], '--splits', data[1], '--data-format', 'labeled', '--out', out,
+    raw = os.path.isdir(data[0])   # a converted raw-frame cache (with the labeled file's split)
+    source = ['--labeled', data[2], '--per-scene', '12'] if raw else ['--data-format', 'labeled']
+    argv = ['--data', data[0], '--splits', data[1], *source, '--out', out,
             '--device', str(device), '--stage', stage, f'--{stage}-samples', str(4 * interval),
             '--batch-size', str(batch), '--val-every', str(interval), '--path', path,
             '--workers', str(workers)]
@@ -145,7 +164,9 @@ def main(argv=None):
                    help='cpu or cuda[:N] (default: %(default)s; cuda means cuda:0 here)')
     p.add_argument('--batch-size', type=int, default=train.BATCH_SIZE, help='(default: %(default)s, the paper)')
     p.add_argument('--steps', type=int, default=None,
-                   help='steps per measurement (default: 400, 8 with --quick)')
+                   help='steps per measurement (default: 400, 4 with --quick)')
+    p.add_argument('--raw-frames', type=int, default=3000,
+                   help='frames of the generated raw-frame cache (default: %(default)s)')
     p.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1),
                    help="the plain path's DataLoader workers (default: %(default)s)")
     args = p.parse_args(argv)
@@ -154,7 +175,7 @@ def main(argv=None):
         device = torch.device('cuda', 0)   # one GPU; several: the DataParallel row
     torch.backends.cudnn.benchmark = True
     batch = 4 if args.quick else args.batch_size
-    steps = args.steps or (8 if args.quick else 400)
+    steps = args.steps or (4 if args.quick else 400)
     warmup = 1 if args.quick else 10
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU ({os.cpu_count()} cores)'
     print(f'device: {name}; batch {batch}; train.py: {steps} steps a row, timed over the last 3/4; '
@@ -167,12 +188,18 @@ def main(argv=None):
 
     fast_speed = {}
     with tempfile.TemporaryDirectory() as tmp:
-        data, frames, first, second = make_data(tmp, *((2, 2) if args.quick else (16, 8)))
+        data, arrays, first, second = make_data(tmp, *((2, 2) if args.quick else (16, 8)))
+        frames = util.Frames(arrays['images'], arrays['raw_depths'])
         for stage in ('coarse', 'fine'):
             speeds = [train_py_speed(data, stage, path, device, batch, steps, args.workers, tmp)
                       for path in ('plain', 'fast')]
             fast_speed[stage] = speeds[1]
             row(f'train {stage} net (train.py loop)', *speeds, 'samples/s')
+        count = 36 if args.quick else args.raw_frames
+        cache = make_raw_cache(os.path.join(tmp, 'raw_cache'), arrays, count)
+        row(f'train coarse net, raw cache of {count} frames', *[train_py_speed((cache, data[1], data[0]), 'coarse', path, device, batch, steps,
+                                        args.workers, tmp) for path in ('plain', 'fast')],
+            'samples/s (plain: streamed from disk; fast: held on the device)')
         gpus = torch.cuda.device_count() if device.type == 'cuda' else 0
         if gpus > 1:
             dp = train_py_speed(data, 'coarse', 'fast', torch.device('cuda'), batch, steps,

@@ -406,9 +406,10 @@ def demo_paths():
     return data, splits
 
 
-def load_data(args):
+def load_data(args, device):
     """(training set, validation Frames, scene of each training frame). The labeled set is held in
-    memory; raw frames stay on disk and are decoded as drawn (DataLoader workers)."""
+    memory; a converted raw-frame cache is loaded onto `device` for --path fast (when it fits);
+    other raw frames stay on disk and are decoded as drawn (DataLoader workers)."""
     if args.demo:
         args.data, args.splits = demo_paths()
     if args.data_format == 'labeled':
@@ -421,7 +422,10 @@ def load_data(args):
     val_idx = val_idx[np.linspace(0, len(val_idx) - 1, min(len(val_idx), RAW_VAL_FRAMES)).astype(int)] \
         if len(val_idx) else val_idx
     val = util.Frames.from_dataset(frames, val_idx, min(args.workers, 4))
-    train = torch.utils.data.Subset(frames, train_idx.tolist())
+    if args.path == 'fast' and isinstance(frames, nyu_raw.CachedFrames):
+        train = frames.to_frames(train_idx, device)   # held on the GPU: no decoding, no workers
+    else:
+        train = torch.utils.data.Subset(frames, train_idx.tolist())
     scenes = [frames.scenes[i] for i in train_idx]
     print(f'{frames.description}: {len(train)} training frames of {len(set(scenes))} scenes, '
           f'{len(val)} validation frames of held-out scenes; none of the test split\'s scenes')
@@ -951,7 +955,6 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     variant = get_variant(args.variant)
-    os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, 'checkpoint.pth')
     ckpt = None
     if DIST.main:
@@ -973,7 +976,8 @@ def main(argv=None):
         if not (isinstance(old, dict) and old.get('done')):
             raise cli.DataError(f'{ckpt_path}: an unfinished run is there; continue it with '
                                  f'--resume, or choose another --out (nothing was overwritten)')
-    train, val, scenes = load_data(args)
+    train, val, scenes = load_data(args, device)
+    os.makedirs(args.out, exist_ok=True)   # only now: a refused data set leaves nothing behind
 
     if args.path == 'fast' and isinstance(train, util.Frames):
         train.to(device)   # uint8 frames on the GPU: 0.4 MB a frame, 0.3 GB for the labeled set

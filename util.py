@@ -264,6 +264,13 @@ class Frames:
         self.images = torch.from_numpy(np.ascontiguousarray(images_nhwc)).permute(0, 3, 1, 2)
         self.depths = torch.from_numpy(np.ascontiguousarray(depths, dtype=np.float16))
 
+    @staticmethod
+    def from_tensors(images, depths):
+        """Frames of (N, 3, H, W) uint8 images and (N, H, W) float16 depths already in torch."""
+        frames = Frames.__new__(Frames)
+        frames.images, frames.depths = images, depths
+        return frames
+
     def __len__(self):
         return len(self.images)
 
@@ -276,12 +283,11 @@ class Frames:
         """Decode the given items of a (3, H, W) uint8 / (H, W) float16 Dataset into memory."""
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, list(indices)),
                                              batch_size=32, num_workers=workers)
-        frames = Frames(np.zeros((0, *FRAME_HW, 3), np.uint8), np.zeros((0, *FRAME_HW)))
         parts = list(loader)
-        if parts:
-            frames.images = torch.cat([p[0] for p in parts])
-            frames.depths = torch.cat([p[1] for p in parts])
-        return frames
+        if not parts:
+            return Frames.from_tensors(torch.zeros((0, 3, *FRAME_HW), dtype=torch.uint8),
+                                       torch.zeros((0, *FRAME_HW), dtype=torch.float16))
+        return Frames.from_tensors(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
 
     def __getitem__(self, i):
         return self.images[i], self.depths[i]

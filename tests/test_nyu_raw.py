@@ -1,6 +1,7 @@
 """Raw-frame training sets (issue #6): each layout built tiny in its exact on-disk form (real PNG
 and JPEG encodings, 16-bit depth, CSV, list file), checked value by value; scene balancing; the
 test-scene refusal; streaming in flat memory."""
+import json
 import os
 import subprocess
 import sys
@@ -271,3 +272,70 @@ def test_memory_stays_flat_while_streaming_a_large_set(tmp_path):
     assert growth_mb < decoded_mb / 4, (growth_mb, decoded_mb)
     print(f'streamed 400 frames ({decoded_mb:.0f} MB decoded): main RSS grew {growth_mb:.1f} MB, '
           f'worker peak {workers / 1024:.0f} MB')
+
+
+def _generated_cache(folder, n=16, scenes=('scene_a', 'scene_b', 'scene_c', 'scene_d')):
+    """A converted cache written in its format (raw_cache.json, images.npy uint8, depths_mm.npy
+    uint16), frames of four scenes with holes in their depth."""
+    rng = np.random.default_rng(5)
+    y, x = np.mgrid[:240, :320]
+    images = np.stack([np.stack([(x + 17 * i) % 256, (y * 2 + 5 * i) % 256, np.full_like(x, 9 * i)], -1)
+                       for i in range(n)]).astype(np.uint8)
+    depths = (900 + 20 * x + 7 * y + rng.integers(0, 400, (n, 240, 320))).astype(np.uint16)
+    depths[:, 30:60, 40:90] = 0
+    folder.mkdir()
+    np.save(folder / 'images.npy', images)
+    np.save(folder / 'depths_mm.npy', depths)
+    (folder / nyu_raw.CACHE_META).write_text(json.dumps(
+        {'source': 'generated', 'scenes': [scenes[i % len(scenes)] for i in range(n)]}))
+    return folder
+
+
+def _labeled_pair(tmp_path):
+    labeled, splits = tmp_path / 'labeled.mat', tmp_path / 'splits.mat'
+    write_nyu_like(labeled, 2, ['office_0003', 'bedroom_0010'])
+    scipy.io.savemat(splits, {'trainNdxs': np.array([[1.0]]), 'testNdxs': np.array([[2.0]])})
+    return labeled, splits
+
+
+def test_fast_path_trains_from_the_cache_on_the_device_with_the_streamed_batches(tmp_path, monkeypatch):
+    """--path fast loads the converted cache into the device's memory (here the CPU's) and trains
+    on exactly the batches that streaming it (--path plain, decoded in workers) gives: the same
+    frames, per-scene balancing on, the same draws, so the same loss at every step and the same
+    weights (fp32)."""
+    cache = _generated_cache(tmp_path / 'cache')
+    labeled, splits = _labeled_pair(tmp_path)
+    loaded, real = [], nyu_raw.CachedFrames.to_frames
+    monkeypatch.setattr(nyu_raw.CachedFrames, 'to_frames',
+                        lambda self, idx, device: loaded.append(len(idx)) or real(self, idx, device))
+    schedule = ['--labeled', labeled, '--coarse-samples', 12, '--fine-samples', 8, '--batch-size', 4,
+                '--per-scene', 3, '--val-fraction', 0.25, '--val-every', 4, '--seed', 4, '--no-amp']
+    runs = {}
+    for path, workers in (('fast', 0), ('plain', 2)):
+        assert train.main(train_args((cache, splits), tmp_path / path, *schedule, '--path', path,
+                                     '--workers', workers)) == 0
+        runs[path] = tmp_path / path
+    assert loaded == [12]                       # the fast run held the 12 training frames
+    losses = [torch.tensor([r['train_loss'] for r in torch.load(runs[p] / 'checkpoint.pth',
+                                                                 weights_only=True)['history']])
+              for p in ('fast', 'plain')]
+    assert len(losses[0]) == 2                  # the fine stage's rows: one a step
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-4, atol=1e-5)
+    for net in ('coarse.pth', 'fine.pth'):
+        a, b = (torch.load(runs[p] / net, weights_only=True) for p in ('fast', 'plain'))
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
+
+
+def test_a_cache_larger_than_the_free_memory_is_refused(tmp_path, monkeypatch):
+    cache = _generated_cache(tmp_path / 'cache')
+    labeled, splits = _labeled_pair(tmp_path)
+    monkeypatch.setattr(nyu_raw, 'free_memory', lambda device: 3 * 2**30)   # 3 GiB free
+    out = tmp_path / 'out'
+    with pytest.raises(cli.UserError) as e:
+        train.main(train_args((cache, splits), out, '--labeled', labeled, '--per-scene', 3,
+                              '--val-fraction', 0.25))
+    message = str(e.value)
+    assert '\n' not in message and str(cache) in message and '--path plain' in message
+    assert '12 training frames need 4 MiB' in message and '3.0 GiB free' in message
+    assert not out.exists()                     # nothing written

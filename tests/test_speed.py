@@ -72,7 +72,8 @@ def test_bench_quick_prints_the_table():
     r = subprocess.run([sys.executable, 'bench.py', '--quick', '--workers', '2'], cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
-    for row in ('train coarse net', 'train fine net', 'data pipeline alone', 'inference batch 1',
+    for row in ('train coarse net', 'train fine net', 'raw cache of 36 frames', 'data pipeline alone',
+                'inference batch 1',
                 'inference batch 32', 'coarse FLOPs per training sample', "paper's schedule"):
         assert row in r.stdout
     line = next(x for x in r.stdout.splitlines() if x.startswith('coarse FLOPs'))
