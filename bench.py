@@ -31,7 +31,7 @@ import nyu_raw
 import synthetic
 import train
 import util
-from net import INPUT_HW, PAPER, GlobalCoarseNet, LocalFineNet, predict_log_depth
+from net import INPUT_HW, VARIANTS, GlobalCoarseNet, LocalFineNet, get_variant, predict_log_depth
 
 # Dense bf16 tensor-core peaks from the vendor's data sheets (FLOP/s), by device name.
 PEAK_BF16 = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L40S': 362e12, 'RTX 4090': 165e12}
@@ -64,10 +64,10 @@ def make_data(folder, scenes, views):
     return (mat, splits), arrays, first, second
 
 
-def nets_for(path, device):
+def nets_for(variant, path, device):
     fmt = torch.channels_last if path == 'fast' and device.type == 'cuda' else torch.contiguous_format
-    return (GlobalCoarseNet(PAPER).to(device, memory_format=fmt),
-            LocalFineNet(PAPER).to(device, memory_format=fmt))
+    return (GlobalCoarseNet(variant).to(device, memory_format=fmt),
+            LocalFineNet(variant).to(device, memory_format=fmt))
 
 
 def make_raw_cache(folder, arrays, count):
@@ -83,7 +83,7 @@ def make_raw_cache(folder, arrays, count):
     return folder
 
 
-def train_py_speed(data, stage, path, device, batch, steps, workers, folder):
+def train_py_speed(data, variant, stage, path, device, batch, steps, workers, folder):
     """Samples/s of train.py's own training loop (train.main on one stage, `steps` steps): the same
     code as a real run, its logging, validation and checkpoint cadence included. Timed over the
     last three of four validation intervals (the first holds cuDNN autotuning and warm-up).
@@ -91,14 +91,15 @@ def train_py_speed(data, stage, path, device, batch, steps, workers, folder):
     out = os.path.join(folder, f'{stage}-{path}-{device}-{os.path.basename(data[0])}'.replace(':', ''))
     os.makedirs(out)
     if stage == 'fine':   # the fine stage needs a coarse net; its weights do not change the speed
-        torch.save(GlobalCoarseNet(PAPER).state_dict(), os.path.join(out, 'coarse.pth'))
+        torch.save(GlobalCoarseNet(variant).state_dict(), os.path.join(out, 'coarse.pth'))
     interval = max(1, steps // 4) * batch
     raw = os.path.isdir(data[0])   # a converted raw-frame cache (with the labeled file's split)
     source = ['--labeled', data[2], '--per-scene', '12'] if raw else ['--data-format', 'labeled']
     argv = ['--data', data[0], '--splits', data[1], *source, '--out', out,
             '--device', str(device), '--stage', stage, f'--{stage}-samples', str(4 * interval),
             '--batch-size', str(batch), '--val-every', str(interval), '--path', path,
-            '--workers', str(workers)]
+            '--workers', str(workers), '--variant', variant.name,
+            '--no-pretrained']   # ImageNet weights (--variant alexnet) do not change the speed
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         rc = train.main(argv)
     if rc != 0:
@@ -121,10 +122,10 @@ def pipeline_speed(frames, path, device, batch, steps, warmup, workers):
     return steps * batch / (time.perf_counter() - t0)
 
 
-def training_flops_per_sample(stage, device):
+def training_flops_per_sample(variant, stage, device):
     """FLOPs of one training sample's forward and backward (the fine stage's fixed coarse
     forward included), counted by torch on a batch of 2."""
-    coarse, fine = nets_for('plain', device)
+    coarse, fine = nets_for(variant, 'plain', device)
     x = torch.rand(2, 3, *INPUT_HW, device=device) * 255
     with FlopCounterMode(display=False) as counter:
         if stage == 'coarse':
@@ -137,9 +138,9 @@ def training_flops_per_sample(stage, device):
 
 
 @torch.no_grad()
-def inference(device, path, batch, repeats):
+def inference(variant, device, path, batch, repeats):
     """Seconds per call of coarse + fine on a batch (median of `repeats`)."""
-    coarse, fine = nets_for(path, device)
+    coarse, fine = nets_for(variant, path, device)
     coarse.eval()
     fine.eval()
     x = torch.rand(batch, 3, *INPUT_HW, device=device) * 255
@@ -169,7 +170,10 @@ def main(argv=None):
                    help='frames of the generated raw-frame cache (default: %(default)s)')
     p.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1),
                    help="the plain path's DataLoader workers (default: %(default)s)")
+    p.add_argument('--variant', choices=sorted(VARIANTS), default='paper',
+                   help="the nets measured, as train.py's --variant (default: %(default)s)")
     args = p.parse_args(argv)
+    variant = get_variant(args.variant)
     device = torch.device('cpu' if args.quick else args.device)
     if device.type == 'cuda' and device.index is None:
         device = torch.device('cuda', 0)   # one GPU; several: the DataParallel row
@@ -178,8 +182,8 @@ def main(argv=None):
     steps = args.steps or (4 if args.quick else 400)
     warmup = 1 if args.quick else 10
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU ({os.cpu_count()} cores)'
-    print(f'device: {name}; batch {batch}; train.py: {steps} steps a row, timed over the last 3/4; '
-          f'pipeline: {steps} steps after {warmup} warm-up; torch {torch.__version__}')
+    print(f'device: {name}; variant {variant.name}; batch {batch}; train.py: {steps} steps a row, '
+          f'timed over the last 3/4; pipeline: {steps} steps after {warmup} warm-up; torch {torch.__version__}')
     rows = []
 
     def row(what, plain, fast, unit, fmt='{:.1f}'):
@@ -191,31 +195,31 @@ def main(argv=None):
         data, arrays, first, second = make_data(tmp, *((2, 2) if args.quick else (16, 8)))
         frames = util.Frames(arrays['images'], arrays['raw_depths'])
         for stage in ('coarse', 'fine'):
-            speeds = [train_py_speed(data, stage, path, device, batch, steps, args.workers, tmp)
+            speeds = [train_py_speed(data, variant, stage, path, device, batch, steps, args.workers, tmp)
                       for path in ('plain', 'fast')]
             fast_speed[stage] = speeds[1]
             row(f'train {stage} net (train.py loop)', *speeds, 'samples/s')
         count = 36 if args.quick else args.raw_frames
         cache = make_raw_cache(os.path.join(tmp, 'raw_cache'), arrays, count)
-        row(f'train coarse net, raw cache of {count} frames', *[train_py_speed((cache, data[1], data[0]), 'coarse', path, device, batch, steps,
+        row(f'train coarse net, raw cache of {count} frames', *[train_py_speed((cache, data[1], data[0]), variant, 'coarse', path, device, batch, steps,
                                         args.workers, tmp) for path in ('plain', 'fast')],
             'samples/s (plain: streamed from disk; fast: held on the device)')
         gpus = torch.cuda.device_count() if device.type == 'cuda' else 0
         if gpus > 1:
-            dp = train_py_speed(data, 'coarse', 'fast', torch.device('cuda'), batch, steps,
+            dp = train_py_speed(data, variant, 'coarse', 'fast', torch.device('cuda'), batch, steps,
                                 args.workers, tmp)
             row(f'train coarse net, --device cuda (DataParallel, {gpus} GPUs)', fast_speed['coarse'],
                 dp, 'samples/s (plain column: one GPU)')
     row('data pipeline alone', *[pipeline_speed(frames, path, device, batch, steps, warmup, args.workers)
                                  for path in ('plain', 'fast')], 'samples/s')
-    lat = [inference(device, path, 1, 5 if args.quick else 50) * 1000 for path in ('plain', 'fast')]
+    lat = [inference(variant, device, path, 1, 5 if args.quick else 50) * 1000 for path in ('plain', 'fast')]
     rows.append(('inference batch 1 (coarse+fine)', f'{lat[0]:.2f}', f'{lat[1]:.2f}',
                  f'{lat[0] / lat[1]:.2f}x', 'ms latency'))
-    thr = [32 / inference(device, path, 32, 3 if args.quick else 20) for path in ('plain', 'fast')]
+    thr = [32 / inference(variant, device, path, 32, 3 if args.quick else 20) for path in ('plain', 'fast')]
     row('inference batch 32 (coarse+fine)', *thr, 'images/s')
     peak = peak_flops(device)
     for stage in ('coarse', 'fine'):
-        flops = training_flops_per_sample(stage, device)
+        flops = training_flops_per_sample(variant, stage, device)
         achieved = flops * fast_speed[stage]
         share = f', {100 * achieved / peak:.1f}% of the bf16 peak' if peak else ''
         rows.append((f'{stage} FLOPs per training sample', '', f'{flops / 1e9:.2f} GFLOP', '',

@@ -5,12 +5,16 @@ Sizes in comments are H x W (PyTorch order); the paper's figure writes W x H.
     input  3 x 228 x 304 RGB (a crop of the 240 x 320 half-resolution frame), values 0..255
     output 1 x 55 x 74 log depth (natural log of metres)
 
-Two variants share this file, and everything that differs between them lives in `Variant`:
+Three variants share this file, and everything that differs between them lives in `Variant`:
   * PAPER   -- the paper's text and Fig. 1 (the default).
   * RELEASE -- the authors' released inference code (models/depth.py + depth.conf):
                3x3/2 pools with LRN, input offsets, 64 fine1 filters whose channel 0 is
                replaced by the coarse map, 0.01 feature scaling, log depth divided by its std,
                weight decay.
+  * ALEXNET -- coarse1-5 are torchvision's AlexNet `features` (64-192-384-256-256 channels), so
+               that ImageNet weights anyone can download initialise them, as the paper's
+               pretrained coarse1-5 (Sec. 3.1.1); on a 228x304 input they end in Fig. 1's
+               256 x 6 x 8, so coarse6, coarse7 and the fine net are the paper's.
 Where neither source settles a detail the choice is marked "(?)" and listed in the README.
 """
 import os
@@ -19,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from cli import DataError
+from cli import DataError, UserError
 from files import load_torch_file
 
 INPUT_HW = (228, 304)   # network input, cropped from the 240 x 320 frame
@@ -52,6 +56,7 @@ class Variant:
     lr: dict = field(default_factory=dict)            # per layer, Sec. 3.3
     weight_decay: dict = field(default_factory=dict)  # per layer
     coarse5_hw: tuple = (6, 8)      # spatial size reaching coarse6
+    coarse_convs: str = 'eigen'     # coarse1-5: 'eigen' (Fig. 1, [R]) or torchvision's 'alexnet'
 
 
 # Sec. 3.3: "coarse convolutional layers 1-5: 0.001, coarse full layers 6 and 7: 0.1, fine layers
@@ -85,7 +90,20 @@ RELEASE = Variant(
     # branch its 55x74 output; it makes coarse5 6x9 (not Fig. 1's 6x8).
     coarse5_hw=(6, 9))
 
-VARIANTS = {v.name: v for v in (PAPER, RELEASE)}
+# torchvision's ImageNet weights expect RGB / 255 normalised with these (its AlexNet_Weights
+# transforms); in our 0..255 units:
+IMAGENET_MEAN = tuple(255 * m for m in (0.485, 0.456, 0.406))
+IMAGENET_STD = tuple(255 * s for s in (0.229, 0.224, 0.225))
+
+ALEXNET = Variant(
+    name='alexnet', pool='paper', lrn=False, fine1_filters=63,
+    # [R]'s answer for pretrained AlexNet features (activations in the tens): x 0.01 before
+    # coarse6, targets as log depth / its std, so the paper's rates act as they did for the authors
+    feature_scale=0.01, coarse_mean=IMAGENET_MEAN, coarse_std=IMAGENET_STD,
+    fine_mean=IMAGES_MEAN, fine_std=IMAGES_STD, log_depth_std=LOGDEPTHS_STD, dropout=0.5,
+    lr=PAPER_LR, weight_decay={k: 0.0 for k in PAPER_LR}, coarse5_hw=(6, 8), coarse_convs='alexnet')
+
+VARIANTS = {v.name: v for v in (PAPER, RELEASE, ALEXNET)}
 
 
 def get_variant(name):
@@ -113,18 +131,22 @@ class GlobalCoarseNet(nn.Module):
         super().__init__()
         self.variant = variant
         v = variant
-        norm = [_lrn()] if v.lrn else []
-        # coarse1: 11x11/4 conv, valid: 228x304 -> 55x74, pool -> 27x37 x 96
-        self.coarse1 = nn.Sequential(nn.Conv2d(3, 96, 11, stride=4), nn.ReLU(inplace=True), _pool(v), *norm)
-        # coarse2: 5x5 conv, same padding, pool -> 13x18 x 256
-        self.coarse2 = nn.Sequential(nn.Conv2d(96, 256, 5, padding=2), nn.ReLU(inplace=True), _pool(v), *norm)
-        # coarse3, coarse4: 3x3 conv, same padding -> 13x18 x 384
-        self.coarse3 = nn.Sequential(nn.Conv2d(256, 384, 3, padding=1), nn.ReLU(inplace=True))
-        self.coarse4 = nn.Sequential(nn.Conv2d(384, 384, 3, padding=1), nn.ReLU(inplace=True))
-        # coarse5: 3x3 conv -> 13x18 x 256. Fig. 1 draws no pool yet the map shrinks to 6x8 (8x6 in
-        # W x H): (?) a 3x3/2 pool, as [R] has, is the only symmetric pool that gives exactly 6x8.
-        pool5 = _pool(v) if v.pool == 'release' else nn.MaxPool2d(3, stride=2)
-        self.coarse5 = nn.Sequential(nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(inplace=True), pool5)
+        _normalisation(self, 'coarse', v.coarse_mean, v.coarse_std)
+        if v.coarse_convs == 'alexnet':
+            _alexnet_convs(self)
+        else:
+            norm = [_lrn()] if v.lrn else []
+            # coarse1: 11x11/4 conv, valid: 228x304 -> 55x74, pool -> 27x37 x 96
+            self.coarse1 = nn.Sequential(nn.Conv2d(3, 96, 11, stride=4), nn.ReLU(inplace=True), _pool(v), *norm)
+            # coarse2: 5x5 conv, same padding, pool -> 13x18 x 256
+            self.coarse2 = nn.Sequential(nn.Conv2d(96, 256, 5, padding=2), nn.ReLU(inplace=True), _pool(v), *norm)
+            # coarse3, coarse4: 3x3 conv, same padding -> 13x18 x 384
+            self.coarse3 = nn.Sequential(nn.Conv2d(256, 384, 3, padding=1), nn.ReLU(inplace=True))
+            self.coarse4 = nn.Sequential(nn.Conv2d(384, 384, 3, padding=1), nn.ReLU(inplace=True))
+            # coarse5: 3x3 conv -> 13x18 x 256. Fig. 1 draws no pool yet the map shrinks to 6x8 (8x6
+            # in W x H): (?) a 3x3/2 pool, as [R] has, is the only symmetric pool giving exactly 6x8.
+            pool5 = _pool(v) if v.pool == 'release' else nn.MaxPool2d(3, stride=2)
+            self.coarse5 = nn.Sequential(nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(inplace=True), pool5)
         h5, w5 = v.coarse5_hw
         # coarse6: fully connected, ReLU, dropout -> 4096
         self.coarse6 = nn.Sequential(nn.Flatten(), nn.Linear(256 * h5 * w5, 4096), nn.ReLU(inplace=True),
@@ -136,7 +158,7 @@ class GlobalCoarseNet(nn.Module):
     def forward(self, image):
         """image: (B, 3, 228, 304) RGB 0..255 -> (B, 1, 55, 74) log depth."""
         v = self.variant
-        x = (image - v.coarse_mean) / v.coarse_std
+        x = (image - self.coarse_mean) / self.coarse_std
         x = self.coarse5(self.coarse4(self.coarse3(self.coarse2(self.coarse1(x)))))
         x = self.coarse7(self.coarse6(x * v.feature_scale))
         return x.view(-1, 1, *OUTPUT_HW) * v.log_depth_std
@@ -150,6 +172,7 @@ class LocalFineNet(nn.Module):
         super().__init__()
         self.variant = variant
         v = variant
+        _normalisation(self, 'fine', v.fine_mean, v.fine_std)
         # fine1: 9x9/2 conv, valid: 228x304 -> 110x148, pool -> 55x74 x 63 (64 in [R])
         self.fine1 = nn.Sequential(nn.Conv2d(3, v.fine1_filters, 9, stride=2), nn.ReLU(inplace=True), _pool(v))
         # fine2: 5x5 conv, zero padded, on [coarse map, fine1 maps] (64 channels) -> 55x74 x 64
@@ -161,12 +184,74 @@ class LocalFineNet(nn.Module):
     def forward(self, image, coarse_log_depth):
         """image: (B, 3, 228, 304) RGB 0..255; coarse_log_depth: (B, 1, 55, 74) -> (B, 1, 55, 74)."""
         v = self.variant
-        x = self.fine1((image - v.fine_mean) / v.fine_std)
+        x = self.fine1((image - self.fine_mean) / self.fine_std)
         coarse = coarse_log_depth / v.log_depth_std
         if v.fine1_filters == 64:   # [R]: the coarse map replaces channel 0 of fine1's output
             x = x[:, 1:]
         x = torch.cat([coarse, x], dim=1)
         return self.fine3(self.fine2(x)) * v.log_depth_std
+
+
+def _normalisation(net, prefix, mean, std):
+    """The input normalisation as (1, 3, 1, 1) buffers (one number, or one per RGB channel), not
+    saved with the weights: it is the variant's, not learned."""
+    for name, value in (('mean', mean), ('std', std)):
+        t = torch.tensor(value, dtype=torch.float32).expand(3).reshape(1, 3, 1, 1).clone()
+        net.register_buffer(f'{prefix}_{name}', t, persistent=False)
+
+
+# torchvision's AlexNet `features` index of each conv -> our layer, for its ImageNet weights
+ALEXNET_CONVS = {0: 'coarse1', 3: 'coarse2', 6: 'coarse3', 8: 'coarse4', 10: 'coarse5'}
+
+
+def _alexnet_convs(net):
+    """coarse1-5 laid out as torchvision's AlexNet `features` (conv 11x11/4 pad 2, 3x3/2 pools
+    after conv 1, 2 and 5): 228x304 -> 56x75 -> 27x37 -> 13x18 -> 6x8, Fig. 1's sizes from
+    coarse2 on, with 64-192-384-256-256 channels instead of 96-256-384-384-256."""
+    relu = lambda: nn.ReLU(inplace=True)
+    net.coarse1 = nn.Sequential(nn.Conv2d(3, 64, 11, stride=4, padding=2), relu(), nn.MaxPool2d(3, 2))
+    net.coarse2 = nn.Sequential(nn.Conv2d(64, 192, 5, padding=2), relu(), nn.MaxPool2d(3, 2))
+    net.coarse3 = nn.Sequential(nn.Conv2d(192, 384, 3, padding=1), relu())
+    net.coarse4 = nn.Sequential(nn.Conv2d(384, 256, 3, padding=1), relu())
+    net.coarse5 = nn.Sequential(nn.Conv2d(256, 256, 3, padding=1), relu(), nn.MaxPool2d(3, 2))
+
+
+def imagenet_weights():
+    """(URL, path in the torch hub cache) of torchvision's IMAGENET1K_V1 AlexNet weights; the
+    cache is $TORCH_HOME/hub/checkpoints (~/.cache/torch by default)."""
+    from torchvision.models import AlexNet_Weights
+    url = AlexNet_Weights.IMAGENET1K_V1.url
+    return url, os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(url))
+
+
+def load_imagenet_convs(net):
+    """coarse1-5 of an alexnet-variant net from torchvision's ImageNet weights: the cached file,
+    or downloaded once into the cache. Neither possible: one line naming the URL and the path
+    where the file can be put by hand (a UserError); nothing is written then."""
+    import urllib.error
+    import urllib.request
+    url, path = imagenet_weights()
+    if not os.path.isfile(path):
+        try:   # reach the server before creating any folder, so a failure leaves nothing behind
+            urllib.request.urlopen(url, timeout=30).close()
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.hub.download_url_to_file(url, path, progress=True)
+        except (urllib.error.URLError, OSError, RuntimeError) as e:
+            reason = getattr(e, 'reason', None) or e
+            raise UserError(f'the ImageNet weights of --variant alexnet could not be downloaded '
+                            f'({reason}); download {url} and put it at {path} (the torch hub cache, '
+                            f'TORCH_HOME), or train from random weights with --no-pretrained') from None
+    state = load_torch_file(path, "torchvision's AlexNet IMAGENET1K_V1 weights")
+    mapped = {f'{ALEXNET_CONVS[int(k.split(".")[1])]}.0.{k.split(".")[2]}': v for k, v in state.items()
+              if k.startswith('features.')}
+    try:
+        net.load_state_dict(mapped, strict=False)
+    except RuntimeError as e:
+        raise DataError(f'{path}: not the AlexNet weights torchvision has '
+                        f'({str(e).strip().splitlines()[-1].strip()})') from None
+    if len(mapped) != 10:
+        raise DataError(f'{path}: has {len(mapped)} of the 10 conv tensors of AlexNet `features`')
+    return path
 
 
 def _init(net, variant):
@@ -223,22 +308,33 @@ def load_weights(net, path, what, state=None):
     return net
 
 
+def variant_of(coarse_state):
+    """The variant whose GlobalCoarseNet has exactly these tensor shapes, or None (the shapes are
+    read off nets built on the meta device: no memory, no initialisation)."""
+    if not isinstance(coarse_state, dict):
+        return None
+    got = {k: tuple(v.shape) for k, v in coarse_state.items() if isinstance(v, torch.Tensor)}
+    for v in VARIANTS.values():
+        with torch.device('meta'):
+            want = {k: tuple(t.shape) for k, t in GlobalCoarseNet(v).state_dict().items()}
+        if got == want:
+            return v
+    return None
+
+
 def load_pretrained(folder='model', device='cpu'):
     """The trained nets from `folder` (coarse.pth, and fine.pth if present), in eval mode, in one
     line for a notebook: `coarse, fine = load_pretrained()`. The variant is read off the weights'
-    shapes (the release's coarse6 and fine1 differ in size). fine is None without fine.pth.
+    shapes (variant_of). fine is None without fine.pth.
     Files are read with weights_only=True; a bad one raises DataError saying what is wrong."""
     path = os.path.join(folder, 'coarse.pth')
     if not os.path.isfile(path):
         raise DataError(f'{path}: no trained coarse net; run train.py (or train.py --demo) '
                              f'first, or point at the folder it wrote')
     state = load_torch_file(path, 'coarse net weights written by train.py')
-    fc = state.get('coarse6.1.weight') if isinstance(state, dict) else None
-    fc_inputs = fc.shape[1] if isinstance(fc, torch.Tensor) and fc.dim() == 2 else None
-    variant = next((v for v in VARIANTS.values()
-                    if fc_inputs == 256 * v.coarse5_hw[0] * v.coarse5_hw[1]), None)
+    variant = variant_of(state)
     if variant is None:
-        raise DataError(f'{path}: weights of neither the paper nor the release coarse net')
+        raise DataError(f'{path}: weights of no coarse net here ({", ".join(VARIANTS)} variants)')
     coarse = load_weights(GlobalCoarseNet(variant), path, 'coarse net weights', state).to(device)
     fine = None
     fine_path = os.path.join(folder, 'fine.pth')

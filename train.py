@@ -26,7 +26,7 @@ import torch.nn as nn
 from loss import TRAIN_LAMBDA, safe_log, scale_invariant_loss
 from metrics import Metrics
 from net import (GlobalCoarseNet, LocalFineNet, VARIANTS, get_variant, layer_names,
-                 load_pretrained_conv, load_weights, predict_log_depth)
+                 load_imagenet_convs, load_pretrained_conv, load_weights, predict_log_depth)
 import cli
 import files
 import nyu_raw
@@ -87,8 +87,13 @@ def parse_args(argv=None):
                         'the test split is never used here (default: %(default)s)')
     t = p.add_argument_group('schedule (Sec. 3.3)')
     t.add_argument('--variant', choices=sorted(VARIANTS), default='paper',
-                   help="'paper': Fig. 1 and the text; 'release': the authors' released code "
-                        "(README lists the differences) (default: %(default)s)")
+                   help="'paper': Fig. 1 and the text; 'release': the authors' released code; "
+                        "'alexnet': coarse1-5 as torchvision's AlexNet, initialised with its "
+                        "ImageNet weights (README lists the differences) (default: %(default)s)")
+    t.add_argument('--pretrained', action=argparse.BooleanOptionalAction, default=True,
+                   help="--variant alexnet: coarse1-5 from torchvision's IMAGENET1K_V1 weights "
+                        '(downloaded once into the torch hub cache, TORCH_HOME), as the paper '
+                        'pretrains them (Sec. 3.1.1); --no-pretrained: a random start')
     t.add_argument('--stage', choices=['both', 'coarse', 'fine'], default='both',
                    help="'fine' needs OUT/coarse.pth (default: %(default)s)")
     t.add_argument('--coarse-samples', type=int, help=f'default {COARSE_SAMPLES} (paper)')
@@ -97,8 +102,9 @@ def parse_args(argv=None):
     t.add_argument('--lam', type=float, default=TRAIN_LAMBDA,
                    help='lambda of the scale-invariant loss, Eq. 4 (default: %(default)s)')
     t.add_argument('--pretrained-conv', metavar='PATH',
-                   help='state_dict with ImageNet weights for coarse1-5 (the paper pretrains '
-                        'them; none can be downloaded here, so random init is the default)')
+                   help='paper / release variants: a state_dict with weights for their coarse1-5 '
+                        '(96-256-384-384-256 channels, which no public checkpoint has; else they '
+                        'start random)')
     t.add_argument('--seed', type=int, default=0, help='(default: %(default)s)')
     o = p.add_argument_group('running')
     o.add_argument('--out', default='model', help='output folder (default: %(default)s)')
@@ -977,18 +983,20 @@ def main(argv=None):
             raise cli.DataError(f'{ckpt_path}: an unfinished run is there; continue it with '
                                  f'--resume, or choose another --out (nothing was overwritten)')
     train, val, scenes = load_data(args, device)
-    os.makedirs(args.out, exist_ok=True)   # only now: a refused data set leaves nothing behind
-
     if args.path == 'fast' and isinstance(train, util.Frames):
         train.to(device)   # uint8 frames on the GPU: 0.4 MB a frame, 0.3 GB for the labeled set
     memory_format = torch.channels_last if device.type == 'cuda' else torch.contiguous_format
     coarse = GlobalCoarseNet(variant).to(device, memory_format=memory_format)
     fine = LocalFineNet(variant).to(device, memory_format=memory_format)
-    if args.pretrained_conv and not ckpt:
+    stages = ['coarse', 'fine'] if args.stage == 'both' else [args.stage]
+    fresh_coarse = ckpt is None and stages[0] == 'coarse'
+    if args.pretrained_conv and fresh_coarse:
         loaded, _ = load_pretrained_conv(coarse, args.pretrained_conv)
         print(f'loaded {", ".join(loaded)} from {args.pretrained_conv}')
+    if variant.coarse_convs == 'alexnet' and args.pretrained and fresh_coarse and DIST.main:
+        # rank 0 only: DistributedDataParallel gives its weights to the other processes
+        print(f"coarse1-5: torchvision's ImageNet AlexNet weights, {load_imagenet_convs(coarse)}")
     seed_streams(args.seed, DIST.rank, gpus)   # the same initial weights, each its own dropout
-    stages = ['coarse', 'fine'] if args.stage == 'both' else [args.stage]
     if ckpt is not None:
         coarse.load_state_dict(ckpt['coarse'])
         if ckpt['stage'] == 'fine':
@@ -999,6 +1007,7 @@ def main(argv=None):
         if not os.path.isfile(coarse_path):
             raise cli.DataError(f'{coarse_path}: the fine stage needs the trained coarse net')
         load_weights(coarse, coarse_path, 'the coarse net written by the coarse stage')
+    os.makedirs(args.out, exist_ok=True)   # only now: refused data or weights leave nothing behind
     with StopControl(args.max_steps) as stop:
         for stage in stages:
             resumed = ckpt if ckpt is not None and ckpt['stage'] == stage else None
