@@ -73,11 +73,13 @@ LOGDEPTHS_MEAN, LOGDEPTHS_STD = 0.82473954, 0.45723134
 PAPER = Variant(
     name='paper', pool='paper', lrn=False, fine1_filters=63,
     # (?) [P] gives no input normalisation nor init. A random-init net (no ImageNet weights here)
-    # trains only on normalised inputs, so both nets use [R]'s image statistics. [R]'s 0.01 factor
-    # before coarse6 tames pretrained AlexNet features (tens); random-init features are O(1)
-    # already, and with it coarse6/7 barely move at the paper's rates, so none here.
-    feature_scale=1.0, coarse_mean=IMAGES_MEAN, coarse_std=IMAGES_STD,
-    fine_mean=IMAGES_MEAN, fine_std=IMAGES_STD, log_depth_std=1.0, dropout=0.5,
+    # trains only on normalised inputs, so both nets use [R]'s image statistics. The paper's
+    # learning rates were tuned for [R]'s parametrisation, which these two factors carry over
+    # (README, "The learning rates"; lr_study.py): features x 0.01 per 0..255 unit of the input
+    # (ours is in units of the images' std; ReLU convs with zero biases scale with their input),
+    # and targets as log depth / its std.
+    feature_scale=0.01 * IMAGES_STD, coarse_mean=IMAGES_MEAN, coarse_std=IMAGES_STD,
+    fine_mean=IMAGES_MEAN, fine_std=IMAGES_STD, log_depth_std=LOGDEPTHS_STD, dropout=0.5,
     lr=PAPER_LR,
     weight_decay={k: 0.0 for k in PAPER_LR},   # (?) not stated in [P]
     coarse5_hw=(6, 8))
@@ -97,9 +99,9 @@ IMAGENET_STD = tuple(255 * s for s in (0.229, 0.224, 0.225))
 
 ALEXNET = Variant(
     name='alexnet', pool='paper', lrn=False, fine1_filters=63,
-    # [R]'s answer for pretrained AlexNet features (activations in the tens): x 0.01 before
-    # coarse6, targets as log depth / its std, so the paper's rates act as they did for the authors
-    feature_scale=0.01, coarse_mean=IMAGENET_MEAN, coarse_std=IMAGENET_STD,
+    # [R]'s parametrisation as in PAPER: features x 0.01 per 0..255 unit of the input (here in
+    # units of ImageNet's std, 57.6 on average) and targets as log depth / its std
+    feature_scale=0.01 * sum(IMAGENET_STD) / 3, coarse_mean=IMAGENET_MEAN, coarse_std=IMAGENET_STD,
     fine_mean=IMAGES_MEAN, fine_std=IMAGES_STD, log_depth_std=LOGDEPTHS_STD, dropout=0.5,
     lr=PAPER_LR, weight_decay={k: 0.0 for k in PAPER_LR}, coarse5_hw=(6, 8), coarse_convs='alexnet')
 
@@ -268,6 +270,7 @@ def _init(net, variant):
             nn.init.zeros_(m.bias)
     last = net.coarse7 if isinstance(net, GlobalCoarseNet) else net.fine3
     nn.init.constant_(last.bias, LOGDEPTHS_MEAN / variant.log_depth_std)
+
 
 
 def predict_log_depth(coarse, fine, images):

@@ -43,7 +43,9 @@ LABELED = os.path.join('nyu', 'nyu_depth_v2_labeled.mat')
 DEMO_FOLDER = os.path.join('nyu', 'synthetic')
 DEMO_SCENES, DEMO_VIEWS = 30, 6
 DEMO_COARSE_SAMPLES, DEMO_FINE_SAMPLES, DEMO_BATCH = 3200, 1600, 16
-CHECKPOINT_FORMAT = 3   # 3: every process's CPU and GPU random streams ('rng')
+# 3: every process's CPU and GPU random streams ('rng'); 4: the paper and alexnet variants'
+# feature and target scaling of issue #11 (a format-3 run of theirs would go on with other nets)
+CHECKPOINT_FORMAT = 4
 RAW_VAL_FRAMES = 300   # validation frames decoded into memory from held-out raw scenes
 
 
@@ -194,8 +196,8 @@ def param_groups(net, variant):
 
 def make_optimizer(net, variant):
     """SGD with momentum 0.9 and the paper's per-layer groups. Fused (one kernel for the whole
-    update) where the device has it: the same update as the default implementation (checked
-    bit for bit on the CPU), fewer passes over the weights, and it can skip a step on the GPU's
+    update) where the device has it: the same update as the default implementation (equal to
+    rounding on the CPU, tested), fewer passes over the weights, and it can skip a step on the GPU's
     own verdict (NonFiniteGuard). Momentum buffers start at zero, which is exactly SGD's first
     step (buffer = gradient) and keeps a skipped first step from leaving them uninitialised."""
     device = next(net.parameters()).device
@@ -329,7 +331,8 @@ def read_checkpoint(path, args, variant):
         raise cli.DataError(f'{path}: not a train.py checkpoint (no {sorted(needed)} entries)')
     if ckpt['format'] != CHECKPOINT_FORMAT:
         raise cli.DataError(f"{path}: checkpoint format {ckpt['format']}, this train.py reads "
-                             f"format {CHECKPOINT_FORMAT}")
+                             f"format {CHECKPOINT_FORMAT} (an older train.py wrote it: start "
+                             f"afresh, or finish it with that version)")
     if ckpt['variant'] != variant.name:
         raise cli.DataError(f"{path}: is a checkpoint of the '{ckpt['variant']}' variant, this "
                              f"run is '{variant.name}'; resume it with --variant {ckpt['variant']}")

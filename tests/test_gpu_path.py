@@ -211,7 +211,8 @@ def test_device_cuda_means_every_gpu_and_cuda_n_one(monkeypatch, synthetic, tmp_
 
 
 def test_fused_sgd_is_the_default_update(synthetic):
-    """Fused SGD on the CPU (torch >= 2.4) gives the foreach implementation's update bit for bit."""
+    """Fused SGD on the CPU (torch >= 2.4) gives the foreach implementation's update, to rounding
+    (one fused multiply-add may differ in the last bit)."""
     from net import PAPER, LocalFineNet
     if not train.fused_sgd_works(torch.device('cpu')):
         pytest.skip('this torch has no fused SGD on the CPU')
@@ -227,4 +228,6 @@ def test_fused_sgd_is_the_default_update(synthetic):
             opt.zero_grad()
             net(x, c).square().mean().backward()
             opt.step()
-    assert all(torch.equal(a, b) for a, b in zip(nets[0].parameters(), nets[1].parameters()))
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)
+    assert not torch.equal(nets[0].fine3.weight, LocalFineNet(PAPER).fine3.weight)   # they moved

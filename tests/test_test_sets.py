@@ -89,7 +89,7 @@ def test_each_protocol_uses_its_own_ground_truth(tmp_path, capsys):
     coarse = GlobalCoarseNet(PAPER)
     with torch.no_grad():
         coarse.coarse7.weight.zero_()
-        coarse.coarse7.bias.fill_(float(np.log(3.0)))
+        coarse.coarse7.bias.fill_(float(np.log(3.0)) / PAPER.log_depth_std)   # in the output unit
     torch.save(coarse.state_dict(), model / 'coarse.pth')
 
     results = _evaluate(mat, model, tmp_path / 'out', splits=splits)
