@@ -67,12 +67,11 @@ def study(variant, train_frames, val_frames, samples, batch, val_every, seed, sh
                                      SimpleNamespace(path='fast', log_every=steps, workers=0),
                                      torch.device('cpu'))
     weights = {'coarse6': coarse.coarse6[1].weight, 'coarse7': coarse.coarse7.weight}
-    first = next(iter(train.training_batches(train_frames, order, 0, 1, batch, SimpleNamespace(
-        path='fast', log_every=1, workers=0), torch.device('cpu'))))
-    probe = one_step_on_coarse7(coarse, *first)
     rows, val = [], []
     bar = cli.progress(total=steps, desc=variant.name, enabled=show)
     for step, (x, y, m) in enumerate(batches):
+        if step == 0:   # before any update (the probe leaves the net as it was)
+            probe = one_step_on_coarse7(coarse, x, y, m)
         before = {name: w.detach().clone() for name, w in weights.items()}
         target = safe_log(y, m)
         pred = coarse(x)

@@ -218,6 +218,13 @@ def _alexnet_convs(net):
     net.coarse5 = nn.Sequential(nn.Conv2d(256, 256, 3, padding=1), relu(), nn.MaxPool2d(3, 2))
 
 
+def _last_line(error):
+    """The telling line of a load_state_dict error (its last), or the error's type if it says
+    nothing: for one-line refusals."""
+    text = str(error).strip()
+    return text.splitlines()[-1].strip() if text else type(error).__name__
+
+
 def imagenet_weights():
     """(URL, path in the torch hub cache) of torchvision's IMAGENET1K_V1 AlexNet weights; the
     cache is $TORCH_HOME/hub/checkpoints (~/.cache/torch by default)."""
@@ -250,7 +257,7 @@ def load_imagenet_convs(net):
         net.load_state_dict(mapped, strict=False)
     except RuntimeError as e:
         raise DataError(f'{path}: not the AlexNet weights torchvision has '
-                        f'({str(e).strip().splitlines()[-1].strip()})') from None
+                        f'({_last_line(e)})') from None
     if len(mapped) != 10:
         raise DataError(f'{path}: has {len(mapped)} of the 10 conv tensors of AlexNet `features`')
     return path
@@ -294,7 +301,7 @@ def load_pretrained_conv(net, path):
     try:
         missing = net.load_state_dict(wanted, strict=False)
     except RuntimeError as e:
-        raise DataError(f'{path}: {str(e).strip().splitlines()[-1].strip()}') from None
+        raise DataError(f'{path}: {_last_line(e)}') from None
     return sorted(wanted), missing
 
 
@@ -305,9 +312,8 @@ def load_weights(net, path, what, state=None):
     try:
         net.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as e:
-        first = str(e).strip().splitlines()[-1].strip() if str(e).strip() else type(e).__name__
         raise DataError(f'{path}: does not fit the {net.variant.name} variant\'s '
-                        f'{type(net).__name__} ({first})') from None
+                        f'{type(net).__name__} ({_last_line(e)})') from None
     return net
 
 
