@@ -138,8 +138,8 @@ def training_flops_per_sample(variant, stage, device):
 
 
 @torch.no_grad()
-def inference(variant, device, path, batch, repeats):
-    """Seconds per call of coarse + fine on a batch (median of `repeats`)."""
+def inference(variant, device, path, batch, repeats, warmup=2):
+    """Seconds per call of coarse + fine on a batch (median of `repeats`, after `warmup` calls)."""
     coarse, fine = nets_for(variant, path, device)
     coarse.eval()
     fine.eval()
@@ -148,14 +148,15 @@ def inference(variant, device, path, batch, repeats):
         x = x.contiguous(memory_format=torch.channels_last)
     amp = path == 'fast' and device.type == 'cuda'
     times = []
-    for i in range(repeats + 2):
+    for i in range(repeats + warmup):
         sync(device)
         t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             predict_log_depth(coarse, fine, x)
         sync(device)
         times.append(time.perf_counter() - t0)
-    return sorted(times[2:])[len(times[2:]) // 2]
+    timed = sorted(times[warmup:])
+    return timed[len(timed) // 2]
 
 
 def main(argv=None):
@@ -212,10 +213,12 @@ def main(argv=None):
                 dp, 'samples/s (plain column: one GPU)')
     row('data pipeline alone', *[pipeline_speed(frames, path, device, batch, steps, warmup, args.workers)
                                  for path in ('plain', 'fast')], 'samples/s')
-    lat = [inference(variant, device, path, 1, 1 if args.quick else 50) * 1000 for path in ('plain', 'fast')]
+    # --quick: one call, no warm-up (the figures only show that the row works)
+    calls = {'repeats': 1, 'warmup': 0} if args.quick else {}
+    lat = [inference(variant, device, path, 1, **({'repeats': 50} | calls)) * 1000 for path in ('plain', 'fast')]
     rows.append(('inference batch 1 (coarse+fine)', f'{lat[0]:.2f}', f'{lat[1]:.2f}',
                  f'{lat[0] / lat[1]:.2f}x', 'ms latency'))
-    thr = [32 / inference(variant, device, path, 32, 1 if args.quick else 20) for path in ('plain', 'fast')]
+    thr = [32 / inference(variant, device, path, 32, **({'repeats': 20} | calls)) for path in ('plain', 'fast')]
     row('inference batch 32 (coarse+fine)', *thr, 'images/s')
     peak = peak_flops(device)
     for stage in ('coarse', 'fine'):

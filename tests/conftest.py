@@ -39,10 +39,11 @@ def synthetic(tmp_path_factory):
 
 @pytest.fixture(scope='session')
 def trained(synthetic, tmp_path_factory):
-    """Both nets trained briefly on `synthetic` (coarse 1280 samples, fine 96), in a model folder."""
+    """Both nets trained briefly on `synthetic` (coarse 640 samples, fine 96), in a model folder.
+    Batch 8: 80 steps, held-out error 0.70 of a constant prediction's (batch 16, 40 steps: 0.82)."""
     import train
     out = tmp_path_factory.mktemp('model')
-    rc = train.main(train_args(synthetic, out, '--coarse-samples', 1280, '--fine-samples', 96,
-                               '--batch-size', 16, '--val-fraction', 0.15, '--val-every', 640))
+    rc = train.main(train_args(synthetic, out, '--coarse-samples', 640, '--fine-samples', 96,
+                               '--batch-size', 8, '--val-fraction', 0.15, '--val-every', 320))
     assert rc == 0
     return out

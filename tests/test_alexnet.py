@@ -70,7 +70,7 @@ def test_without_network_or_cached_file_one_line_and_nothing_written(synthetic, 
 
 def test_trains_resumes_evaluates_predicts_and_loads(torch_home, synthetic, tmp_path, monkeypatch):
     schedule = ['--variant', 'alexnet', '--coarse-samples', 16, '--fine-samples', 8, '--batch-size', 4,
-                '--val-fraction', 0.15, '--val-every', 8, '--save-every', 1]
+                '--val-fraction', 0.15, '--val-every', 8]
     straight, chunked = tmp_path / 'straight', tmp_path / 'chunked'
     assert train.main(train_args(synthetic, straight, *schedule)) == 0
     assert train.main(train_args(synthetic, chunked, *schedule, '--max-steps', 2)) == 0

@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import train
@@ -49,11 +50,15 @@ def _rows(path):
             for r in util.read_history(path)]
 
 
-def test_history_csv_after_a_run_and_after_an_interrupted_one(synthetic, tmp_path, monkeypatch):
-    plotted, real_plot = [], util.plot_losses
-    monkeypatch.setattr(util, 'plot_losses', lambda rows, *a: plotted.append(rows) or real_plot(rows, *a))
-    straight = tmp_path / 'straight'
-    assert train.main(train_args(synthetic, straight, *SCHEDULE)) == 0
+@pytest.fixture(scope='module')
+def straight(synthetic, tmp_path_factory):
+    """An uninterrupted run of SCHEDULE: what the interrupted ones below must end as."""
+    out = tmp_path_factory.mktemp('straight')
+    assert train.main(train_args(synthetic, out, *SCHEDULE)) == 0
+    return out
+
+
+def test_history_csv_after_a_run_and_after_an_interrupted_one(synthetic, straight, tmp_path, monkeypatch):
     csv = straight / 'history_coarse.csv'
     header = csv.read_text().splitlines()[0].split(',')
     assert header == ['step', 'samples', 'train_loss', 'val_loss', 'val_d1', 'val_d2', 'val_d3',
@@ -65,7 +70,6 @@ def test_history_csv_after_a_run_and_after_an_interrupted_one(synthetic, tmp_pat
     assert rows[0]['elapsed_s'] < rows[1]['elapsed_s'] < rows[2]['elapsed_s']
     saved = torch.load(straight / 'checkpoint.pth', weights_only=True)['history']
     assert _rows(csv) == [{k: r[k] for k in _rows(csv)[0]} for r in saved]
-    assert plotted[-1] == util.read_history(csv)   # the plot is drawn from the file
     assert (straight / 'loss_coarse.png').stat().st_size > 0
 
     # stopped at step 3 (between rows), with a row written after the checkpoint, as when a job is
@@ -74,14 +78,15 @@ def test_history_csv_after_a_run_and_after_an_interrupted_one(synthetic, tmp_pat
     assert train.main(train_args(synthetic, chunked, *SCHEDULE, '--max-steps', 3)) == 0
     csv = chunked / 'history_coarse.csv'
     util.append_history(csv, {'step': 4, 'samples': 16, 'train_loss': 9.0})
+    plotted, real_plot = [], util.plot_losses
+    monkeypatch.setattr(util, 'plot_losses', lambda rows, *a: plotted.append(rows) or real_plot(rows, *a))
     assert train.main(train_args(synthetic, chunked, *SCHEDULE, '--resume')) == 0
     assert _rows(csv) == _rows(straight / 'history_coarse.csv')
+    assert plotted[-1] == util.read_history(csv)   # the plot is drawn from the file
 
 
-def test_resume_auto_starts_afresh_then_continues(synthetic, tmp_path, capsys):
-    straight, auto = tmp_path / 'straight', tmp_path / 'auto'
-    assert train.main(train_args(synthetic, straight, *SCHEDULE)) == 0
-    capsys.readouterr()
+def test_resume_auto_starts_afresh_then_continues(synthetic, straight, tmp_path, capsys):
+    auto = tmp_path / 'auto'
     assert train.main(train_args(synthetic, auto, *SCHEDULE, '--resume', 'auto', '--max-steps', 4)) == 0
     assert f'--resume auto: no checkpoint in {auto}, starting afresh' in capsys.readouterr().out
     assert torch.load(auto / 'checkpoint.pth', weights_only=True)['step'] == 4

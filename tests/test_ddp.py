@@ -9,20 +9,22 @@ import torch
 
 import train
 from conftest import ROOT, train_args
-from net import LOGDEPTHS_MEAN
+from net import LOGDEPTHS_MEAN, PAPER, GlobalCoarseNet
 
 COMMON = ['--coarse-samples', 16, '--fine-samples', 24, '--batch-size', 4, '--val-fraction', 0.15,
           '--val-every', 8, '--seed', 11, '--threads', 1, '--no-amp']
 
 
 def test_two_gloo_processes_equal_one_process_on_the_same_global_batch(synthetic, tmp_path):
-    # the fine stage has no dropout, so both runs draw no random numbers but the shared batches
-    base = tmp_path / 'coarse'
-    assert train.main(train_args(synthetic, base, *COMMON, '--stage', 'coarse')) == 0
+    # the fine stage has no dropout, so both runs draw no random numbers but the shared batches;
+    # its fixed coarse net: any weights do (the same file for both runs), here a fresh one's
+    torch.manual_seed(11)
+    base = tmp_path / 'coarse.pth'
+    torch.save(GlobalCoarseNet(PAPER).state_dict(), base)
     runs = {}
     for name in ('one', 'two'):
         (tmp_path / name).mkdir()
-        shutil.copy(base / 'coarse.pth', tmp_path / name / 'coarse.pth')
+        shutil.copy(base, tmp_path / name / 'coarse.pth')
         runs[name] = tmp_path / name
     for path in ('fast', 'plain'):
         args = [str(a) for a in train_args(synthetic, runs['one'], *COMMON, '--stage', 'fine',
