@@ -107,6 +107,10 @@ def parse_args(argv=None):
                    help='paper / release variants: a state_dict with weights for their coarse1-5 '
                         '(96-256-384-384-256 channels, which no public checkpoint has; else they '
                         'start random)')
+    t.add_argument('--fine-init', choices=['pass', 'random'], default='pass',
+                   help="the fine net's start, which the paper does not state: 'pass' returns the "
+                        "coarse map it is given (the fine net then learns to edit it, Sec. 3.1.2; "
+                        "README: why); 'random' as every other layer (default: %(default)s)")
     t.add_argument('--seed', type=int, default=0, help='(default: %(default)s)')
     o = p.add_argument_group('running')
     o.add_argument('--out', default='model', help='output folder (default: %(default)s)')
@@ -994,7 +998,7 @@ def main(argv=None):
         train.to(device)   # uint8 frames on the GPU: 0.4 MB a frame, 0.3 GB for the labeled set
     memory_format = torch.channels_last if device.type == 'cuda' else torch.contiguous_format
     coarse = GlobalCoarseNet(variant).to(device, memory_format=memory_format)
-    fine = LocalFineNet(variant).to(device, memory_format=memory_format)
+    fine = LocalFineNet(variant, pass_through=args.fine_init == 'pass').to(device, memory_format=memory_format)
     stages = ['coarse', 'fine'] if args.stage == 'both' else [args.stage]
     fresh_coarse = ckpt is None and stages[0] == 'coarse'
     if args.pretrained_conv and fresh_coarse:

@@ -49,7 +49,7 @@ def test_fine_layer_sizes(variant):
 @pytest.mark.parametrize('variant', [PAPER, RELEASE])
 def test_fine_net_uses_the_coarse_prediction(variant):
     torch.manual_seed(0)
-    fine = LocalFineNet(variant).eval()
+    fine = LocalFineNet(variant, pass_through=False).eval()   # every weight random: the full reach
     x = torch.rand(1, 3, 228, 304) * 255
     c = torch.zeros(1, 1, 55, 74)
     c2 = c.clone()
@@ -89,6 +89,25 @@ def test_fine_field_of_view(variant, expected):
     43 (9 + 2*1 + 4*4 + 4*4); the release's 3x3/2 pool gives the stated 45. The paper variant
     follows the figure; the README notes the mismatch."""
     assert _receptive_field(LocalFineNet(variant).modules()) == expected
+
+
+@pytest.mark.parametrize('variant', [PAPER, RELEASE])
+def test_a_fresh_fine_net_returns_the_coarse_map_it_is_given(variant):
+    """--fine-init pass (the default): the fine net starts as the identity on the coarse log depth,
+    negative values (below 1 m) included, whatever the image; its two pass-through weights are
+    10 ** (1/4) and 10 ** (-1/4): the fourth root of the paper's fine2 / fine3 rates (0.01 / 0.001)."""
+    torch.manual_seed(0)
+    fine = LocalFineNet(variant).eval()
+    x = torch.rand(2, 3, 228, 304) * 255
+    c = torch.randn(2, 1, 55, 74) * 0.8 + 0.8     # log depth: about 0.2 m to 10 m
+    assert (c < 0).any()
+    with torch.no_grad():
+        torch.testing.assert_close(fine(x, c), c, rtol=1e-5, atol=1e-5)
+    assert fine.fine2[0].weight[0, 0, 2, 2].item() == pytest.approx(10 ** 0.25)
+    assert fine.fine3.weight[0, 1, 2, 2].item() == pytest.approx(-10 ** -0.25)
+    assert fine.fine2[0].weight[2:].abs().sum() > 0       # the other filters start random
+    with torch.no_grad():                                 # --fine-init random: not the identity
+        assert not torch.allclose(LocalFineNet(variant, pass_through=False).eval()(x, c), c, atol=0.1)
 
 
 @pytest.mark.parametrize('variant', [PAPER, RELEASE])
