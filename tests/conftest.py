@@ -11,6 +11,15 @@ SHARED = os.path.join(os.path.dirname(ROOT), 'shared')
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """A test that runs train.main in this process with --threads N changes torch's thread count
+    for the whole process; put it back, so the next tests do not run on one core."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope='session')
 def shared():
     """../shared beside the checkout (reference material, real NYU samples); users' clones do not

@@ -305,11 +305,8 @@ def _resume_one_step(tiny, out, extra):
     """Resume the stopped run for one step, in this process (the signal needed a real process; the
     resume is the same code either way, without a second start of Python and torch)."""
     before = torch.load(out / 'checkpoint.pth', weights_only=True)['step']
-    threads = torch.get_num_threads()   # LONG's --threads 1 would stay set for the next tests
-    try:
-        assert train.main(train_args(tiny, out, *LONG, *extra, '--resume', '--max-steps', 1)) == 0
-    finally:
-        torch.set_num_threads(threads)
+    # (LONG's --threads 1 is undone after the test: conftest._keep_torch_threads)
+    assert train.main(train_args(tiny, out, *LONG, *extra, '--resume', '--max-steps', 1)) == 0
     assert torch.load(out / 'checkpoint.pth', weights_only=True)['step'] == before + 1
     assert not glob.glob(str(out / '*.tmp*'))
 
