@@ -33,6 +33,7 @@ import util
 from loss import TRAIN_LAMBDA, safe_log, scale_invariant_loss
 from net import ALEXNET, PAPER, RELEASE, GlobalCoarseNet
 
+
 def scaled(variant, name, **scaling):
     return dataclasses.replace(variant, name=name, **scaling)
 

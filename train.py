@@ -714,7 +714,7 @@ class StageRun:
         self.history = []   # one row (util.HISTORY_COLUMNS) per validation point
         self.step, self.skipped, self.saved_step = 0, 0, None
         if ckpt is not None:
-            if ckpt['optimizer'] is not None:   # None: the stage had finished (see finish)
+            if ckpt['optimizer'] is not None:   # None: the stage had finished (see checkpoint)
                 load_optimizer_state(self.optimizer, ckpt['optimizer'])
             self.resume_random_streams(ckpt)
             self.history, self.step = ckpt['history'], ckpt['step']
@@ -896,9 +896,7 @@ class StageRun:
         if DIST.main:
             state = {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
             self.save(weights, lambda tmp: torch.save(state, tmp), f'{self.stage} net')
-        # the stage is over, so its momentum is never needed again: the checkpoint leaves it out
-        # (283 MB less to write for the coarse net)
-        self.checkpoint(done=self.stage == 'fine' or self.args.stage == 'coarse', finished=True)
+        self.checkpoint(done=self.stage == 'fine' or self.args.stage == 'coarse')
         print(f'{self.stage} net written to {weights}' +
               (f' ({self.skipped} batches with a non-finite loss skipped)' if self.skipped else ''))
 
@@ -918,10 +916,12 @@ class StageRun:
                                  f'{self.step} ({e.strerror or e}); {self.kept()}. Free some '
                                  f'space, then continue with --resume') from None
 
-    def checkpoint(self, done=False, finished=False):
+    def checkpoint(self, done=False):
         """Everything --resume needs, with every process's random streams; written by rank 0.
-        finished: the stage has ended, so the optimizer's state (momentum) is left out."""
+        At the end of the stage without the optimizer's momentum, which is then never needed
+        again (283 MB less to write for the coarse net)."""
         a = self.args
+        finished = self.step == self.total_steps
         streams = DIST.gather(rng_state(self.gpus))
         if not all_finite(self.net):   # never replace a good checkpoint with a diverged net
             raise cli.UserError(f'{self.stage} step {self.step}: the weights hold NaN or inf; not '
