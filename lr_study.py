@@ -2,18 +2,22 @@
 
 The paper's per-layer rates (Sec. 3.3: 0.001 for coarse1-5, 0.1 for coarse6 and coarse7) were
 tuned by the authors for their own parametrisation. This script trains the coarse net of each
-variant on the demo's synthetic rooms with exactly those rates, momentum 0.9 and the paper's batch
-of 32, and records at every step the training loss (Eq. 4), the batch's mean log error
+variant on the demo's synthetic rooms with train.py's own step (train.train_step: its loss units,
+the paper's rates, momentum 0.9) at the paper's batch of 32, and records at every step the training loss (Eq. 4), the batch's mean log error
 (prediction - target, over valid pixels) and the size of the coarse6 and coarse7 weight updates
 relative to the weights; every --val-every samples the sc-inv error on held-out rooms. It prints a
-table and draws one plot (the README's figure).
+table and draws one plot (the README's figures), then the effective per-layer rates of the step in
+plain units (outputs in log metres, features unscaled), measured by gradient (effective_rates).
 
     python lr_study.py                            # the README's figures (~30 min on 2 CPU cores)
     python lr_study.py --samples 320 --runs paper # a quick look
+    python lr_study.py --rates                    # the effective-rate table alone (seconds)
 
 The runs: each variant as train.py builds it; 'paper-unscaled', the paper variant before this
 study (features and targets unscaled); '*-release-factors', the release's factors taken as they
-are (features x 0.01, targets / 0.457) on inputs normalised by their std.
+are (features x 0.01, targets / 0.457) on inputs normalised by their std; 'alexnet-features-x0.44',
+the alexnet variant with the feature scale at which its first coarse7 step is the paper variant's
+(a step's share scales with the square of the features: 0.576 x sqrt(5.5% / 9.4%)).
 """
 import argparse
 import copy
@@ -30,8 +34,8 @@ import cli
 import net
 import train
 import util
-from loss import TRAIN_LAMBDA, safe_log, scale_invariant_loss
-from net import ALEXNET, PAPER, RELEASE, GlobalCoarseNet
+from loss import TRAIN_LAMBDA, safe_log
+from net import ALEXNET, PAPER, RELEASE, GlobalCoarseNet, LocalFineNet
 
 
 def scaled(variant, name, **scaling):
@@ -45,6 +49,7 @@ RUNS = {
     'release': RELEASE,
     'alexnet': ALEXNET,
     'alexnet-release-factors': scaled(ALEXNET, 'alexnet-release-factors', feature_scale=0.01),
+    'alexnet-features-x0.44': scaled(ALEXNET, 'alexnet-features-x0.44', feature_scale=0.44),
 }
 SMOOTH = 10   # steps averaged in the plotted training loss (one batch is noisy)
 
@@ -54,7 +59,9 @@ def relative_update(after, before):
 
 
 def study(variant, train_frames, val_frames, samples, batch, val_every, seed, show):
-    """Coarse training of `variant` for `samples` samples: one row a step, val rows apart."""
+    """Coarse training of `variant` for `samples` samples with train.py's own step (train_step:
+    its loss units, per-layer rates, momentum): one row a step, val rows apart. Returns the rows,
+    the validation points, the one-step probe and the trained net."""
     torch.manual_seed(seed)
     coarse = GlobalCoarseNet(variant)
     conv_weights = 'random'
@@ -68,49 +75,128 @@ def study(variant, train_frames, val_frames, samples, batch, val_every, seed, sh
                                      SimpleNamespace(path='fast', log_every=steps, workers=0),
                                      torch.device('cpu'))
     weights = {'coarse6': coarse.coarse6[1].weight, 'coarse7': coarse.coarse7.weight}
+    seen = {}   # the prediction of the step's forward pass, for the mean error
+    hook = coarse.register_forward_hook(lambda module, inputs, out: seen.update(pred=out.detach()))
     rows, val = [], []
     bar = cli.progress(total=steps, desc=variant.name, enabled=show)
     for step, (x, y, m) in enumerate(batches):
         if step == 0:   # before any update (the probe leaves the net as it was)
             probe = one_step_on_coarse7(coarse, x, y, m)
         before = {name: w.detach().clone() for name, w in weights.items()}
-        target = safe_log(y, m)
-        pred = coarse(x)
-        loss = scale_invariant_loss(pred, target, m, TRAIN_LAMBDA)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        rows.append({'samples': (step + 1) * batch, 'loss': float(loss.detach()),
-                     'mean_error': float((pred.detach() - target)[m].mean()),
+        loss = train.train_step(coarse, None, optimizer, (x, y, m), TRAIN_LAMBDA, variant)
+        rows.append({'samples': (step + 1) * batch, 'loss': float(loss),
+                     'mean_error': float((seen['pred'] - safe_log(y, m))[m].mean()),
                      **{name: relative_update(w.detach(), before[name]) for name, w in weights.items()}})
         if (step + 1) * batch % val_every == 0 or step + 1 == steps:
-            v = train.validate(coarse, None, val_frames, torch.device('cpu'), batch, TRAIN_LAMBDA, 1.0)
+            v = train.validate(coarse, None, val_frames, torch.device('cpu'), batch, TRAIN_LAMBDA)
             val.append((rows[-1]['samples'], v['si_log']))
         bar.update(1)
     bar.close()
-    return {'rows': rows, 'val': val, 'conv_weights': conv_weights, 'one_step': probe}
+    hook.remove()
+    return {'rows': rows, 'val': val, 'conv_weights': conv_weights, 'one_step': probe, 'net': coarse}
 
 
 def one_step_on_coarse7(coarse, x, y, m):
-    """The batch's mean log error before and after one plain SGD step (no momentum) on coarse7
-    alone at its paper rate, the net in eval mode (no dropout): the fraction of the error that
-    one step removes. Near 1 (or above): the rate cancels the whole error at once and momentum
-    makes it ring. The net is left as it was."""
-    saved = copy.deepcopy(coarse.coarse7.state_dict())
+    """The batch's mean log error before and after one step of train.py's train_step on coarse7
+    alone at its paper rate (every other layer's rate 0; a first step of SGD with momentum is a
+    plain one: the momentum buffer starts as the gradient), the net in eval mode (no dropout): the
+    fraction of the error that one step removes. The net is left as it was."""
+    saved = copy.deepcopy(coarse.state_dict())
     mode = coarse.training
     coarse.eval()
+    optimizer = train.make_optimizer(coarse, coarse.variant)
+    for group in optimizer.param_groups:
+        if group['layer'] != 'coarse7':
+            group['lr'] = 0.0
     target = safe_log(y, m)
-    pred = coarse(x)
-    before = float((pred.detach() - target)[m].mean())
-    grads = torch.autograd.grad(scale_invariant_loss(pred, target, m, TRAIN_LAMBDA),
-                                list(coarse.coarse7.parameters()))
     with torch.no_grad():
-        for p, g in zip(coarse.coarse7.parameters(), grads):
-            p -= coarse.variant.lr['coarse7'] * g
+        before = float((coarse(x) - target)[m].mean())
+    train.train_step(coarse, None, optimizer, (x, y, m), TRAIN_LAMBDA, coarse.variant)
+    with torch.no_grad():
         after = float((coarse(x) - target)[m].mean())
-    coarse.coarse7.load_state_dict(saved)
+    coarse.load_state_dict(saved)
     coarse.train(mode)
     return (before - after) / before
+
+
+def plain_state(net):
+    """The weights of `net` for the same net in plain units (plain_variant): each tensor times the
+    factor c with which it enters in our units. coarse6's weight sees features x feature_scale;
+    coarse7 and fine3 produce log depth / log_depth_std; fine2's input channel 0 is the coarse
+    map / log_depth_std."""
+    v, state = net.variant, {k: t.clone() for k, t in net.state_dict().items()}
+    for key in list(state):
+        if key == 'coarse6.1.weight':
+            state[key] *= v.feature_scale
+        elif key.split('.')[0] in ('coarse7', 'fine3'):
+            state[key] *= v.log_depth_std
+        elif key == 'fine2.0.weight':
+            state[key][:, 0] /= v.log_depth_std
+    return state
+
+
+def plain_variant(variant):
+    return dataclasses.replace(variant, name=variant.name + '-plain', feature_scale=1.0,
+                               log_depth_std=1.0)
+
+
+def effective_rates(variant, seed=0):
+    """The per-layer rates of train.py's step in plain units (outputs in log metres, coarse5's
+    features unscaled), measured by gradient: one train_step (its first step, so the update is
+    -rate x gradient; weight decay set to 0 for the measurement) on a random batch, the update
+    carried into plain units (x c, plain_state), divided by the plain net's gradient of Eq. 4.
+    Returns {(layer, part): rate}; part 'weight', 'bias', or for fine2 'coarse-map input' /
+    'other inputs'."""
+    torch.manual_seed(seed)
+    # float64: the two parametrisations round differently, and a rate is a ratio of small numbers;
+    # the fine net starts random (pass-through's zero fine3 weights would give fine1 no gradient)
+    ours = {'coarse': GlobalCoarseNet(variant).double().eval(),
+            'fine': LocalFineNet(variant, pass_through=False).double().eval()}
+    plain = {k: type(n)(plain_variant(variant)).double().eval() for k, n in ours.items()}
+    for k in ours:
+        plain[k].load_state_dict(plain_state(ours[k]))
+    x = torch.rand(4, 3, *net.INPUT_HW, dtype=torch.float64) * 255
+    y = torch.exp(0.8 + 0.4 * torch.randn(4, 1, *net.OUTPUT_HW, dtype=torch.float64))
+    m = torch.ones_like(y, dtype=torch.bool)
+    with torch.no_grad():   # the mapping is exact: both nets predict the same
+        assert torch.allclose(plain['fine'](x, plain['coarse'](x)), ours['fine'](x, ours['coarse'](x)),
+                              atol=1e-9)
+    rates = {}
+    for stage in ('fine', 'coarse'):   # the fine stage first: it leaves the coarse net as it is
+        fixed = None if stage == 'coarse' else ours['coarse']
+        before = plain_state(ours[stage])
+        optimizer = train.make_optimizer(ours[stage], variant)
+        for group in optimizer.param_groups:
+            group['weight_decay'] = 0.0
+        train.train_step(ours[stage], fixed, optimizer, (x, y, m), TRAIN_LAMBDA, variant)
+        after = plain_state(ours[stage])
+        plain_loss = train.forward_loss(stage, plain[stage], None if stage == 'coarse' else plain['coarse'],
+                                        x, y, m, TRAIN_LAMBDA)
+        names = [n for n, _ in plain[stage].named_parameters()]
+        grads = dict(zip(names, torch.autograd.grad(plain_loss, list(plain[stage].parameters()))))
+        for name, grad in grads.items():
+            layer, kind = name.split('.')[0], name.split('.')[-1]
+            step = before[name] - after[name]
+            parts = {kind: (step, grad)}
+            if name == 'fine2.0.weight':
+                parts = {'coarse-map input': (step[:, :1], grad[:, :1]),
+                         'other inputs': (step[:, 1:], grad[:, 1:])}
+            for part, (s, g) in parts.items():
+                rates[(layer, part)] = float(s.norm() / g.norm())
+    return rates
+
+
+def effective_rate_table(variants=(PAPER, RELEASE, ALEXNET)):
+    """The README's table: per layer, the paper's rate and the effective rate of each variant in
+    plain units (x the paper's rate)."""
+    measured = {v.name: effective_rates(v) for v in variants}
+    lines = ['| layer | tensor | paper\'s rate | ' + ' | '.join(measured) + ' |',
+             '|---|---|---|' + '---|' * len(measured)]
+    for layer, part in sorted(measured[variants[0].name], key=lambda k: (k[0][0] == 'f', k[0])):
+        rate = PAPER.lr[layer]
+        cells = [f'{m[(layer, part)]:.3g} (x{m[(layer, part)] / rate:.3g})' for m in measured.values()]
+        lines.append(f'| {layer} | {part} | {rate:g} | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
 
 
 def summary(name, variant, result):
@@ -159,7 +245,12 @@ def main(argv=None):
     p.add_argument('--seed', type=int, default=0, help='(default: %(default)s)')
     p.add_argument('--plot', default=os.path.join('model', 'lr_study.png'),
                    help='(default: %(default)s)')
+    p.add_argument('--rates', action='store_true',
+                   help="print only the effective per-layer rates in plain units (seconds)")
     args = p.parse_args(argv)
+    if args.rates:
+        print(effective_rate_table())
+        return 0
     if args.samples < args.batch_size or args.batch_size <= 0 or args.val_every <= 0:
         p.error('--samples must be at least --batch-size, both and --val-every positive')
     mat, splits = train.demo_paths()
@@ -181,10 +272,13 @@ def main(argv=None):
     print('|---|---|---|---|---|---|---|---|---|---|')
     for name, result in results.items():
         print(summary(name, RUNS[name], result))
+    print('\nThe rates of train.py\'s step in plain units (outputs in log metres, coarse5 features '
+          'unscaled):')
+    print(effective_rate_table())
     os.makedirs(os.path.dirname(args.plot) or '.', exist_ok=True)
     plot(results, args.plot)
     with open(os.path.splitext(args.plot)[0] + '.json', 'w') as f:
-        json.dump(results, f)
+        json.dump({name: {k: v for k, v in r.items() if k != 'net'} for name, r in results.items()}, f)
     print(f'plot: {args.plot}; every step in {os.path.splitext(args.plot)[0]}.json')
     return 0
 

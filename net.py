@@ -57,6 +57,9 @@ class Variant:
     weight_decay: dict = field(default_factory=dict)  # per layer
     coarse5_hw: tuple = (6, 8)      # spatial size reaching coarse6
     coarse_convs: str = 'eigen'     # coarse1-5: 'eigen' (Fig. 1, [R]) or torchvision's 'alexnet'
+    # the fine stage's fixed coarse net keeps its dropout on while the fine net trains ([R]: the
+    # fine net is built on `pred_drop`, the coarse output with dropout); [P] does not say
+    fine_sees_coarse_dropout: bool = False
 
 
 # Sec. 3.3: "coarse convolutional layers 1-5: 0.001, coarse full layers 6 and 7: 0.1, fine layers
@@ -88,6 +91,7 @@ RELEASE = Variant(
     name='release', pool='release', lrn=True, fine1_filters=64, feature_scale=0.01,
     coarse_mean=128.0, coarse_std=1.0, fine_mean=IMAGES_MEAN, fine_std=IMAGES_STD,
     log_depth_std=LOGDEPTHS_STD, dropout=0.5, lr=PAPER_LR, weight_decay=RELEASE_WD,
+    fine_sees_coarse_dropout=True,
     # 3x3/2 pools with Caffe/cuda-convnet ceil rounding: the only rounding that gives [R]'s fine
     # branch its 55x74 output; it makes coarse5 6x9 (not Fig. 1's 6x8).
     coarse5_hw=(6, 9))

@@ -40,12 +40,15 @@ COARSE_SAMPLES = 2_000_000
 FINE_SAMPLES = 1_500_000
 # The demo: synthetic rooms, a schedule a 2-core CPU runs in a few minutes.
 LABELED = os.path.join('nyu', 'nyu_depth_v2_labeled.mat')
+SPLITS = os.path.join('nyu', 'splits.mat')
 DEMO_FOLDER = os.path.join('nyu', 'synthetic')
 DEMO_SCENES, DEMO_VIEWS = 30, 6
 DEMO_COARSE_SAMPLES, DEMO_FINE_SAMPLES, DEMO_BATCH = 3200, 1600, 16
 # 3: every process's CPU and GPU random streams ('rng'); 4: the paper and alexnet variants'
-# feature and target scaling of issue #11 (a format-3 run of theirs would go on with other nets)
-CHECKPOINT_FORMAT = 4
+# feature and target scaling of issue #11 (a format-3 run of theirs would go on with other nets);
+# 5: the history's val_loss in Eq. 4's units, as train_loss (format 4's was divided by 0.457^2:
+# converted on resume, issue #18)
+CHECKPOINT_FORMAT = 5
 RAW_VAL_FRAMES = 300   # validation frames decoded into memory from held-out raw scenes
 
 
@@ -67,7 +70,7 @@ def parse_args(argv=None):
     d.add_argument('--labeled', default=LABELED,
                    help='with raw frames: the labeled .mat whose test scenes (with --splits) are '
                         'refused in training (default: %(default)s)')
-    d.add_argument('--splits', default=os.path.join('nyu', 'splits.mat'),
+    d.add_argument('--splits', default=SPLITS,
                    help="NYU's official train/test split (default: %(default)s)")
     d.add_argument('--per-scene', type=int, default=None,
                    help=f'draw N frames of every scene per pass (Sec. 4.1: the distribution '
@@ -281,9 +284,10 @@ class Autocast(nn.Module):
 
 
 @torch.no_grad()
-def validate(coarse, fine, frames, device, batch, lam, scale):
-    """Validation frames, centre crop, nets in eval mode: the mean training loss (Eq. 4) and the
-    metrics of metrics.py on the 55x74 target grid (sc-inv = sqrt(Eq. 1), RMSE in metres, ...)."""
+def validate(coarse, fine, frames, device, batch, lam):
+    """Validation frames, centre crop, nets in eval mode: the mean training loss (Eq. 4, in
+    (log metres)^2 as the logged training loss) and the metrics of metrics.py on the 55x74 target
+    grid (sc-inv = sqrt(Eq. 1), RMSE in metres, ...)."""
     nets = [n for n in (coarse, fine) if n is not None]
     modes = [n.training for n in nets]
     for n in nets:
@@ -294,7 +298,7 @@ def validate(coarse, fine, frames, device, batch, lam, scale):
         img, depth, mask = (t.to(device) for t in frames.get(idx))
         x, y, m = util.center_crop(img, depth, mask)
         pred = predict_log_depth(coarse, fine, x)
-        loss_sum += float(scale_invariant_loss(pred, safe_log(y, m), m, lam)) * len(idx) / scale
+        loss_sum += float(scale_invariant_loss(pred, safe_log(y, m), m, lam)) * len(idx)
         found.add(pred=pred.exp(), gt=y, mask=m)
         count += len(idx)
     for n, mode in zip(nets, modes):
@@ -317,6 +321,25 @@ def forward_loss(stage, net, coarse, x, y, m, lam, amp=False):
     return scale_invariant_loss(pred.float(), safe_log(y, m), m, lam)
 
 
+def train_step(net, coarse, optimizer, batch, lam, variant, amp=False, guard=None):
+    """One SGD step of Sec. 3.3 on one augmented batch (x, y, m), on the device; no value is read
+    on the host. `net` is the trained net as the step runs it (Autocast, DataParallel, DDP),
+    `coarse` None in the coarse stage, the fixed coarse net in the fine stage. Returns Eq. 4 of
+    the (global) batch as a device scalar. guard: a NonFiniteGuard, None for a plain step. The
+    one training step of the project: lr_study.py and the tests call it too."""
+    x, y, m = batch
+    loss = forward_loss('coarse' if coarse is None else 'fine', net, coarse, x, y, m, lam, amp)
+    optimizer.zero_grad(set_to_none=True)
+    # [R] trains on targets log depth / 0.457, so its loss, and with it every gradient, is ours /
+    # 0.457^2; the paper's learning rates were tuned for that (README, "The learning rates"). Only
+    # the gradient carries the factor: every loss a user sees is Eq. 4 in (log metres)^2.
+    (loss / variant.log_depth_std ** 2).backward()
+    value = DIST.mean_(loss.detach().clone())   # the global batch's loss, alike everywhere
+    if guard is None or guard.allows_step(value):
+        optimizer.step()
+    return value
+
+
 def all_finite(net):
     return bool(torch.stack([torch.isfinite(p).all() for p in net.parameters()]).all())
 
@@ -333,6 +356,12 @@ def read_checkpoint(path, args, variant):
               'rng', 'history', 'running_loss', 'config'}
     if not isinstance(ckpt, dict) or not needed <= ckpt.keys():
         raise cli.DataError(f'{path}: not a train.py checkpoint (no {sorted(needed)} entries)')
+    if ckpt['format'] == 4:   # its val_loss was Eq. 4 / log_depth_std^2: into Eq. 4's units
+        for row in ckpt['history']:
+            if row.get('val_loss') is not None:
+                row['val_loss'] *= variant.log_depth_std ** 2
+        ckpt['format'] = CHECKPOINT_FORMAT
+        print(f'{path}: format 4, its validation losses converted to Eq. 4 in (log m)^2')
     if ckpt['format'] != CHECKPOINT_FORMAT:
         raise cli.DataError(f"{path}: checkpoint format {ckpt['format']}, this train.py reads "
                              f"format {CHECKPOINT_FORMAT} (an older train.py wrote it: start "
@@ -702,7 +731,7 @@ class StageRun:
         self.variant = coarse.variant
         self.net = coarse if stage == 'coarse' else fine
         if stage == 'fine':   # Sec. 3.3: the coarse net is held fixed while the fine net trains
-            coarse.eval()
+            coarse.train(self.variant.fine_sees_coarse_dropout)   # [R]: with its dropout on
             coarse.requires_grad_(False)
         self.net.train()
         self.optimizer = make_optimizer(self.net, self.variant)
@@ -724,7 +753,6 @@ class StageRun:
                                  f'{DIST.world} processes')
         self.parallel, self.coarse_run = self.wrap_nets()
         self.guard = NonFiniteGuard(self.optimizer, device, args.skip_nonfinite)
-        self.scale = self.variant.log_depth_std ** 2   # [R] trains on log depth / std: its loss is ours / std^2
         self.ckpt_path = os.path.join(args.out, 'checkpoint.pth')
         self.csv_path = os.path.join(args.out, f'history_{stage}.csv')
         self.block_losses = []          # device scalars of the steps since the last logging point
@@ -796,14 +824,9 @@ class StageRun:
 
     def train_step(self, x, y, m):
         """One SGD step on one augmented batch, on the device; no value is read on the host."""
-        loss = forward_loss(self.stage, self.parallel, self.coarse_run, x, y, m, self.args.lam,
-                            self.args.amp)
-        self.optimizer.zero_grad(set_to_none=True)
-        (loss / self.scale).backward()
-        value = DIST.mean_(loss.detach().clone())   # the global batch's loss, alike everywhere
-        if self.guard.allows_step(value):
-            self.optimizer.step()
-        self.block_losses.append(value)
+        self.block_losses.append(train_step(self.parallel, self.coarse_run if self.stage == 'fine'
+                                            else None, self.optimizer, (x, y, m), self.args.lam,
+                                            self.variant, self.args.amp, self.guard))
 
     def log_point(self, limit):
         """The host's turn: read the losses of the steps since the last logging point (one read),
@@ -874,7 +897,7 @@ class StageRun:
         if DIST.main:
             if len(self.val):
                 v = validate(self.coarse, self.fine if self.stage == 'fine' else None, self.val,
-                             self.device, a.batch_size, a.lam, self.scale)
+                             self.device, a.batch_size, a.lam)
                 row.update({f'val_{k}': value for k, value in v.items()})
                 self.bar.write(f"{self.stage} {samples} samples: val loss {v['loss']:.4f}, sc-inv "
                                f"{v['si_log']:.3f}, RMSE {v['rmse']:.3f} m, d<1.25 {v['d1']:.3f}")
@@ -1032,7 +1055,40 @@ def main(argv=None):
     if len(val) and DIST.main:
         util.plot_predictions(coarse, fine if 'fine' in stages else None, val, device,
                               os.path.join(args.out, 'predictions.png'))
+    if DIST.main:
+        print(summary(args, stages))
     return 0
+
+
+def summary(args, stages):
+    """The run's last lines: each stage's final validation figures side by side, where the files
+    are, and the command that evaluates them on the test split."""
+    lines, names = [], {'coarse': 'Coarse', 'fine': 'Coarse + Fine'}
+    for stage, name in names.items():
+        if stage == 'fine' and 'fine' not in stages:
+            continue
+        path = os.path.join(args.out, f'history_{stage}.csv')
+        rows = [r for r in util.read_history(path) if r['val_loss'] is not None] \
+            if os.path.isfile(path) else []
+        if rows:
+            r = rows[-1]
+            lines.append(f"| {name:13s} | {r['samples']:9d} | {r['val_loss']:.4f} | {r['val_si_log']:.3f}"
+                         f" | {r['val_rmse']:.3f} | {r['val_abs_rel']:.3f} | {r['val_d1']:.3f} |")
+    out = args.out
+    files = ', '.join(p for p in (os.path.join(out, f) for f in (
+        'coarse.pth', 'fine.pth', 'loss_coarse.png', 'loss_fine.png', 'predictions.png')) if os.path.isfile(p))
+    text = ['', 'Validation at the end of each stage (held-out scenes, centre crop; loss: Eq. 4 '
+                'in (log m)^2):',
+            '| net           |   samples | loss   | sc-inv | RMSE m | abs rel | d<1.25 |'] + lines
+    if not lines:
+        text = ['', 'no validation figures (--val-fraction 0)']
+    where = ' --demo' if args.demo else ''
+    if not args.demo:
+        labeled = args.data if args.data_format == 'labeled' else args.labeled
+        where += f' --data {labeled}' if labeled != LABELED else ''
+        where += f' --splits {args.splits}' if args.splits != SPLITS else ''
+    text += [f'written: {files}', f'evaluate on the test split: python evaluate.py --model {out}{where}']
+    return '\n'.join(text)
 
 
 if __name__ == '__main__':

@@ -64,6 +64,22 @@ def test_fine_stage_runs_the_coarse_net_fixed(trained, synthetic, tmp_path, monk
     assert len(calls) >= 2 and set(calls) == {(False, False, False)}
 
 
+def test_release_fine_stage_runs_the_coarse_net_with_its_dropout(synthetic, tmp_path, monkeypatch):
+    """[R] builds the fine net on `pred_drop`, the coarse output with dropout: the release variant's
+    fixed coarse net runs in training mode (still without gradients) while the fine net trains."""
+    calls, real = [], GlobalCoarseNet.forward
+
+    def forward(self, x):
+        calls.append((self.training, torch.is_grad_enabled(), any(p.requires_grad for p in self.parameters())))
+        return real(self, x)
+
+    torch.save(GlobalCoarseNet(RELEASE).state_dict(), tmp_path / 'coarse.pth')
+    monkeypatch.setattr(GlobalCoarseNet, 'forward', forward)
+    assert train.main(train_args(synthetic, tmp_path, '--variant', 'release', '--stage', 'fine',
+                                 '--fine-samples', 8, '--batch-size', 4, '--val-fraction', 0)) == 0
+    assert len(calls) >= 2 and set(calls) == {(True, False, False)}
+
+
 def test_release_weight_decay():
     opt = train.make_optimizer(GlobalCoarseNet(RELEASE), RELEASE)
     wd = {g['layer']: g['weight_decay'] for g in opt.param_groups}
