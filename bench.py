@@ -27,6 +27,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import cli
+import data
 import nyu_raw
 import synthetic
 import train
@@ -114,7 +115,7 @@ def pipeline_speed(frames, path, device, batch, steps, warmup, workers):
     if path == 'fast':
         frames = copy.copy(frames).to(device)   # the shared CPU frames stay for the next rows
     order = util.SampleOrder(len(frames), 0)
-    for i, _ in enumerate(train.training_batches(frames, order, 0, warmup + steps, batch, args, device)):
+    for i, _ in enumerate(data.training_batches(frames, order, 0, warmup + steps, batch, args, device)):
         if i == warmup:
             sync(device)
             t0 = time.perf_counter()
@@ -160,6 +161,7 @@ def inference(variant, device, path, batch, repeats, warmup):
 
 
 def main(argv=None):
+    """The command line and the one table (each row a measurement); long as the table is."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--quick', action='store_true', help='CPU, tiny data, a few steps')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',

@@ -77,8 +77,8 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     a.out = a.out or a.model
     if a.demo:
-        import train
-        a.data, a.splits = train.demo_paths()
+        import data
+        a.data, a.splits = data.demo_paths()
     return a
 
 

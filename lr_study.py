@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 import cli
+import data
 import net
 import train
 import util
@@ -71,7 +72,7 @@ def study(variant, train_frames, val_frames, samples, batch, val_every, seed, sh
     optimizer = train.make_optimizer(coarse, variant)
     steps = samples // batch
     order = util.SampleOrder(len(train_frames), seed)
-    batches = train.training_batches(train_frames, order, 0, steps, batch,
+    batches = data.training_batches(train_frames, order, 0, steps, batch,
                                      SimpleNamespace(path='fast', log_every=steps, workers=0),
                                      torch.device('cpu'))
     weights = {'coarse6': coarse.coarse6[1].weight, 'coarse7': coarse.coarse7.weight}
@@ -253,7 +254,7 @@ def main(argv=None):
         return 0
     if args.samples < args.batch_size or args.batch_size <= 0 or args.val_every <= 0:
         p.error('--samples must be at least --batch-size, both and --val-every positive')
-    mat, splits = train.demo_paths()
+    mat, splits = data.demo_paths()
     arrays = util.read_nyu_labeled(mat, progress=False)
     train_idx, _ = util.read_splits(splits, len(arrays['images']))
     train_idx, val_idx = util.split_train_val(train_idx, arrays['scenes'], 0.15, args.seed)

@@ -20,7 +20,6 @@ NAMES = ('d1', 'd2', 'd3', 'abs_rel', 'sq_rel', 'rmse', 'rmse_log', 'si_log', 'l
 HEADINGS = {'d1': 'd<1.25', 'd2': 'd<1.25^2', 'd3': 'd<1.25^3', 'abs_rel': 'abs rel',
             'sq_rel': 'sqr rel', 'rmse': 'RMSE', 'rmse_log': 'RMSE log', 'si_log': 'sc-inv',
             'log10': 'log10'}
-LOWER_IS_BETTER = {'abs_rel', 'sq_rel', 'rmse', 'rmse_log', 'si_log', 'log10'}
 
 
 def _sums(pred, gt, mask):

@@ -18,7 +18,7 @@ Three variants share this file, and everything that differs between them lives i
 Where neither source settles a detail the choice is marked "(?)" and listed in the README.
 """
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -101,13 +101,11 @@ RELEASE = Variant(
 IMAGENET_MEAN = tuple(255 * m for m in (0.485, 0.456, 0.406))
 IMAGENET_STD = tuple(255 * s for s in (0.229, 0.224, 0.225))
 
-ALEXNET = Variant(
-    name='alexnet', pool='paper', lrn=False, fine1_filters=63,
+ALEXNET = replace(
+    PAPER, name='alexnet', coarse_convs='alexnet',
     # [R]'s parametrisation as in PAPER: features x 0.01 per 0..255 unit of the input (here in
     # units of ImageNet's std, 57.6 on average) and targets as log depth / its std
-    feature_scale=0.01 * sum(IMAGENET_STD) / 3, coarse_mean=IMAGENET_MEAN, coarse_std=IMAGENET_STD,
-    fine_mean=IMAGES_MEAN, fine_std=IMAGES_STD, log_depth_std=LOGDEPTHS_STD, dropout=0.5,
-    lr=PAPER_LR, weight_decay={k: 0.0 for k in PAPER_LR}, coarse5_hw=(6, 8), coarse_convs='alexnet')
+    feature_scale=0.01 * sum(IMAGENET_STD) / 3, coarse_mean=IMAGENET_MEAN, coarse_std=IMAGENET_STD)
 
 VARIANTS = {v.name: v for v in (PAPER, RELEASE, ALEXNET)}
 
@@ -118,10 +116,10 @@ def get_variant(name):
     return VARIANTS[name]
 
 
-def _pool(variant, paper_kernel=2):
+def _pool(variant):
     if variant.pool == 'release':
         return nn.MaxPool2d(3, stride=2, ceil_mode=True)
-    return nn.MaxPool2d(paper_kernel, stride=paper_kernel)
+    return nn.MaxPool2d(2, stride=2)
 
 
 def _lrn():

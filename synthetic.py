@@ -20,7 +20,8 @@ def _min3(a):
 
 
 def render_room(room_rng, view_rng, hw=NYU_HW):
-    """One RGB-D frame of a random box room seen by a Kinect-like camera.
+    """One RGB-D frame of a random box room seen by a Kinect-like camera. Long because the
+    renderer is one pass (room, boxes, ray casting, shading, sensor) over shared arrays.
 
     room_rng draws the room (size, furniture-like boxes standing on the floor, colours), view_rng
     the camera (position, heading, pitch, roll) and the sensor (noise, holes), so frames rendered

@@ -4,6 +4,7 @@ Formats: ../shared/nyu-format.md (summarised in the README). The labeled file is
 i.e. HDF5: h5py shows MATLAB's column-major arrays with their axes reversed, so image i is
 images[i].transpose(2, 1, 0) -> (480, 640, 3) and depth i is depths[i].T -> (480, 640).
 """
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -15,7 +16,6 @@ import torch.nn.functional as F
 from cli import DataError, progress as progress_bar
 from files import atomic_write, check_file
 from loss import valid_depth_mask
-from metrics import NAMES as METRIC_NAMES
 from net import FRAME_HW, INPUT_HW, OUTPUT_HW, TARGET_OFFSET, TARGET_STRIDE
 
 NYU_HW = (480, 640)
@@ -418,7 +418,7 @@ class AugParams:
         return AugParams(*(t[rows] for t in (self.scale, self.angle, self.offset, self.color, self.flip)))
 
     # One float32 row per sample, [scale, angle, x, y, r, g, b, flip], so that the draws of many
-    # steps travel to the GPU in one copy (train.draw_block). Exact: offsets are whole pixels.
+    # steps travel to the GPU in one copy (data.draw_block). Exact: offsets are whole pixels.
     PACKED = 8
 
     def pack(self):
@@ -507,8 +507,9 @@ def center_crop(images, depths, masks):
 # ----------------------------------------------------------------------------------------------
 # From network output back to a frame: the region the 55x74 map covers, upsampling
 
-# The release's get_predicted_depth_region: the output grid covers rows 10..230 and columns
-# 12..308 of the 240x320 frame, one 4x4 block per cell (the centre 220x296 of the input crop).
+# The output grid covers rows 10..230 and columns 12..308 of the 240x320 frame, one 4x4 block per
+# cell (55 x 4 by 74 x 4 pixels: the centre 220x296 of the input crop). The release's
+# get_predicted_depth_region gives (10, 238, 12, 316), 8 pixels more at the bottom and right.
 OUTPUT_REGION_240x320 = (10, 230, 12, 308)
 
 
@@ -568,49 +569,9 @@ def _pyplot():
     return plt
 
 
-# The training history, one row per validation point: train.py appends to OUT/history_<stage>.csv
-# as it goes (and rewrites it from the checkpoint on --resume); the loss plots are drawn from it.
-HISTORY_COLUMNS = ('step', 'samples', 'train_loss', 'val_loss', *(f'val_{k}' for k in METRIC_NAMES),
-                   'samples_per_s', 'elapsed_s', 'wall_time')
-
-
-def _csv_line(values):
-    return ','.join('' if v is None else v if isinstance(v, str) else repr(v) for v in values) + '\n'
-
-
-def write_history(path, rows):
-    """The CSV with its header and `rows` (dicts of HISTORY_COLUMNS), atomically."""
-    def write(tmp):
-        with open(tmp, 'w') as f:
-            f.write(','.join(HISTORY_COLUMNS) + '\n')
-            for row in rows:
-                f.write(_csv_line(row.get(k) for k in HISTORY_COLUMNS))
-    atomic_write(path, write)
-
-
-def append_history(path, row):
-    with open(path, 'a') as f:
-        f.write(_csv_line(row.get(k) for k in HISTORY_COLUMNS))
-
-
-def read_history(path):
-    """The rows of a history CSV as dicts: numbers as float (int for step and samples), a missing
-    value (no validation set) as None, wall_time as its text."""
-    import csv
-    with open(path, newline='') as f:
-        rows = list(csv.DictReader(f))
-    kinds = {'step': int, 'samples': int, 'wall_time': str}
-    return [{k: (kinds.get(k, float)(v) if v != '' else None) for k, v in row.items()} for row in rows]
-
-
 def plot_losses(history, stage, path):
-    """Training loss (mean over each validation interval) and validation loss / error vs samples.
-    history: rows of read_history (also taken: {'train': [(samples, loss)], 'val': [(samples,
-    loss, sc-inv)]}, the form of earlier versions)."""
-    if isinstance(history, dict):
-        val = {s: (l, e) for s, l, e in history['val']}
-        history = [{'samples': s, 'train_loss': l, 'val_loss': val.get(s, (None,))[0],
-                    'val_si_log': val.get(s, (None, None))[1]} for s, l in history['train']]
+    """Training loss (mean over each validation interval) and validation loss / error vs samples,
+    all in (log metres)^2. history: the rows of runlog.read_history."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if history:
@@ -662,44 +623,52 @@ def _panel(rows, titles, labels, path, dpi=80):
     plt.close(fig)
 
 
-def _set_eval(nets):
+@contextlib.contextmanager
+def _eval_mode(*nets):
+    """The nets in eval mode inside the block, each back in its own mode afterwards."""
+    nets = [n for n in nets if n is not None]
+    modes = [n.training for n in nets]
     for n in nets:
-        if n is not None:
-            n.eval()
+        n.eval()
+    try:
+        yield
+    finally:
+        for n, mode in zip(nets, modes):
+            n.train(mode)
 
 
 @torch.no_grad()
 def plot_predictions(coarse, fine, frames, device, path, count=4):
     """RGB | ground truth | coarse | coarse + fine for the first `count` frames, at the 55x74 grid."""
-    _set_eval([coarse, fine])
-    count = min(count, len(frames))
-    img, depth, mask = (t.to(device) for t in frames.get(list(range(count))))
-    x, y, m = center_crop(img, depth, mask)
-    c = coarse(x)
-    maps = [torch.where(m, y, torch.full_like(y, float('nan'))), c.exp()]   # missing depth blank
-    if fine is not None:
-        maps.append(fine(x, c).exp())
-    rows = [[x[i].permute(1, 2, 0).cpu().numpy()] + [d[i, 0].cpu().numpy() for d in maps]
-            for i in range(count)]
-    titles = ['input', 'ground truth', 'coarse'] + (['coarse + fine'] if fine is not None else [])
-    _panel(rows, titles, None, path)
+    with _eval_mode(coarse, fine):
+        count = min(count, len(frames))
+        img, depth, mask = (t.to(device) for t in frames.get(list(range(count))))
+        x, y, m = center_crop(img, depth, mask)
+        c = coarse(x)
+        maps = [torch.where(m, y, torch.full_like(y, float('nan'))), c.exp()]   # missing depth blank
+        if fine is not None:
+            maps.append(fine(x, c).exp())
+        rows = [[x[i].permute(1, 2, 0).cpu().numpy()] + [d[i, 0].cpu().numpy() for d in maps]
+                for i in range(count)]
+        titles = ['input', 'ground truth', 'coarse'] + (['coarse + fine'] if fine is not None else [])
+        _panel(rows, titles, None, path)
 
 
 @torch.no_grad()
 def plot_examples(coarse, fine, frames, picks, gts, labels, device, path):
     """RGB | ground truth | coarse | fine | |error| of the last net, at full resolution (the
     prediction shown where the network covers the frame, nearest-neighbour upsampled)."""
-    _set_eval([coarse, fine])
-    img, _, _ = frames.get(picks)
-    x = crop_input(img.to(device))
-    c = coarse(x)
-    maps = [c.exp()] + ([fine(x, c).exp()] if fine is not None else [])
-    hw = gts[0].shape
-    maps = [upsample_depth(d, hw, 'nearest', 'nan')[:, 0].cpu().numpy() for d in maps]
-    rows = []
-    for k in range(len(picks)):
-        rgb = F.interpolate(img[k:k + 1], size=hw, mode='nearest')[0].permute(1, 2, 0).cpu().numpy()
-        gt = np.where(gts[k] > 0, gts[k], np.nan)
-        rows.append([rgb, gt] + [d[k] for d in maps] + [np.abs(maps[-1][k] - gt)])
-    titles = ['input', 'ground truth', 'coarse'] + (['coarse + fine'] if fine is not None else []) + ['|error| (m)']
-    _panel(rows, titles, labels, path)
+    with _eval_mode(coarse, fine):
+        img, _, _ = frames.get(picks)
+        x = crop_input(img.to(device))
+        c = coarse(x)
+        maps = [c.exp()] + ([fine(x, c).exp()] if fine is not None else [])
+        hw = gts[0].shape
+        maps = [upsample_depth(d, hw, 'nearest', 'nan')[:, 0].cpu().numpy() for d in maps]
+        rows = []
+        for k in range(len(picks)):
+            rgb = F.interpolate(img[k:k + 1], size=hw, mode='nearest')[0].permute(1, 2, 0).cpu().numpy()
+            gt = np.where(gts[k] > 0, gts[k], np.nan)
+            rows.append([rgb, gt] + [d[k] for d in maps] + [np.abs(maps[-1][k] - gt)])
+        titles = ['input', 'ground truth', 'coarse'] + (['coarse + fine'] if fine is not None else []) + ['|error| (m)']
+        _panel(rows, titles, labels, path)

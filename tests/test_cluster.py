@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import runlog
 import train
 import util
 from conftest import ROOT, train_args
@@ -47,7 +48,7 @@ def test_a_log_file_gets_plain_progress_lines_at_the_cadence_asked(synthetic, tm
 
 def _rows(path):
     return [{k: r[k] for k in ('step', 'samples', 'train_loss', 'val_loss', 'val_si_log', 'val_rmse')}
-            for r in util.read_history(path)]
+            for r in runlog.read_history(path)]
 
 
 @pytest.fixture(scope='module')
@@ -64,7 +65,7 @@ def test_history_csv_after_a_run_and_after_an_interrupted_one(synthetic, straigh
     assert header == ['step', 'samples', 'train_loss', 'val_loss', 'val_d1', 'val_d2', 'val_d3',
                       'val_abs_rel', 'val_sq_rel', 'val_rmse', 'val_rmse_log', 'val_si_log',
                       'val_log10', 'samples_per_s', 'elapsed_s', 'wall_time']
-    rows = util.read_history(csv)
+    rows = runlog.read_history(csv)
     assert [(r['step'], r['samples']) for r in rows] == [(2, 8), (4, 16), (6, 24)]
     assert all(r['val_rmse'] > 0 and r['samples_per_s'] > 0 for r in rows)
     assert rows[0]['elapsed_s'] < rows[1]['elapsed_s'] < rows[2]['elapsed_s']
@@ -77,12 +78,12 @@ def test_history_csv_after_a_run_and_after_an_interrupted_one(synthetic, straigh
     chunked = tmp_path / 'chunked'
     assert train.main(train_args(synthetic, chunked, *SCHEDULE, '--max-steps', 3)) == 0
     csv = chunked / 'history_coarse.csv'
-    util.append_history(csv, {'step': 4, 'samples': 16, 'train_loss': 9.0})
+    runlog.append_history(csv, {'step': 4, 'samples': 16, 'train_loss': 9.0})
     plotted, real_plot = [], util.plot_losses
     monkeypatch.setattr(util, 'plot_losses', lambda rows, *a: plotted.append(rows) or real_plot(rows, *a))
     assert train.main(train_args(synthetic, chunked, *SCHEDULE, '--resume')) == 0
     assert _rows(csv) == _rows(straight / 'history_coarse.csv')
-    assert plotted[-1] == util.read_history(csv)   # the plot is drawn from the file
+    assert plotted[-1] == runlog.read_history(csv)   # the plot is drawn from the file
 
 
 def test_resume_auto_starts_afresh_then_continues(synthetic, straight, tmp_path, capsys):

@@ -12,6 +12,8 @@ import torch.nn as nn
 
 import evaluate
 import predict
+import runlog
+import runtime
 import train
 import util
 from conftest import train_args
@@ -106,20 +108,25 @@ def test_steps_between_logging_points_never_synchronise(synthetic, tmp_path, mon
                 torch.cuda.set_sync_debug_mode(0)
         return call
 
-    real_step, real_log = train.StageRun.train_step, train.StageRun.log_point
+    real_step, real_read, real_stage = train.train_step, runlog.StageLog.read_losses, train.train_stage
 
-    def step(self, *args):
+    def step(*args, **kwargs):
         state['guarded'] += state['on']
-        return guarded(real_step)(self, *args)
+        return guarded(real_step)(*args, **kwargs)
 
-    def log_point(self, *args):
+    def read_losses(self, *args):   # a logging point: the steps after it are watched
         state['on'] = False
-        verdict = real_log(self, *args)
-        state['on'] = verdict is None
-        return verdict
+        mean = real_read(self, *args)
+        state['on'] = self.step < self.total_steps
+        return mean
 
-    monkeypatch.setattr(train.StageRun, 'train_step', step)
-    monkeypatch.setattr(train.StageRun, 'log_point', log_point)
+    def stage(*args):   # a new stage autotunes cuDNN again: watched from its first logging point
+        state['on'] = False
+        return real_stage(*args)
+
+    monkeypatch.setattr(train, 'train_step', step)
+    monkeypatch.setattr(runlog.StageLog, 'read_losses', read_losses)
+    monkeypatch.setattr(train, 'train_stage', stage)
     monkeypatch.setattr(util, 'augment', guarded(util.augment))
     args = _args(synthetic, tmp_path, '--coarse-samples', 160, '--fine-samples', 80, '--batch-size', 8,
                  '--val-every', 80, '--log-every', 5)
@@ -139,7 +146,7 @@ def test_dataparallel_replicas_compute_in_bf16(synthetic, tmp_path):
             return self.lin(x)
 
     probe = Probe().cuda()
-    dp = nn.DataParallel(train.Autocast(probe, 'cuda', torch.bfloat16), device_ids=[0, 1])
+    dp = nn.DataParallel(runtime.Autocast(probe, 'cuda', torch.bfloat16), device_ids=[0, 1])
     with torch.autocast('cuda', dtype=torch.bfloat16):
         out = dp(torch.randn(8, 16, device='cuda'))
     assert out.dtype == torch.bfloat16

@@ -6,6 +6,7 @@ import sys
 
 import torch
 
+import data
 import train
 from conftest import ROOT, train_args
 from net import PAPER, GlobalCoarseNet
@@ -74,12 +75,12 @@ def test_each_process_takes_its_share_of_every_global_batch(synthetic):
     frames = util.Frames(*(a[:20] for a in (util.read_nyu_labeled(synthetic[0], progress=False)[k]
                                            for k in ('images', 'depths'))))
     order = util.SampleOrder(len(frames), 0)
-    whole = list(train.frame_batches(frames, order, 0, 3, 4, 0, torch.device('cpu')))
-    halves = [list(train.frame_batches(frames, order, 0, 3, 4, 0, torch.device('cpu'), (r, 2)))
-              for r in (0, 1)]
+    def images(shard=(0, 1)):   # each step's images of in-memory frames, this process's share
+        return [frames.images[idx] for idx, _ in data.step_draws(order, 0, 3, 4, 1, torch.device('cpu'), shard)]
+    whole, halves = images(), [images((r, 2)) for r in (0, 1)]
     for step in range(3):
-        assert torch.equal(halves[0][step][0], whole[step][0][0::2])
-        assert torch.equal(halves[1][step][0], whole[step][0][1::2])
-    keys = [list(train.StepIndices(order, 0, 2, 4, (r, 2), with_keys=True)) for r in (0, 1)]
+        assert torch.equal(halves[0][step], whole[step][0::2])
+        assert torch.equal(halves[1][step], whole[step][1::2])
+    keys = [list(data.StepIndices(order, 0, 2, 4, (r, 2), with_keys=True)) for r in (0, 1)]
     for step in range(2):
         assert sorted(keys[0][step] + keys[1][step]) == [(step, j, i) for j, i in enumerate(order.indices(step, 4))]

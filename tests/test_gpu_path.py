@@ -10,7 +10,11 @@ import threading
 import pytest
 import torch
 
+import checkpoint
 import cli
+import data
+import runlog
+import runtime
 import train
 import util
 from conftest import ROOT, train_args
@@ -26,10 +30,10 @@ def _same_params(a, b):
 def test_block_drawn_indices_and_draws_equal_the_per_step_ones(shard, monkeypatch):
     scenes = ['a'] * 7 + ['b'] * 3 + ['c'] * 10
     order = util.SampleOrder(20, 3, scenes, per_scene=6)
-    blocks, real = [], train.draw_block
-    monkeypatch.setattr(train, 'draw_block', lambda o, steps, *a: blocks.append(steps) or real(o, steps, *a))
+    blocks, real = [], data.draw_block
+    monkeypatch.setattr(data, 'draw_block', lambda o, steps, *a: blocks.append(steps) or real(o, steps, *a))
     rank, world = shard
-    drawn = list(train.step_draws(order, 2, 11, 6, 4, torch.device('cpu'), shard))
+    drawn = list(data.step_draws(order, 2, 11, 6, 4, torch.device('cpu'), shard))
     assert blocks == [range(2, 4), range(4, 8), range(8, 11)]   # one draw per block, ending at 4k
     assert len(drawn) == 9
     for step, (idx, params) in zip(range(2, 11), drawn):
@@ -66,22 +70,27 @@ def test_steps_between_logging_points_read_no_tensor_on_the_host(synthetic, tmp_
                 state['guarded'] = before if on_exit is None else on_exit
         return call
 
-    real_step = train.StageRun.train_step
+    real_step, real_augment = train.train_step, util.augment
 
-    def step(self, *args):
+    def step(*args, **kwargs):
         state['guarded'] = True
         state['guarded_steps'] += 1
-        return real_step(self, *args)
+        return real_step(*args, **kwargs)
 
-    def log_point(self, *args):
+    def augment(*args):   # the next batch: guarded from here, also right after a logging point
+        state['guarded'] = True
+        return real_augment(*args)
+
+    def log_point(*args):   # a logging point starts with the read of the losses
         state['log_points'] += 1
-        return real_log_point(self, *args)
+        return real_log_point(*args)
 
-    real_log_point = train.StageRun.log_point
-    monkeypatch.setattr(train.StageRun, 'train_step', step)
-    monkeypatch.setattr(train.StageRun, 'log_point', allowed(log_point, on_exit=True))
-    monkeypatch.setattr(train.StageRun, 'run', allowed(train.StageRun.run, on_exit=False))
-    monkeypatch.setattr(train, 'draw_block', allowed(train.draw_block, on_exit=None))
+    real_log_point = runlog.StageLog.read_losses
+    monkeypatch.setattr(train, 'train_step', step)
+    monkeypatch.setattr(util, 'augment', augment)
+    monkeypatch.setattr(runlog.StageLog, 'read_losses', allowed(log_point, on_exit=False))
+    monkeypatch.setattr(train, 'train_stage', allowed(train.train_stage, on_exit=False))
+    monkeypatch.setattr(data, 'draw_block', allowed(data.draw_block, on_exit=None))
     for name in HOST_READS:
         monkeypatch.setattr(torch.Tensor, name, forbid(name))
     args = train_args(synthetic, tmp_path, '--coarse-samples', 48, '--fine-samples', 32,
@@ -104,14 +113,14 @@ def test_a_nan_loss_between_logging_points_never_reaches_the_weights(synthetic, 
                 '--log-every', 4, '--val-every', 40]
     assert train.main(train_args(synthetic, tmp_path / 'ref', *schedule, '--max-steps', 1)) == 0
     after_step_1 = torch.load(tmp_path / 'ref' / 'checkpoint.pth', weights_only=True)['coarse']
-    seen, real = {}, train.StageRun.log_point
+    seen, real = {}, runlog.StageLog.read_losses
 
-    def log_point(self, *args):
+    def log_point(self, net):
         seen['step'] = self.step
-        seen['weights'] = {k: v.clone() for k, v in self.net.state_dict().items()}
-        return real(self, *args)
+        seen['weights'] = {k: v.clone() for k, v in net.state_dict().items()}
+        return real(self, net)
 
-    monkeypatch.setattr(train.StageRun, 'log_point', log_point)
+    monkeypatch.setattr(runlog.StageLog, 'read_losses', log_point)
     _nan_at_call(monkeypatch, {2})
     with pytest.raises(cli.UserError, match='coarse step 2: the loss is nan'):
         train.main(train_args(synthetic, tmp_path / 'nan', *schedule))
@@ -121,13 +130,13 @@ def test_a_nan_loss_between_logging_points_never_reaches_the_weights(synthetic, 
 
 
 def test_checkpoints_by_wall_time(synthetic, tmp_path, monkeypatch):
-    saved, real = [], train.StageRun.checkpoint
+    saved, real = [], checkpoint.save
 
-    def checkpoint(self, done=False):
-        saved.append(self.step)
-        return real(self, done)
+    def save(path, log, *args, **kwargs):
+        saved.append(log.step)
+        return real(path, log, *args, **kwargs)
 
-    monkeypatch.setattr(train.StageRun, 'checkpoint', checkpoint)
+    monkeypatch.setattr(checkpoint, 'save', save)
     schedule = ['--coarse-samples', 24, '--batch-size', 4, '--val-fraction', 0, '--stage', 'coarse',
                 '--log-every', 2, '--val-every', 24]
     assert train.main(train_args(synthetic, tmp_path / 'steps', *schedule, '--save-every', 3)) == 0
@@ -139,14 +148,14 @@ def test_checkpoints_by_wall_time(synthetic, tmp_path, monkeypatch):
 
 
 DROPOUT_SCRIPT = '''
-import sys, torch, train
-device, gpus = train.DIST.start(torch.device('cpu'), [])
-train.seed_streams(5, train.DIST.rank, gpus)
+import sys, torch, runtime
+device, gpus = runtime.DIST.start(torch.device('cpu'), [])
+runtime.seed_streams(5, runtime.DIST.rank, gpus)
 mask = torch.nn.functional.dropout(torch.ones(4096), 0.5) > 0
-masks = train.DIST.gather(mask)
-if train.DIST.main:
+masks = runtime.DIST.gather(mask)
+if runtime.DIST.main:
     torch.save(masks, sys.argv[1])
-train.DIST.stop()
+runtime.DIST.stop()
 '''
 
 
@@ -161,7 +170,7 @@ def test_two_gloo_ranks_draw_different_dropout_masks(tmp_path):
     assert len(masks) == 2 and not torch.equal(masks[0], masks[1])
     for rank, mask in enumerate(masks):                  # each rank's own, reproducible stream
         assert 0.45 < mask.float().mean() < 0.55
-        train.seed_streams(5, rank, [])
+        runtime.seed_streams(5, rank, [])
         assert torch.equal(torch.nn.functional.dropout(torch.ones(4096), 0.5) > 0, mask)
 
 
@@ -187,34 +196,34 @@ def test_replica_autocast_wrapper_sets_its_dtype_in_a_fresh_thread():
         return out['dtype']
 
     assert replica_dtype(lin) == torch.bfloat16          # the thread's default, not float16
-    assert replica_dtype(train.Autocast(lin, 'cpu', torch.float16)) == torch.float16
+    assert replica_dtype(runtime.Autocast(lin, 'cpu', torch.float16)) == torch.float16
     with torch.autocast('cpu', dtype=torch.float16):     # and its own dtype wins in any thread
-        assert train.Autocast(lin, 'cpu', torch.bfloat16)(x).dtype == torch.bfloat16
-    assert train.Autocast(lin, 'cpu', enabled=False)(x).dtype == torch.float32
+        assert runtime.Autocast(lin, 'cpu', torch.bfloat16)(x).dtype == torch.bfloat16
+    assert runtime.Autocast(lin, 'cpu', enabled=False)(x).dtype == torch.float32
 
 
 def test_device_cuda_means_every_gpu_and_cuda_n_one(monkeypatch, synthetic, tmp_path):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: 4)
-    assert train.resolve_device('cuda') == (torch.device('cuda', 0), [0, 1, 2, 3])
-    assert train.resolve_device('cuda:2') == (torch.device('cuda', 2), [2])
-    assert train.resolve_device('cpu') == (torch.device('cpu'), [])
+    assert runtime.resolve_device('cuda') == (torch.device('cuda', 0), [0, 1, 2, 3])
+    assert runtime.resolve_device('cuda:2') == (torch.device('cuda', 2), [2])
+    assert runtime.resolve_device('cpu') == (torch.device('cpu'), [])
     with pytest.raises(cli.UserError, match=r'cuda:7: 4 GPU\(s\) visible'):
-        train.resolve_device('cuda:7')
+        runtime.resolve_device('cuda:7')
     with pytest.raises(cli.UserError, match='not a device'):
-        train.resolve_device('gpu0')
+        runtime.resolve_device('gpu0')
     with pytest.raises(cli.UserError, match='--compile does not work with nn.DataParallel'):
         train.main(train_args(synthetic, tmp_path, '--device', 'cuda', '--compile'))
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     with pytest.raises(cli.UserError, match='CUDA is not available'):
-        train.resolve_device('cuda')
+        runtime.resolve_device('cuda')
 
 
 def test_fused_sgd_is_the_default_update(synthetic):
     """Fused SGD on the CPU (torch >= 2.4) gives the foreach implementation's update, to rounding
     (one fused multiply-add may differ in the last bit)."""
     from net import PAPER, LocalFineNet
-    if not train.fused_sgd_works(torch.device('cpu')):
+    if not runtime.fused_sgd_works(torch.device('cpu')):
         pytest.skip('this torch has no fused SGD on the CPU')
     torch.manual_seed(0)
     nets = [LocalFineNet(PAPER) for _ in range(2)]

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import lr_study
+import runlog
 import train
 import util
 from conftest import train_args
@@ -72,7 +73,7 @@ def test_logged_training_and_validation_losses_are_eq4(synthetic, tmp_path, monk
         c = coarse(x)
         expected = {'coarse': _eq4_by_hand(c, y, m), 'fine': _eq4_by_hand(fine(x, c), y, m)}
     for stage, eq4 in expected.items():
-        row = util.read_history(tmp_path / f'history_{stage}.csv')[-1]
+        row = runlog.read_history(tmp_path / f'history_{stage}.csv')[-1]
         shown = float(re.search(rf'{stage} step 1/1 \({n} samples\): loss (\S+),', printed).group(1))
         print(f'{stage}: Eq. 4 by hand {eq4:.6f}, train_loss {row["train_loss"]:.6f}, progress '
               f'{shown}, val_loss {row["val_loss"]:.6f}')
@@ -109,5 +110,5 @@ def test_a_format_4_checkpoint_resumes_with_its_validation_losses_in_eq4_units(s
     ckpt['history'][0]['val_loss'] = first / PAPER.log_depth_std ** 2
     torch.save(ckpt, tmp_path / 'checkpoint.pth')
     assert train.main(args + ['--resume']) == 0
-    rows = util.read_history(tmp_path / 'history_coarse.csv')
+    rows = runlog.read_history(tmp_path / 'history_coarse.csv')
     assert rows[0]['val_loss'] == pytest.approx(first, rel=1e-6) and len(rows) == 2

@@ -171,16 +171,16 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(synthetic, tmp_p
         train.main(train_args(synthetic, chunked, *schedule))
     # a crash between the stages: the coarse stage's last checkpoint (no momentum: the stage is
     # over) is what the next resume starts from
-    real_run = train.StageRun.run
+    real_run = train.train_stage
 
-    def crash_in_the_fine_stage(self):
-        if self.stage == 'fine':
+    def crash_in_the_fine_stage(stage, *args):
+        if stage == 'fine':
             raise RuntimeError('crash between the stages')
-        return real_run(self)
-    monkeypatch.setattr(train.StageRun, 'run', crash_in_the_fine_stage)
+        return real_run(stage, *args)
+    monkeypatch.setattr(train, 'train_stage', crash_in_the_fine_stage)
     with pytest.raises(RuntimeError, match='between the stages'):
         train.main(train_args(synthetic, chunked, *schedule, '--resume'))
-    monkeypatch.setattr(train.StageRun, 'run', real_run)
+    monkeypatch.setattr(train, 'train_stage', real_run)
     ckpt = torch.load(chunked / 'checkpoint.pth', weights_only=True)
     assert (ckpt['stage'], ckpt['step'], ckpt['done'], ckpt['optimizer']) == ('coarse', 6, False, None)
     assert (chunked / 'coarse.pth').exists() and not (chunked / 'fine.pth').exists()
@@ -212,3 +212,25 @@ def test_missing_dataset_gives_a_short_message(tmp_path):
     assert r.returncode != 0
     assert 'Traceback' not in r.stderr
     assert 'not found' in r.stderr and '--demo' in r.stderr and 'nyu_depth_v2_labeled.mat' in r.stderr
+
+
+def test_a_checkpoint_of_the_train_py_before_the_restructuring_resumes(synthetic, tmp_path):
+    """Issue #19 moved the run machinery out of train.py without changing the checkpoint: a run
+    stopped by the train.py of commit 5b7468a (taken from the repository's history) and resumed by
+    this one ends with the weights of an uninterrupted run of this one, bit for bit."""
+    old = tmp_path / 'old'
+    old.mkdir()
+    archive = subprocess.run(['git', 'archive', '5b7468a'], cwd=ROOT, capture_output=True)
+    if archive.returncode:
+        pytest.skip(f'commit 5b7468a not in this checkout: {archive.stderr.decode().strip()[:200]}')
+    subprocess.run(['tar', '-x', '-C', str(old)], input=archive.stdout, check=True)
+    schedule = ['--coarse-samples', 48, '--fine-samples', 16, '--batch-size', 8,
+                '--val-every', 24, '--val-fraction', 0.15]
+    r = subprocess.run([sys.executable, 'train.py', *map(str, train_args(synthetic, tmp_path / 'chunked',
+                        *schedule, '--max-steps', 4))], cwd=old, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert train.main(train_args(synthetic, tmp_path / 'chunked', *schedule, '--resume')) == 0
+    assert train.main(train_args(synthetic, tmp_path / 'straight', *schedule)) == 0
+    for name in ('coarse.pth', 'fine.pth'):
+        a, b = (torch.load(tmp_path / d / name, weights_only=True) for d in ('chunked', 'straight'))
+        assert all(torch.equal(a[k], b[k]) for k in a), name

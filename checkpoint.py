@@ -1,0 +1,158 @@
+"""train.py's checkpoint: what --resume needs to continue a run exactly, written atomically, read
+back with every refusal a user can meet (truncated, not ours, another variant, stage or schedule),
+and older formats converted where that is safe.
+"""
+import glob
+import os
+
+import torch
+
+import cli
+import files
+from runtime import DIST, all_finite, rng_state, seed_streams, set_rng_state
+
+# 3: every process's CPU and GPU random streams ('rng'); 4: the paper and alexnet variants'
+# feature and target scaling of issue #11 (a format-3 run of theirs would go on with other nets);
+# 5: the history's val_loss in Eq. 4's units, as train_loss (format 4's was divided by 0.457^2:
+# converted on resume, issue #18)
+CHECKPOINT_FORMAT = 5
+
+# What a checkpoint's config must share with the command line that resumes it.
+RESUME_MUST_MATCH = ('batch_size', 'samples', 'lam', 'seed', 'train_depth', 'per_scene')
+
+
+def read_checkpoint(path, args, variant):
+    """The checkpoint to resume, refused (one line, saying why) if it is truncated, not ours, or
+    from another variant, stage or schedule than the command line asks for."""
+    ckpt = files.load_torch_file(path, 'a checkpoint written by train.py')
+    needed = {'format', 'variant', 'stage', 'step', 'done', 'skipped', 'coarse', 'optimizer',
+              'rng', 'history', 'running_loss', 'config'}
+    if not isinstance(ckpt, dict) or not needed <= ckpt.keys():
+        raise cli.DataError(f'{path}: not a train.py checkpoint (no {sorted(needed)} entries)')
+    if ckpt['format'] == 4:   # its val_loss was Eq. 4 / log_depth_std^2: into Eq. 4's units
+        for row in ckpt['history']:
+            if row.get('val_loss') is not None:
+                row['val_loss'] *= variant.log_depth_std ** 2
+        ckpt['format'] = CHECKPOINT_FORMAT
+        print(f'{path}: format 4, its validation losses converted to Eq. 4 in (log m)^2')
+    if ckpt['format'] != CHECKPOINT_FORMAT:
+        raise cli.DataError(f"{path}: checkpoint format {ckpt['format']}, this train.py reads "
+                             f"format {CHECKPOINT_FORMAT} (an older train.py wrote it: start "
+                             f"afresh, or finish it with that version)")
+    if ckpt['variant'] != variant.name:
+        raise cli.DataError(f"{path}: is a checkpoint of the '{ckpt['variant']}' variant, this "
+                             f"run is '{variant.name}'; resume it with --variant {ckpt['variant']}")
+    if ckpt['done']:
+        return ckpt
+    if args.stage == 'coarse' and ckpt['stage'] == 'fine':
+        raise cli.DataError(f"{path}: holds the fine stage (step {ckpt['step']}), but --stage "
+                             f"coarse was asked for; resume with --stage fine or --stage both")
+    if args.stage == 'fine' and ckpt['stage'] == 'coarse':
+        raise cli.DataError(f"{path}: holds an unfinished coarse stage (step {ckpt['step']}), "
+                             f"but --stage fine was asked for; resume with --stage coarse or both")
+    samples = args.coarse_samples if ckpt['stage'] == 'coarse' else args.fine_samples
+    asked = {'batch_size': args.batch_size, 'samples': samples, 'lam': args.lam,
+             'seed': args.seed, 'train_depth': args.train_depth, 'per_scene': args.per_scene}
+    for key in RESUME_MUST_MATCH:
+        if key in ckpt['config'] and ckpt['config'][key] != asked[key]:
+            option = {'samples': f"--{ckpt['stage']}-samples"}.get(key, '--' + key.replace('_', '-'))
+            raise cli.DataError(f"{path}: was started with {option} {ckpt['config'][key]}, "
+                                 f"this run asks for {asked[key]}; resume with the same setting")
+    return ckpt
+
+
+def remove_stale_temporaries(folder):
+    """Half-written files of a run that was killed while saving (atomic_write's temporaries): the
+    complete files beside them are what counts, so these are only clutter."""
+    for tmp in glob.glob(os.path.join(glob.escape(folder), '*.pth.tmp*')):
+        os.remove(tmp)
+        print(f'removed {tmp}, left by a run killed while saving')
+
+
+def load_optimizer_state(optimizer, state):
+    """Momentum buffers and rates from a checkpoint; the implementation (fused or not) stays the
+    one this machine chose (a checkpoint may come from another machine or torch)."""
+    chosen = {k: optimizer.defaults.get(k) for k in ('fused', 'foreach')}
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        group.update(chosen)
+        for p in group['params']:   # each buffer in its parameter's memory layout (channels_last
+            buf = optimizer.state[p].get('momentum_buffer')   # on CUDA): fused SGD needs it
+            if buf is not None and buf.stride() != p.stride():
+                optimizer.state[p]['momentum_buffer'] = torch.empty_like(p).copy_(buf)
+
+
+def resume(ckpt, optimizer, seed, gpus):
+    """The optimizer's momentum (None: the stage had finished) and every process's random streams
+    of a stage's checkpoint. Written by another number of processes or GPUs, dropout goes on with
+    new streams (one line says so)."""
+    if ckpt['optimizer'] is not None:
+        load_optimizer_state(optimizer, ckpt['optimizer'])
+    states = ckpt['rng']
+    if len(states) == DIST.world and len(states[DIST.rank]['cuda']) in (0, len(gpus)):
+        set_rng_state(states[DIST.rank], gpus)
+    else:
+        seed_streams(seed, DIST.rank, gpus, salt=ckpt['step'])
+        if DIST.main:
+            print(f'note: the checkpoint was written by {len(states)} process(es) on '
+                  f'{len(states[0]["cuda"])} GPU(s); dropout continues with new random streams')
+
+
+def open_run(args, variant):
+    """The checkpoint this invocation continues (--resume, or --resume auto when one is there), or
+    None for a fresh start; a fresh start over an unfinished run is refused (nothing overwritten)."""
+    path = os.path.join(args.out, 'checkpoint.pth')
+    if DIST.main:
+        remove_stale_temporaries(args.out)
+    if args.resume == 'auto':
+        found = os.path.isfile(path)
+        print(f'--resume auto: continuing {path}' if found else
+              f'--resume auto: no checkpoint in {args.out}, starting afresh')
+        args.resume = 'yes' if found else None
+    if args.resume:
+        if not os.path.isfile(path):
+            raise cli.DataError(f'{path}: no checkpoint to resume from')
+        return read_checkpoint(path, args, variant)
+    if os.path.isfile(path):
+        old = files.load_torch_file(path, 'a checkpoint written by train.py')
+        if not (isinstance(old, dict) and old.get('done')):
+            raise cli.DataError(f'{path}: an unfinished run is there; continue it with '
+                                 f'--resume, or choose another --out (nothing was overwritten)')
+    return None
+
+
+def save(path, log, coarse, fine, optimizer, args, done=False):
+    """Everything --resume needs, with every process's random streams; written by rank 0.
+    At the end of the stage without the optimizer's momentum, which is then never needed
+    again (283 MB less to write for the coarse net). A write that fails (disk full) stops the run
+    with one line; a diverged net is never saved over a good checkpoint."""
+    streams = DIST.gather(rng_state(log.gpus))
+    net = coarse if log.stage == 'coarse' else fine
+    if not all_finite(net):
+        raise cli.UserError(f'{log.stage} step {log.step}: the weights hold NaN or inf; not '
+                             f'saved, {log.kept()}. Resume from it with --resume (a lower '
+                             f'learning rate or --skip-nonfinite may help)')
+    if DIST.main:
+        finished = log.step == log.total_steps
+        state = {'format': CHECKPOINT_FORMAT, 'variant': coarse.variant.name, 'stage': log.stage,
+                 'step': log.step, 'done': done, 'skipped': log.skipped,
+                 'coarse': coarse.state_dict(),
+                 'fine': fine.state_dict() if log.stage == 'fine' else None,
+                 'optimizer': None if finished else optimizer.state_dict(), 'rng': streams,
+                 'history': log.history, 'running_loss': (log.run_loss, log.run_count),
+                 'config': {'batch_size': args.batch_size, 'samples': log.samples, 'lam': args.lam,
+                            'seed': args.seed, 'train_depth': args.train_depth,
+                            'per_scene': args.per_scene, 'data': os.path.abspath(args.data),
+                            'processes': DIST.world}}
+        write(path, lambda tmp: torch.save(state, tmp), 'checkpoint', log)
+    log.saved(log.step)
+
+
+def write(path, write_to, what, log):
+    """Write a file atomically; a full disk or other OSError stops the run with a message."""
+    try:
+        files.atomic_write(path, write_to)
+    except OSError as e:
+        raise cli.UserError(f'{path}: could not write the {what} at {log.stage} step '
+                             f'{log.step} ({e.strerror or e}); {log.kept()}. Free some '
+                             f'space, then continue with --resume') from None

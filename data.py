@@ -1,0 +1,219 @@
+"""The data of train.py: which set it trains on (the labeled .mat, raw frames, the synthetic
+demo), the validation frames held out of it, and the training batches: each step's frames and
+augmentation draws (util.SampleOrder), drawn a block at a time and augmented on the device.
+"""
+import os
+
+import numpy as np
+import torch
+
+import cli
+import nyu_raw
+import synthetic
+import util
+from runtime import StopControl
+
+LABELED = os.path.join('nyu', 'nyu_depth_v2_labeled.mat')
+SPLITS = os.path.join('nyu', 'splits.mat')
+# The demo: synthetic rooms in NYU's labeled layout (train.py holds its short schedule)
+DEMO_FOLDER = os.path.join('nyu', 'synthetic')
+DEMO_SCENES, DEMO_VIEWS = 30, 6
+RAW_VAL_FRAMES = 300   # validation frames decoded into memory from held-out raw scenes
+
+
+def add_data_options(p, demo_help):
+    """train.py's data options (the training set, its validation share, scene balancing)."""
+    d = p.add_argument_group('data')
+    d.add_argument('--data', default=LABELED,
+                   help='training set: the NYU Depth v2 labeled .mat (MATLAB v7.3), or raw frames '
+                        "(README): a BTS list .txt, DenseDepth's nyu_data.zip, a folder of "
+                        'rgb_*/depth_* pairs or a folder converted by nyu_raw.py '
+                        '(default: %(default)s)')
+    d.add_argument('--data-format', choices=('auto', 'labeled') + nyu_raw.FORMATS, default='auto',
+                   help='(default: %(default)s: by the name of --data)')
+    d.add_argument('--data-root', help="BTS: the folder the list's paths are relative to "
+                                       "(default: the list file's folder)")
+    d.add_argument('--depth-scale', type=float,
+                   help='a plain folder: metres per depth PNG unit (0.001 for millimetres)')
+    d.add_argument('--labeled', default=LABELED,
+                   help='with raw frames: the labeled .mat whose test scenes (with --splits) are '
+                        'refused in training (default: %(default)s)')
+    d.add_argument('--splits', default=SPLITS,
+                   help="NYU's official train/test split (default: %(default)s)")
+    d.add_argument('--per-scene', type=int, default=None,
+                   help=f'draw N frames of every scene per pass (Sec. 4.1: the distribution '
+                        f'evened to {nyu_raw.PER_SCENE} per scene); 0 = every frame once per pass '
+                        f'(default: {nyu_raw.PER_SCENE} for raw frames, 0 for the labeled set)')
+    d.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1),
+                   help='DataLoader processes: decoding raw frames, and augmenting with '
+                        '--path plain (default: %(default)s)')
+    d.add_argument('--demo', action='store_true',
+                   help=f'train on synthetic rooms written in NYU format to {DEMO_FOLDER}/ (made on '
+                        f'first use) {demo_help}')
+    d.add_argument('--train-depth', choices=['raw', 'filled'], default='raw',
+                   help="training targets: 'raw' Kinect depth with holes masked, as the paper "
+                        "(Sec. 4.1: missing values not filled), or the labeled set's inpainted "
+                        "'filled' depths (default: %(default)s). Validation always uses filled.")
+    d.add_argument('--val-fraction', type=float, default=0.1,
+                   help='share of the training images (whole scenes) held out for validation; '
+                        'the test split is never used here (default: %(default)s)')
+
+def check_data_options(p, a):
+    if a.data_format == 'auto':
+        a.data_format = 'labeled' if a.demo else nyu_raw.detect_format(a.data)
+    if a.per_scene is None:
+        a.per_scene = 0 if a.data_format == 'labeled' else nyu_raw.PER_SCENE
+    if a.per_scene < 0:
+        p.error('--per-scene must be 0 or positive')
+    if not 0 <= a.val_fraction < 1:
+        p.error('--val-fraction must be in [0, 1)')
+
+
+def demo_paths():
+    """The synthetic demo's .mat and splits.mat, rendered on first use."""
+    data, splits = (os.path.join(DEMO_FOLDER, 'synthetic_labeled.mat'),
+                    os.path.join(DEMO_FOLDER, 'synthetic_splits.mat'))
+    if not (os.path.isfile(data) and os.path.isfile(splits)):
+        print(f'making the synthetic demo data in {DEMO_FOLDER}/ (once)')
+        synthetic.make_synthetic_nyu(DEMO_FOLDER, DEMO_SCENES, DEMO_VIEWS, seed=0)
+    return data, splits
+
+
+def load_data(args, device):
+    """(training set, validation Frames, scene of each training frame); with --path fast the
+    in-memory training frames are moved to `device` (uint8 on the GPU: 0.4 MB a frame, 0.3 GB for
+    the labeled set)."""
+    train, val, scenes = _load(args, device)
+    if args.path == 'fast' and isinstance(train, util.Frames):
+        train.to(device)
+    return train, val, scenes
+
+
+def _load(args, device):
+    """(training set, validation Frames, scene of each training frame). The labeled set is held in
+    memory; a converted raw-frame cache is loaded onto `device` for --path fast (when it fits);
+    other raw frames stay on disk and are decoded as drawn (DataLoader workers)."""
+    if args.demo:
+        args.data, args.splits = demo_paths()
+    if args.data_format == 'labeled':
+        return load_labeled(args)
+    frames = nyu_raw.open_raw(args.data, args.data_format, args.data_root, args.depth_scale)
+    nyu_raw.refuse_test_scenes(frames, nyu_raw.test_scenes(args.labeled, args.splits))
+    train_idx, val_idx = util.split_train_val(np.arange(len(frames)), frames.scenes,
+                                              args.val_fraction, args.seed)
+    # validation: whole held-out scenes, at most RAW_VAL_FRAMES of them spread evenly, in memory
+    val_idx = val_idx[np.linspace(0, len(val_idx) - 1, min(len(val_idx), RAW_VAL_FRAMES)).astype(int)] \
+        if len(val_idx) else val_idx
+    val = util.Frames.from_dataset(frames, val_idx, min(args.workers, 4))
+    if args.path == 'fast' and isinstance(frames, nyu_raw.CachedFrames):
+        train = frames.to_frames(train_idx, device)   # held on the GPU: no decoding, no workers
+    else:
+        train = torch.utils.data.Subset(frames, train_idx.tolist())
+    scenes = [frames.scenes[i] for i in train_idx]
+    print(f'{frames.description}: {len(train)} training frames of {len(set(scenes))} scenes, '
+          f'{len(val)} validation frames of held-out scenes; none of the test split\'s scenes')
+    return train, val, scenes
+
+
+def load_labeled(args):
+    arrays = util.read_nyu_labeled(args.data)
+    train_idx, test_idx = util.read_splits(args.splits, len(arrays['images']))
+    train_idx, val_idx = util.split_train_val(train_idx, arrays['scenes'], args.val_fraction, args.seed)
+    depth_key = 'raw_depths' if args.train_depth == 'raw' else 'depths'
+    train = util.Frames(arrays['images'][train_idx], arrays[depth_key][train_idx])
+    val = util.Frames(arrays['images'][val_idx], arrays['depths'][val_idx])
+    print(f'{args.data}: {len(train)} training, {len(val)} validation frames '
+          f'({len(test_idx)} test frames left for evaluate.py); depth: '
+          f"{util.describe_invalid(arrays['invalid'])}")
+    scenes = [arrays['scenes'][i] for i in train_idx] if arrays['scenes'] else None
+    if args.per_scene and scenes is None:
+        raise cli.DataError(f'{args.data}: has no scene names, so --per-scene cannot balance')
+    return train, val, scenes
+
+
+def training_batches(train, order, first_step, total_steps, batch, args, device, shard=(0, 1)):
+    """The augmented (input, target depth, target mask) of steps first_step.. on `device`.
+
+    fast: frames drawn as uint8 (in-memory frames indexed where they live, on the GPU when they
+    were moved there; raw frames decoded ahead by DataLoader workers), then every sample's own
+    augmentation applied in one batched grid_sample on the device. Frame indices and draws come
+    in blocks of args.log_every steps, one upload per block (draw_block), so the steps between
+    logging points never wait for the host.
+    plain: a DataLoader whose workers augment one sample at a time on the CPU (what most
+    reproductions do); the same draws, so the same batches.
+    shard (rank, world): this process's share of every global batch under torchrun."""
+    if args.path == 'plain':
+        keys = StepIndices(order, first_step, total_steps, batch, shard, with_keys=True)
+        loader = _loader(util.PerSampleAugmented(train, order, batch), keys, args.workers, device)
+        for x, y, m in loader:
+            yield tuple(t.to(device, non_blocking=True) for t in (x, y, m))
+        return
+    block = getattr(args, 'log_every', None) or 1
+    draws = step_draws(order, first_step, total_steps, batch, block, device, shard)
+    if isinstance(train, util.Frames):
+        frames = ((train.images[idx], train.depths[idx], params) for idx, params in draws)
+    else:
+        loader = _loader(train, StepIndices(order, first_step, total_steps, batch, shard),
+                         args.workers, device)
+        frames = ((images_u8.to(device, non_blocking=True), depths.to(device, non_blocking=True),
+                   params) for (images_u8, depths), (_, params) in zip(loader, draws))
+    for images_u8, depths, params in frames:
+        img, depth, mask = util.as_float_batch(images_u8, depths)
+        yield util.augment(img, depth, mask, params)
+
+
+def _loader(dataset, batch_sampler, workers, device):
+    """A DataLoader over the steps' indices, decoding or augmenting in `workers` processes that
+    leave stopping to the main process; their seeds are not drawn from the RNG of dropout."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=batch_sampler, num_workers=workers,
+        pin_memory=device.type == 'cuda', prefetch_factor=4 if workers else None,
+        worker_init_fn=StopControl.ignore_signals, generator=torch.Generator())
+
+
+def draw_block(order, steps, batch, shard=(0, 1)):
+    """The frame indices and augmentation draws of `steps` (a range), this process's share of each
+    global batch, as one (steps, share, 1 + AugParams.PACKED) float32 tensor: column 0 the frame,
+    then AugParams.pack(). Exactly order.indices() and order.aug_params() of each step (frame
+    numbers are exact in float32 up to 16.7M)."""
+    rank, world = shard
+    rows = []
+    for step in steps:
+        frames = torch.tensor(order.indices(step, batch)[rank::world], dtype=torch.float32)
+        params = order.aug_params(step, batch).take(slice(rank, None, world)).pack()
+        rows.append(torch.cat([frames[:, None], params], dim=1))
+    return torch.stack(rows)
+
+
+def step_draws(order, first_step, total_steps, batch, block, device, shard=(0, 1)):
+    """(frame indices, AugParams) of each step on `device`, drawn a block of steps at a time (the
+    blocks end at multiples of `block`, where the training loop reads its losses) and uploaded in
+    one asynchronous copy from pinned memory."""
+    start = first_step
+    while start < total_steps:
+        end = min(total_steps, (start // block + 1) * block)
+        packed = draw_block(order, range(start, end), batch, shard)
+        if device.type == 'cuda':
+            packed = packed.pin_memory()
+        packed = packed.to(device, non_blocking=True)
+        for rows in packed:
+            yield rows[:, 0].long(), util.AugParams.unpack(rows[:, 1:])
+        start = end
+
+
+class StepIndices:
+    """The DataLoader's batch sampler: the frame indices of each remaining step."""
+
+    def __init__(self, order, first_step, total_steps, batch, shard=(0, 1), with_keys=False):
+        self.order, self.first, self.total, self.batch = order, first_step, total_steps, batch
+        self.rank, self.world = shard
+        self.with_keys = with_keys   # (step, position in the batch, frame) for per-sample work
+
+    def __len__(self):
+        return self.total - self.first
+
+    def __iter__(self):
+        for step in range(self.first, self.total):
+            idx = self.order.indices(step, self.batch)
+            mine = [(step, j, i) for j, i in enumerate(idx) if j % self.world == self.rank]
+            yield mine if self.with_keys else [i for _, _, i in mine]
