@@ -18,10 +18,13 @@ from runtime import DIST, all_finite, rng_state, seed_streams, set_rng_state
 CHECKPOINT_FORMAT = 5
 
 # What a checkpoint's config must share with the command line that resumes it.
-RESUME_MUST_MATCH = ('batch_size', 'samples', 'lam', 'seed', 'train_depth', 'per_scene')
+# The nets of the stages in order, each a key of the checkpoint ('refine': --refine 2's second
+# fine net; None where its stage has not begun)
+NETS = ('coarse', 'fine', 'refine')
+RESUME_MUST_MATCH = ('batch_size', 'samples', 'lam', 'seed', 'train_depth', 'per_scene', 'lr_scale')
 
 
-def read_checkpoint(path, args, variant):
+def read_checkpoint(path, args, variant, stages):
     """The checkpoint to resume, refused (one line, saying why) if it is truncated, not ours, or
     from another variant, stage or schedule than the command line asks for."""
     ckpt = files.load_torch_file(path, 'a checkpoint written by train.py')
@@ -47,15 +50,21 @@ def read_checkpoint(path, args, variant):
     if args.stage == 'coarse' and ckpt['stage'] == 'fine':
         raise cli.DataError(f"{path}: holds the fine stage (step {ckpt['step']}), but --stage "
                              f"coarse was asked for; resume with --stage fine or --stage both")
-    if args.stage == 'fine' and ckpt['stage'] == 'coarse':
-        raise cli.DataError(f"{path}: holds an unfinished coarse stage (step {ckpt['step']}), "
-                             f"but --stage fine was asked for; resume with --stage coarse or both")
+    if args.stage in ('fine', 'refine') and ckpt['stage'] != args.stage:
+        raise cli.DataError(f"{path}: holds an unfinished {ckpt['stage']} stage (step "
+                             f"{ckpt['step']}), but --stage {args.stage} was asked for; resume "
+                             f"with --stage {ckpt['stage']} or both")
+    if ckpt['stage'] not in stages:
+        raise cli.DataError(f"{path}: holds the {ckpt['stage']} stage (step {ckpt['step']}), "
+                             f"which this run does not train; resume with --refine 2")
     samples = args.coarse_samples if ckpt['stage'] == 'coarse' else args.fine_samples
     asked = {'batch_size': args.batch_size, 'samples': samples, 'lam': args.lam,
-             'seed': args.seed, 'train_depth': args.train_depth, 'per_scene': args.per_scene}
+             'seed': args.seed, 'train_depth': args.train_depth, 'per_scene': args.per_scene,
+             'lr_scale': args.lr_scale}
     for key in RESUME_MUST_MATCH:
         if key in ckpt['config'] and ckpt['config'][key] != asked[key]:
-            option = {'samples': f"--{ckpt['stage']}-samples"}.get(key, '--' + key.replace('_', '-'))
+            unit = 'coarse' if ckpt['stage'] == 'coarse' else 'fine'   # refine: the fine schedule
+            option = {'samples': f"--{unit}-samples"}.get(key, '--' + key.replace('_', '-'))
             raise cli.DataError(f"{path}: was started with {option} {ckpt['config'][key]}, "
                                  f"this run asks for {asked[key]}; resume with the same setting")
     return ckpt
@@ -98,7 +107,7 @@ def resume(ckpt, optimizer, seed, gpus):
                   f'{len(states[0]["cuda"])} GPU(s); dropout continues with new random streams')
 
 
-def open_run(args, variant):
+def open_run(args, variant, stages):
     """The checkpoint this invocation continues (--resume, or --resume auto when one is there), or
     None for a fresh start; a fresh start over an unfinished run is refused (nothing overwritten)."""
     path = os.path.join(args.out, 'checkpoint.pth')
@@ -112,7 +121,7 @@ def open_run(args, variant):
     if args.resume:
         if not os.path.isfile(path):
             raise cli.DataError(f'{path}: no checkpoint to resume from')
-        return read_checkpoint(path, args, variant)
+        return read_checkpoint(path, args, variant, stages)
     if os.path.isfile(path):
         old = files.load_torch_file(path, 'a checkpoint written by train.py')
         if not (isinstance(old, dict) and old.get('done')):
@@ -121,30 +130,31 @@ def open_run(args, variant):
     return None
 
 
-def save(path, log, coarse, fine, optimizer, args, done=False):
+def save(path, log, nets, optimizer, args, done=False):
     """Everything --resume needs, with every process's random streams; written by rank 0.
     At the end of the stage without the optimizer's momentum, which is then never needed
     again (283 MB less to write for the coarse net). A write that fails (disk full) stops the run
     with one line; a diverged net is never saved over a good checkpoint."""
     streams = DIST.gather(rng_state(log.gpus))
-    net = coarse if log.stage == 'coarse' else fine
-    if not all_finite(net):
+    if not all_finite(nets[log.stage]):
         raise cli.UserError(f'{log.stage} step {log.step}: the weights hold NaN or inf; not '
                              f'saved, {log.kept()}. Resume from it with --resume (a lower '
                              f'learning rate or --skip-nonfinite may help)')
-    if DIST.main:
+    def write_state():
         finished = log.step == log.total_steps
-        state = {'format': CHECKPOINT_FORMAT, 'variant': coarse.variant.name, 'stage': log.stage,
-                 'step': log.step, 'done': done, 'skipped': log.skipped,
-                 'coarse': coarse.state_dict(),
-                 'fine': fine.state_dict() if log.stage == 'fine' else None,
+        upto = NETS[:NETS.index(log.stage) + 1]   # this stage's net and the fixed ones before it
+        state = {'format': CHECKPOINT_FORMAT, 'variant': nets['coarse'].variant.name,
+                 'stage': log.stage, 'step': log.step, 'done': done, 'skipped': log.skipped,
+                 **{k: nets[k].state_dict() if k in upto else None for k in NETS},
                  'optimizer': None if finished else optimizer.state_dict(), 'rng': streams,
                  'history': log.history, 'running_loss': (log.run_loss, log.run_count),
                  'config': {'batch_size': args.batch_size, 'samples': log.samples, 'lam': args.lam,
                             'seed': args.seed, 'train_depth': args.train_depth,
-                            'per_scene': args.per_scene, 'data': os.path.abspath(args.data),
+                            'per_scene': args.per_scene, 'lr_scale': args.lr_scale,
+                            'data': os.path.abspath(args.data),
                             'processes': DIST.world}}
         write(path, lambda tmp: torch.save(state, tmp), 'checkpoint', log)
+    DIST.together(write_state, main_only=True)   # rank 0 writes; its failure stops every rank
     log.saved(log.step)
 
 

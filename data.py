@@ -188,17 +188,27 @@ def draw_block(order, steps, batch, shard=(0, 1)):
 def step_draws(order, first_step, total_steps, batch, block, device, shard=(0, 1)):
     """(frame indices, AugParams) of each step on `device`, drawn a block of steps at a time (the
     blocks end at multiples of `block`, where the training loop reads its losses) and uploaded in
-    one asynchronous copy from pinned memory."""
-    start = first_step
-    while start < total_steps:
+    one asynchronous copy from pinned memory. The next block is drawn before the last step of the
+    current one is handed out: while the GPU still has that block's steps queued, not after the
+    logging point's read has drained its queue (issue #20)."""
+    def upload(start):
         end = min(total_steps, (start // block + 1) * block)
         packed = draw_block(order, range(start, end), batch, shard)
         if device.type == 'cuda':
             packed = packed.pin_memory()
-        packed = packed.to(device, non_blocking=True)
-        for rows in packed:
+        return end, packed.to(device, non_blocking=True)
+
+    if first_step >= total_steps:
+        return
+    end, packed = upload(first_step)
+    while True:
+        for i, rows in enumerate(packed):
+            if i == len(packed) - 1 and end < total_steps:
+                following = upload(end)
             yield rows[:, 0].long(), util.AugParams.unpack(rows[:, 1:])
-        start = end
+        if end >= total_steps:
+            return
+        end, packed = following
 
 
 class StepIndices:

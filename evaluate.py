@@ -25,7 +25,7 @@ import files
 import nyu_test
 import util
 from metrics import HEADINGS, NAMES, Metrics
-from net import load_pretrained
+from net import RefinedFine, load_pretrained
 
 # Table 1 of the paper, NYU Depth v2 test set, as printed (strings, so the rows print verbatim).
 PAPER_TABLE1 = {
@@ -139,7 +139,8 @@ def evaluate(args):
         means['Mean'] = mean_depth_map(test.train).to(device)
     else:
         print(f'note: no Mean row: it needs the labeled file\'s training images, not in {args.data}')
-    methods = [*means, 'Coarse'] + (['Coarse + Fine'] if fine is not None else [])
+    methods = [*means, 'Coarse'] + (['Coarse + Fine'] if fine is not None else []) + \
+        (['Coarse + Fine + Fine'] if isinstance(fine, RefinedFine) else [])   # train.py --refine 2
     found = {p: {m: Metrics(per_image=(p == 'crop')) for m in methods} for p in protocols}
     examples = []   # (per-image RMSE of the best net, first protocol; position) for the figure
     kinds = sorted(set(protocols.values()))
@@ -153,7 +154,10 @@ def evaluate(args):
             c = coarse(x)
             preds = {m: mean.expand(len(idx), -1, -1, -1) for m, mean in means.items()}
             preds['Coarse'] = c.exp()
-            if fine is not None:
+            if isinstance(fine, RefinedFine):
+                f = fine.fine(x, c)
+                preds['Coarse + Fine'], preds['Coarse + Fine + Fine'] = f.exp(), fine.refine(x, f).exp()
+            elif fine is not None:
                 preds['Coarse + Fine'] = fine(x, c).exp()
             gts = {k: torch.from_numpy(np.stack([next(gt_frames[k]) for _ in idx]))[:, None].to(device)
                    for k in kinds}

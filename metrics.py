@@ -48,6 +48,10 @@ def _sums(pred, gt, mask):
     return out
 
 
+# _sums' per-image entries
+SUMS = ('d1', 'd2', 'd3', 'abs_rel', 'sq_rel', 'se', 'se_log', 'log10', 'n', 'si')
+
+
 class Metrics:
     """Accumulates the metrics over batches of images.
 
@@ -68,12 +72,17 @@ class Metrics:
         """pred, gt: (B, ...) depths in metres (pred > 0); mask: (B, ...) bool of evaluated pixels.
         Images without a single valid pixel are skipped."""
         s = _sums(pred, gt, mask)
-        for i in torch.nonzero(s['n'] > 0).flatten().tolist():
-            n = float(s['n'][i])
-            one = {k: float(s[k][i]) / n for k in ('d1', 'd2', 'd3', 'abs_rel', 'sq_rel', 'log10')}
-            one['rmse'] = math.sqrt(float(s['se'][i]) / n)
-            one['rmse_log'] = math.sqrt(float(s['se_log'][i]) / n)
-            one['si_log'] = math.sqrt(max(float(s['si'][i]), 0.0))
+        # every per-image sum in one read to the host (a GPU waits once per batch, not per value)
+        table = torch.stack([s[k] for k in SUMS]).tolist()
+        for column in zip(*table):
+            v = dict(zip(SUMS, column))
+            n = v['n']
+            if n == 0:
+                continue
+            one = {k: v[k] / n for k in ('d1', 'd2', 'd3', 'abs_rel', 'sq_rel', 'log10')}
+            one['rmse'] = math.sqrt(v['se'] / n)
+            one['rmse_log'] = math.sqrt(v['se_log'] / n)
+            one['si_log'] = math.sqrt(max(v['si'], 0.0))
             self.per_image_values.append(one)
             self.images += 1
             if self.per_image:
@@ -81,10 +90,10 @@ class Metrics:
                     self.totals[k] += one[k]
             else:
                 for k in ('d1', 'd2', 'd3', 'abs_rel', 'sq_rel', 'log10'):
-                    self.totals[k] += float(s[k][i])
-                self.totals['rmse'] += float(s['se'][i])
-                self.totals['rmse_log'] += float(s['se_log'][i])
-                self.totals['si_log'] += float(s['si'][i])
+                    self.totals[k] += v[k]
+                self.totals['rmse'] += v['se']
+                self.totals['rmse_log'] += v['se_log']
+                self.totals['si_log'] += v['si']
                 self.pixels += n
         return self
 

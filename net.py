@@ -307,6 +307,32 @@ def _pass_coarse_through(fine, variant):
         conv3.weight[0, channel, 2, 2] = sign / a
 
 
+class RefinedFine(nn.Module):
+    """--refine 2 (not in the paper: the idea of the homework this project grew from, in the
+    direction of Eigen & Fergus 2015's third scale): the fine net, then a second LocalFineNet that
+    takes the first one's output as its coarse-map input. Called as a fine net, (images, coarse
+    log depth) -> log depth; .fine and .refine are the two nets."""
+
+    def __init__(self, fine, refine):
+        super().__init__()
+        self.fine, self.refine, self.variant = fine, refine, fine.variant
+
+    def forward(self, images, coarse_log_depth):
+        return self.refine(images, self.fine(images, coarse_log_depth))
+
+
+class CoarseThenFine(nn.Module):
+    """The coarse and the fine net as one map, images -> log depth: the fixed input of --refine 2's
+    third stage."""
+
+    def __init__(self, coarse, fine):
+        super().__init__()
+        self.coarse, self.fine = coarse, fine
+
+    def forward(self, images):
+        return self.fine(images, self.coarse(images))
+
+
 def predict_log_depth(coarse, fine, images):
     """Log depth from the coarse net, refined by the fine net when one is given."""
     log_depth = coarse(images)
@@ -361,7 +387,8 @@ def variant_of(coarse_state):
 def load_pretrained(folder='model', device='cpu'):
     """The trained nets from `folder` (coarse.pth, and fine.pth if present), in eval mode, in one
     line for a notebook: `coarse, fine = load_pretrained()`. The variant is read off the weights'
-    shapes (variant_of). fine is None without fine.pth.
+    shapes (variant_of). fine is None without fine.pth; with refine.pth beside it (train.py
+    --refine 2) it is the RefinedFine of both fine nets, used as the fine net.
     Files are read with weights_only=True; a bad one raises DataError saying what is wrong."""
     path = os.path.join(folder, 'coarse.pth')
     if not os.path.isfile(path):
@@ -373,8 +400,11 @@ def load_pretrained(folder='model', device='cpu'):
         raise DataError(f'{path}: weights of no coarse net here ({", ".join(VARIANTS)} variants)')
     coarse = load_weights(GlobalCoarseNet(variant), path, 'coarse net weights', state).to(device)
     fine = None
-    fine_path = os.path.join(folder, 'fine.pth')
+    fine_path, refine_path = os.path.join(folder, 'fine.pth'), os.path.join(folder, 'refine.pth')
     if os.path.isfile(fine_path):
         fine = load_weights(LocalFineNet(variant), fine_path, 'fine net weights').to(device)
+        if os.path.isfile(refine_path):   # --refine 2: the second fine net after the first
+            refine = load_weights(LocalFineNet(variant), refine_path, 'second fine net weights')
+            fine = RefinedFine(fine, refine.to(device))
         fine.eval()
     return coarse.eval(), fine

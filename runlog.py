@@ -203,23 +203,25 @@ def read_history(path):
 def summary(args, stages):
     """The run's last lines: each stage's final validation figures side by side, where the files
     are, and the command that evaluates them on the test split."""
-    lines, names = [], {'coarse': 'Coarse', 'fine': 'Coarse + Fine'}
+    lines, names = [], {'coarse': 'Coarse', 'fine': 'Coarse + Fine', 'refine': 'Coarse + Fine + Fine'}
+    shown = {'coarse', *stages} | ({'fine'} if 'refine' in stages else set())
     for stage, name in names.items():
-        if stage == 'fine' and 'fine' not in stages:
+        if stage not in shown:
             continue
         path = os.path.join(args.out, f'history_{stage}.csv')
         rows = [r for r in read_history(path) if r['val_loss'] is not None] \
             if os.path.isfile(path) else []
         if rows:
             r = rows[-1]
-            lines.append(f"| {name:13s} | {r['samples']:9d} | {r['val_loss']:.4f} | {r['val_si_log']:.3f}"
+            lines.append(f"| {name:20s} | {r['samples']:9d} | {r['val_loss']:.4f} | {r['val_si_log']:.3f}"
                          f" | {r['val_rmse']:.3f} | {r['val_abs_rel']:.3f} | {r['val_d1']:.3f} |")
     out = args.out
-    files = ', '.join(p for p in (os.path.join(out, f) for f in (
-        'coarse.pth', 'fine.pth', 'loss_coarse.png', 'loss_fine.png', 'predictions.png')) if os.path.isfile(p))
+    written = [f'{s}.pth' for s in names if s in shown] + [f'loss_{s}.png' for s in names if s in shown]
+    files = ', '.join(p for p in (os.path.join(out, f) for f in written + ['predictions.png'])
+                      if os.path.isfile(p))
     text = ['', 'Validation at the end of each stage (held-out scenes, centre crop; loss: Eq. 4 '
                 'in (log m)^2):',
-            '| net           |   samples | loss   | sc-inv | RMSE m | abs rel | d<1.25 |'] + lines
+            '| net                  |   samples | loss   | sc-inv | RMSE m | abs rel | d<1.25 |'] + lines
     if not lines:
         text = ['', 'no validation figures (--val-fraction 0)']
     where = ' --demo' if args.demo else ''

@@ -195,7 +195,8 @@ class Distributed:
     """Several processes launched by torchrun (WORLD_SIZE > 1): one per GPU (NCCL), or CPU
     processes (gloo). Each computes its share of every global batch and DistributedDataParallel
     averages the gradients, so the step is that of one process on the whole batch; rank 0 alone
-    validates and writes files. One process (plain `python train.py`): all of this is a no-op."""
+    validates and writes files. One process (plain `python train.py`): all of this is a no-op.
+    Long because it holds every collective train.py makes, each a few lines."""
 
     def __init__(self):
         self.world = int(os.environ.get('WORLD_SIZE', '1'))
@@ -252,6 +253,24 @@ class Distributed:
         torch.distributed.all_gather_object(out, obj)
         return out
 
+    def together(self, fn, main_only=False):
+        """fn() in every process (main_only: in rank 0 alone); a UserError it raises in any of
+        them is raised in all (one collective), so that no process waits in the next collective
+        for one that has stopped (until NCCL's 30-minute timeout). Returns fn's result."""
+        result, error = None, None
+        if self.main or not main_only:
+            try:
+                result = fn()
+            except cli.UserError as e:
+                error = e
+        if self.active:
+            failed = [m for m in self.gather(None if error is None else str(error)) if m]
+            if failed and error is None:
+                raise cli.UserError(failed[0])
+        if error is not None:
+            raise error
+        return result
+
     def stop(self):
         if self.active:
             torch.distributed.destroy_process_group()
@@ -306,15 +325,16 @@ def set_rng_state(state, gpus):
 
 def wrap_nets(net, coarse, device, gpus, amp, compile_net):
     """The nets as a step runs them: in autocast with its dtype (Autocast), over several GPUs
-    (nn.DataParallel) or processes (DDP), compiled with --compile. The fine stage's coarse net
-    likewise, without DDP (it has no gradients)."""
+    (nn.DataParallel) or processes (DDP), compiled with --compile. The fixed nets that feed it
+    (`coarse`: None in the coarse stage) likewise, without DDP (they have no gradients)."""
     kind = device.type
-    net, coarse = Autocast(net, kind, enabled=amp), Autocast(coarse, kind, enabled=amp)
+    net = Autocast(net, kind, enabled=amp)
+    coarse = None if coarse is None else Autocast(coarse, kind, enabled=amp)
     if DIST.active:
         net = DIST.wrap(net)
     elif len(gpus) > 1:
         net = nn.DataParallel(net, device_ids=gpus)
-        coarse = nn.DataParallel(coarse, device_ids=gpus)
+        coarse = None if coarse is None else nn.DataParallel(coarse, device_ids=gpus)
     if compile_net:
         net = torch.compile(net)
     return net, coarse
@@ -323,7 +343,11 @@ def wrap_nets(net, coarse, device, gpus, amp, compile_net):
 def start(args):
     """(device, GPUs) of this process from --device and torchrun's environment, checked before any
     data is read; the logging interval and the precision for that device."""
-    device, gpus = DIST.start(*resolve_device(args.device))
+    device, gpus = resolve_device(args.device)
+    if DIST.active and device.type == 'cuda' and ':' in args.device:
+        raise cli.UserError(f'--device {args.device} under torchrun: each process takes the GPU of '
+                            f'its LOCAL_RANK (CUDA_VISIBLE_DEVICES chooses which); use --device cuda')
+    device, gpus = DIST.start(device, gpus)
     if args.compile and len(gpus) > 1 and not DIST.active:
         raise cli.UserError(f'--compile does not work with nn.DataParallel ({len(gpus)} GPUs in one '
                              f'process): use torchrun for several GPUs (README), or --device cuda:0')

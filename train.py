@@ -17,6 +17,7 @@ history, plots).
 """
 import argparse
 import contextlib
+import math
 import os
 
 import numpy as np
@@ -30,8 +31,9 @@ import runtime
 import util
 from loss import TRAIN_LAMBDA, safe_log, scale_invariant_loss
 from metrics import Metrics
-from net import (GlobalCoarseNet, LocalFineNet, VARIANTS, get_variant, layer_names,
-                 load_imagenet_convs, load_pretrained_conv, load_weights, predict_log_depth)
+from net import (CoarseThenFine, GlobalCoarseNet, LocalFineNet, RefinedFine, VARIANTS, get_variant,
+                 layer_names, load_imagenet_convs, load_pretrained_conv, load_weights,
+                 predict_log_depth)
 from runtime import DIST, MOMENTUM, NonFiniteGuard, StopControl
 
 # Sec. 3.3: SGD, batch 32, momentum 0.9 (runtime.MOMENTUM); 2M samples for the coarse net, 1.5M
@@ -39,6 +41,8 @@ from runtime import DIST, MOMENTUM, NonFiniteGuard, StopControl
 BATCH_SIZE = 32
 COARSE_SAMPLES = 2_000_000
 FINE_SAMPLES = 1_500_000
+# The stages in order; 'refine' (--refine 2) is not the paper's.
+STAGES = ('coarse', 'fine', 'refine')
 # The demo: synthetic rooms (data.py), a schedule a 2-core CPU runs in a few minutes.
 DEMO_COARSE_SAMPLES, DEMO_FINE_SAMPLES, DEMO_BATCH = 3200, 1600, 16
 
@@ -55,10 +59,24 @@ def parse_args(argv=None):
                    help="--variant alexnet: coarse1-5 from torchvision's IMAGENET1K_V1 weights "
                         '(downloaded once into the torch hub cache, TORCH_HOME), as the paper '
                         'pretrains them (Sec. 3.1.1); --no-pretrained: a random start')
-    t.add_argument('--stage', choices=['both', 'coarse', 'fine'], default='both',
-                   help="'fine' needs OUT/coarse.pth (default: %(default)s)")
+    t.add_argument('--stage', choices=['both', *STAGES], default='both',
+                   help="one stage alone: 'fine' needs OUT/coarse.pth, 'refine' OUT/coarse.pth "
+                        "and OUT/fine.pth (default: %(default)s: coarse, fine, and refine with "
+                        "--refine 2)")
+    t.add_argument('--refine', type=int, choices=[1, 2], default=1,
+                   help="fine nets: 1, the paper's; 2, a third stage trains a second fine net on "
+                        'the first one\'s output, coarse and fine fixed, with the fine schedule '
+                        "(not in the paper: README) (default: %(default)s)")
     t.add_argument('--coarse-samples', type=int, help=f'default {COARSE_SAMPLES} (paper)')
     t.add_argument('--fine-samples', type=int, help=f'default {FINE_SAMPLES} (paper)')
+    t.add_argument('--coarse-epochs', type=float, metavar='E',
+                   help='instead of --coarse-samples: E passes over the training set (with '
+                        '--per-scene, over its evened pass), rounded up to whole batches')
+    t.add_argument('--fine-epochs', type=float, metavar='E', help='likewise for the fine stage')
+    t.add_argument('--lr-scale', type=float, default=1.0, metavar='F',
+                   help="every layer's learning rate times F, keeping the paper's ratios (Sec. "
+                        '3.3: "the global scale of all the rates was tuned") (default: %(default)s, '
+                        "the paper's rates)")
     t.add_argument('--batch-size', type=int, help=f'default {BATCH_SIZE} (paper)')
     t.add_argument('--lam', type=float, default=TRAIN_LAMBDA,
                    help='lambda of the scale-invariant loss, Eq. 4 (default: %(default)s)')
@@ -75,6 +93,14 @@ def parse_args(argv=None):
                              f'samples, batch {DEMO_BATCH}, unless set')
     runtime.add_running_options(p)
     a = p.parse_args(argv)
+    for stage in ('coarse', 'fine'):
+        epochs = getattr(a, f'{stage}_epochs')
+        if epochs is not None and getattr(a, f'{stage}_samples') is not None:
+            p.error(f'--{stage}-samples and --{stage}-epochs: give one of the two')
+        if epochs is not None and epochs <= 0:
+            p.error(f'--{stage}-epochs must be positive')
+    if a.lr_scale <= 0:
+        p.error('--lr-scale must be positive')
     if a.coarse_samples is None:
         a.coarse_samples = DEMO_COARSE_SAMPLES if a.demo else COARSE_SAMPLES
     if a.fine_samples is None:
@@ -92,13 +118,14 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------------------------
 # The method
 
-def param_groups(net, variant):
-    """One SGD group per paper layer with its learning rate and weight decay (Sec. 3.3). Fails
-    loudly if a trainable parameter is in no group, the classic bug that leaves layers untrained."""
+def param_groups(net, variant, lr_scale=1.0):
+    """One SGD group per paper layer with its learning rate (x lr_scale) and weight decay (Sec.
+    3.3). Fails loudly if a trainable parameter is in no group, the classic bug that leaves layers
+    untrained."""
     groups, covered = [], set()
     for name in layer_names(net):
         params = [p for p in getattr(net, name).parameters() if p.requires_grad]
-        groups.append({'params': params, 'lr': variant.lr[name],
+        groups.append({'params': params, 'lr': variant.lr[name] * lr_scale,
                        'weight_decay': variant.weight_decay[name], 'layer': name})
         covered.update(id(p) for p in params)
     trainable = {id(p): n for n, p in net.named_parameters() if p.requires_grad}
@@ -108,14 +135,14 @@ def param_groups(net, variant):
     return groups
 
 
-def make_optimizer(net, variant):
-    """SGD with momentum 0.9 and the paper's per-layer groups. Fused (one kernel for the whole
+def make_optimizer(net, variant, lr_scale=1.0):
+    """SGD with momentum 0.9 and the paper's per-layer groups (rates x lr_scale). Fused (one kernel for the whole
     update) where the device has it: the same update as the default implementation (equal to
     rounding on the CPU, tested), fewer passes over the weights, and it can skip a step on the GPU's
     own verdict (NonFiniteGuard). Momentum buffers start at zero, which is exactly SGD's first
     step (buffer = gradient) and keeps a skipped first step from leaving them uninitialised."""
     device = next(net.parameters()).device
-    optimizer = torch.optim.SGD(param_groups(net, variant), lr=0.0, momentum=MOMENTUM,
+    optimizer = torch.optim.SGD(param_groups(net, variant, lr_scale), lr=0.0, momentum=MOMENTUM,
                                 fused=True if runtime.fused_sgd_works(device) else None)
     for group in optimizer.param_groups:
         for p in group['params']:
@@ -166,46 +193,63 @@ def validate(coarse, fine, frames, device, batch, lam):
     modes = [n.training for n in nets]
     for n in nets:
         n.eval()
-    loss_sum, count, found = 0.0, 0, Metrics()
+    loss_sum, count, found = torch.zeros((), dtype=torch.float64, device=device), 0, Metrics()
     for start in range(0, len(frames), batch):
         idx = list(range(start, min(start + batch, len(frames))))
         img, depth, mask = (t.to(device) for t in frames.get(idx))
         x, y, m = util.center_crop(img, depth, mask)
         pred = predict_log_depth(coarse, fine, x)
-        loss_sum += float(scale_invariant_loss(pred, safe_log(y, m), m, lam)) * len(idx)
-        found.add(pred=pred.exp(), gt=y, mask=m)
+        loss_sum += scale_invariant_loss(pred, safe_log(y, m), m, lam).double() * len(idx)
+        found.add(pred=pred.exp(), gt=y, mask=m)   # one host read a batch
         count += len(idx)
     for n, mode in zip(nets, modes):
         n.train(mode)
-    return {'loss': loss_sum / count, **found.result()}
+    return {'loss': float(loss_sum) / count, **found.result()}
 
 
-def train_stage(stage, coarse, fine, sets, args, device, gpus, ckpt, stop):
+def refining_nets(nets, stage):
+    """What refines the coarse prediction up to `stage`: nothing (None), the fine net, or both fine
+    nets (--refine 2), as predict_log_depth takes it."""
+    if stage == 'coarse':
+        return None
+    return nets['fine'] if stage == 'fine' else RefinedFine(nets['fine'], nets['refine'])
+
+
+def stages_of(args):
+    """The stages this run trains, in order."""
+    return list(STAGES[:args.refine + 1]) if args.stage == 'both' else [args.stage]
+
+
+def train_stage(stage, nets, sets, args, device, gpus, ckpt, stop):
     """One stage of Sec. 3.3, from its checkpoint `ckpt` or from the start, to its end (True) or
-    until a stop (False, with a checkpoint). sets: (training set, validation Frames, scenes)."""
+    until a stop (False, with a checkpoint). nets: {'coarse', 'fine'(, 'refine')}; sets: (training
+    set, validation Frames, scenes)."""
     train_set, val, scenes = sets
-    variant = coarse.variant
-    net = coarse if stage == 'coarse' else fine
-    if stage == 'fine':   # Sec. 3.3: the coarse net is held fixed while the fine net trains
-        coarse.train(variant.fine_sees_coarse_dropout)   # [R]: with its dropout on (pred_drop)
-        coarse.requires_grad_(False)
+    coarse, net, variant = nets['coarse'], nets[stage], nets['coarse'].variant
+    # What feeds the trained net, held fixed (Sec. 3.3: the coarse net while the fine net trains),
+    # and the prediction that validation scores: every net up to the trained one.
+    fixed = {'coarse': None, 'fine': coarse, 'refine': CoarseThenFine(coarse, nets['fine'])}[stage]
+    scored = refining_nets(nets, stage)
+    if fixed is not None:
+        fixed.train(variant.fine_sees_coarse_dropout)   # [R]: with the coarse net's dropout on
+        fixed.requires_grad_(False)
     net.train()
-    optimizer = make_optimizer(net, variant)
+    optimizer = make_optimizer(net, variant, args.lr_scale)
     samples = args.coarse_samples if stage == 'coarse' else args.fine_samples
     log = runlog.StageLog(stage, samples, args, gpus, ckpt)   # step, history; resumed from ckpt
     if ckpt is not None:
         checkpoint.resume(ckpt, optimizer, args.seed, gpus)
-    order = util.SampleOrder(len(train_set), args.seed + (0 if stage == 'coarse' else 1),
+    order = util.SampleOrder(len(train_set), args.seed + STAGES.index(stage),
                              scenes, args.per_scene)   # each step's frames and augmentation draws
     batches = data.training_batches(train_set, order, log.step, log.total_steps, args.batch_size,
                                     args, device, (DIST.rank, DIST.world))
-    net_run, coarse_run = runtime.wrap_nets(net, coarse, device, gpus, args.amp, args.compile)
+    net_run, fixed_run = runtime.wrap_nets(net, fixed, device, gpus, args.amp, args.compile)
     guard = NonFiniteGuard(optimizer, device, args.skip_nonfinite)
     ckpt_path = os.path.join(args.out, 'checkpoint.pth')
     with contextlib.closing(batches), log:   # closing: DataLoader workers end at once, also on a stop
         for x, y, m in batches:
-            loss = train_step(net_run, coarse_run if stage == 'fine' else None, optimizer,
-                              (x, y, m), args.lam, variant, args.amp, guard)
+            loss = train_step(net_run, fixed_run, optimizer, (x, y, m), args.lam, variant,
+                              args.amp, guard)
             log.step_done(loss)
             limit = stop.step_done()
             # one process reacts to a signal at once; several agree at the logging points
@@ -214,27 +258,40 @@ def train_stage(stage, coarse, fine, sets, args, device, gpus, ckpt, stop):
             # A logging point: the host reads the losses of the steps since the last one.
             mean_loss = log.read_losses(net)
             if log.validation_due():
-                scores = validate(coarse, fine if stage == 'fine' else None, val, device,
-                                  args.batch_size, args.lam) if DIST.main and len(val) else {}
+                scores = validate(coarse, scored, val, device, args.batch_size,
+                                  args.lam) if DIST.main and len(val) else {}
                 log.add_row(mean_loss, scores)   # history CSV and loss plot
             signalled, time_due = DIST.agree(stop.signalled, log.save_due())
             if log.step == log.total_steps:      # the stage's weights and its last checkpoint
                 weights = os.path.join(args.out, f'{stage}.pth')
-                if DIST.main:
-                    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-                    checkpoint.write(weights, lambda tmp: torch.save(state, tmp), f'{stage} net', log)
-                checkpoint.save(ckpt_path, log, coarse, fine, optimizer, args,
-                                done=stage == 'fine' or args.stage == 'coarse')
+                state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+                DIST.together(lambda: checkpoint.write(weights, lambda tmp: torch.save(state, tmp),
+                                                       f'{stage} net', log), main_only=True)
+                checkpoint.save(ckpt_path, log, nets, optimizer, args,
+                                done=stage == stages_of(args)[-1])
                 log.close(f'{stage} net written to {weights}')
                 return True
             interrupted = limit or signalled
             if interrupted or time_due or log.save_every_due():
-                checkpoint.save(ckpt_path, log, coarse, fine, optimizer, args)
+                checkpoint.save(ckpt_path, log, nets, optimizer, args)
             if interrupted:
                 log.close(f'stopped ({stop.reason()}) at {stage} step {log.step}/{log.total_steps}; '
                           f'checkpoint written to {ckpt_path}; continue with --resume')
                 return False
     return True
+
+
+def samples_from_epochs(args, train_set, scenes):
+    """--coarse-epochs / --fine-epochs as samples: passes over the training set (its evened pass
+    with --per-scene, Sec. 4.1), rounded up to whole batches; one line says so."""
+    epoch = args.per_scene * len(set(scenes)) if args.per_scene else len(train_set)
+    for stage in ('coarse', 'fine'):
+        epochs = getattr(args, f'{stage}_epochs')
+        if epochs is not None:
+            steps = math.ceil(epochs * epoch / args.batch_size)
+            setattr(args, f'{stage}_samples', steps * args.batch_size)
+            print(f'--{stage}-epochs {epochs:g}: {epochs:g} x {epoch} samples a pass = '
+                  f'{steps * args.batch_size} samples ({steps} steps of {args.batch_size})')
 
 
 def main(argv=None):
@@ -245,15 +302,23 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     variant = get_variant(args.variant)
-    ckpt = checkpoint.open_run(args, variant)   # --resume: the checkpoint to continue, or None
+    sets = DIST.together(lambda: data.load_data(args, device))   # a refusal in one stops all
+    samples_from_epochs(args, sets[0], sets[2])
+    print(f"learning rates (Sec. 3.3) x {args.lr_scale:g}: " + ', '.join(
+        f'{layer} {rate * args.lr_scale:g}' for layer, rate in variant.lr.items()))
+    stages = stages_of(args)
+    ckpt = checkpoint.open_run(args, variant, stages)   # --resume: the checkpoint to go on, or None
     if ckpt is not None and ckpt['done']:
         print(f"{os.path.join(args.out, 'checkpoint.pth')}: that run has finished; nothing to resume")
         return 0
-    sets = data.load_data(args, device)
     memory_format = torch.channels_last if device.type == 'cuda' else torch.contiguous_format
-    coarse = GlobalCoarseNet(variant).to(device, memory_format=memory_format)
-    fine = LocalFineNet(variant, pass_through=args.fine_init == 'pass').to(device, memory_format=memory_format)
-    stages = ['coarse', 'fine'] if args.stage == 'both' else [args.stage]
+    nets = {'coarse': GlobalCoarseNet(variant),   # built in this order: the same starts as before
+            'fine': LocalFineNet(variant, pass_through=args.fine_init == 'pass')}
+    if 'refine' in stages:
+        nets['refine'] = LocalFineNet(variant, pass_through=args.fine_init == 'pass')
+    for net in nets.values():
+        net.to(device, memory_format=memory_format)
+    coarse = nets['coarse']
     fresh_coarse = ckpt is None and stages[0] == 'coarse'
     if args.pretrained_conv and fresh_coarse:
         loaded, _ = load_pretrained_conv(coarse, args.pretrained_conv)
@@ -262,21 +327,21 @@ def main(argv=None):
         # rank 0 only: DistributedDataParallel gives its weights to the other processes
         print(f"coarse1-5: torchvision's ImageNet AlexNet weights, {load_imagenet_convs(coarse)}")
     runtime.seed_streams(args.seed, DIST.rank, gpus)   # the same initial weights, each its own dropout
-    if ckpt is not None:
-        coarse.load_state_dict(ckpt['coarse'])
-        if ckpt['stage'] == 'fine':
-            fine.load_state_dict(ckpt['fine'])
-            stages = ['fine']
-    if stages == ['fine'] and ckpt is None:
-        coarse_path = os.path.join(args.out, 'coarse.pth')
-        if not os.path.isfile(coarse_path):
-            raise cli.DataError(f'{coarse_path}: the fine stage needs the trained coarse net')
-        load_weights(coarse, coarse_path, 'the coarse net written by the coarse stage')
+    if ckpt is not None:   # its stage's net and the nets before it
+        for stage in STAGES[:STAGES.index(ckpt['stage']) + 1]:
+            nets[stage].load_state_dict(ckpt[stage])
+        stages = stages[stages.index(ckpt['stage']):]
+    elif stages[0] != 'coarse':   # one later stage alone: the nets before it from OUT
+        for stage in STAGES[:STAGES.index(stages[0])]:
+            path = os.path.join(args.out, f'{stage}.pth')
+            if not os.path.isfile(path):
+                raise cli.DataError(f'{path}: the {stages[0]} stage needs the {stage} net trained before it')
+            load_weights(nets[stage], path, f'the {stage} net written by the {stage} stage')
     os.makedirs(args.out, exist_ok=True)   # only now: refused data or weights leave nothing behind
     with StopControl(args.max_steps) as stop:
         for stage in stages:
             resumed = ckpt if ckpt is not None and ckpt['stage'] == stage else None
-            if not train_stage(stage, coarse, fine, sets, args, device, gpus, resumed, stop):
+            if not train_stage(stage, nets, sets, args, device, gpus, resumed, stop):
                 # one process: 130, 143, 138 as if killed by the signal; under torchrun 0, a clean
                 # stop (a non-zero status would make torchrun report a failure)
                 return 128 + stop.signum if stop.signum and not DIST.active else 0
@@ -284,9 +349,9 @@ def main(argv=None):
     DIST.stop()
     if DIST.main:
         if len(sets[1]):
-            util.plot_predictions(coarse, fine if 'fine' in stages else None, sets[1], device,
+            util.plot_predictions(coarse, refining_nets(nets, stages_of(args)[-1]), sets[1], device,
                                   os.path.join(args.out, 'predictions.png'))
-        print(runlog.summary(args, stages))
+        print(runlog.summary(args, stages_of(args)))
     return 0
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from cli import DataError, progress as progress_bar
 from files import atomic_write, check_file
 from loss import valid_depth_mask
-from net import FRAME_HW, INPUT_HW, OUTPUT_HW, TARGET_OFFSET, TARGET_STRIDE
+from net import FRAME_HW, INPUT_HW, OUTPUT_HW, TARGET_OFFSET, TARGET_STRIDE, RefinedFine
 
 NYU_HW = (480, 640)
 NYU_URL = 'http://horatio.cs.nyu.edu/mit/silberman/nyu_depth_v2/nyu_depth_v2_labeled.mat'
@@ -623,6 +623,10 @@ def _panel(rows, titles, labels, path, dpi=80):
     plt.close(fig)
 
 
+def _refined_title(fine):
+    return 'coarse + fine + fine' if isinstance(fine, RefinedFine) else 'coarse + fine'
+
+
 @contextlib.contextmanager
 def _eval_mode(*nets):
     """The nets in eval mode inside the block, each back in its own mode afterwards."""
@@ -650,7 +654,7 @@ def plot_predictions(coarse, fine, frames, device, path, count=4):
             maps.append(fine(x, c).exp())
         rows = [[x[i].permute(1, 2, 0).cpu().numpy()] + [d[i, 0].cpu().numpy() for d in maps]
                 for i in range(count)]
-        titles = ['input', 'ground truth', 'coarse'] + (['coarse + fine'] if fine is not None else [])
+        titles = ['input', 'ground truth', 'coarse'] + ([_refined_title(fine)] if fine is not None else [])
         _panel(rows, titles, None, path)
 
 
@@ -670,5 +674,5 @@ def plot_examples(coarse, fine, frames, picks, gts, labels, device, path):
             rgb = F.interpolate(img[k:k + 1], size=hw, mode='nearest')[0].permute(1, 2, 0).cpu().numpy()
             gt = np.where(gts[k] > 0, gts[k], np.nan)
             rows.append([rgb, gt] + [d[k] for d in maps] + [np.abs(maps[-1][k] - gt)])
-        titles = ['input', 'ground truth', 'coarse'] + (['coarse + fine'] if fine is not None else []) + ['|error| (m)']
+        titles = ['input', 'ground truth', 'coarse'] + ([_refined_title(fine)] if fine is not None else []) + ['|error| (m)']
         _panel(rows, titles, labels, path)

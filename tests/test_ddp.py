@@ -84,3 +84,22 @@ def test_each_process_takes_its_share_of_every_global_batch(synthetic):
     keys = [list(data.StepIndices(order, 0, 2, 4, (r, 2), with_keys=True)) for r in (0, 1)]
     for step in range(2):
         assert sorted(keys[0][step] + keys[1][step]) == [(step, j, i) for j, i in enumerate(order.indices(step, 4))]
+
+
+def test_a_save_failing_on_rank_0_alone_stops_every_rank_with_its_line(synthetic, tmp_path):
+    """Issue #20: rank 0 alone writes; when that fails (here: checkpoint.pth is a folder, as a full
+    disk would fail it), every process stops with the same one-line error at once, instead of the
+    others waiting in the next collective (NCCL: 30 minutes)."""
+    import time
+    (tmp_path / 'checkpoint.pth').mkdir()
+    (tmp_path / 'checkpoint.pth' / 'keep').write_text('a folder, so the rename onto it fails')
+    args = [str(a) for a in train_args(synthetic, tmp_path, *COMMON, '--stage', 'coarse',
+                                       '--save-every', 2)]
+    start = time.monotonic()
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                        '--nproc-per-node', '2', 'train.py', *args],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    lines = [line for line in r.stderr.splitlines() if 'could not write the checkpoint at coarse step 2' in line]
+    assert len(lines) == 2, r.stderr[-3000:]              # rank 0's, and rank 1's copy of it
+    assert time.monotonic() - start < 120

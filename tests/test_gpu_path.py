@@ -240,3 +240,84 @@ def test_fused_sgd_is_the_default_update(synthetic):
     for a, b in zip(nets[0].parameters(), nets[1].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)
     assert not torch.equal(nets[0].fine3.weight, LocalFineNet(PAPER).fine3.weight)   # they moved
+
+
+def test_validation_reads_the_host_once_a_batch(synthetic, monkeypatch):
+    """Issue #20: validation's sums stay on the device, one host read a batch (and one for the
+    loss at the end); the figures equal those of all frames measured in one go, to rounding."""
+    from metrics import Metrics
+    from net import PAPER, GlobalCoarseNet
+    from loss import safe_log, scale_invariant_loss
+    arrays = util.read_nyu_labeled(synthetic[0], progress=False)
+    frames = util.Frames(arrays['images'][:12], arrays['depths'][:12])
+    torch.manual_seed(0)
+    coarse = GlobalCoarseNet(PAPER).eval()
+    reads = []
+    for name in HOST_READS:
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _n=name, **k:
+                            reads.append(_n) or _real(self, *a, **k))
+    scores = train.validate(coarse, None, frames, torch.device('cpu'), 4, 0.5)
+    monkeypatch.undo()
+    assert len(reads) <= 3 + 1, reads                  # 3 batches of 4, and the loss
+    x, y, m = util.center_crop(*frames.get(range(12)))
+    with torch.no_grad():
+        pred = coarse(x)
+        whole = Metrics().add(pred=pred.exp(), gt=y, mask=m).result()
+        loss = float(scale_invariant_loss(pred, safe_log(y, m), m, 0.5))
+    assert scores['loss'] == pytest.approx(loss, rel=1e-5)
+    assert all(scores[k] == pytest.approx(v, rel=1e-6) for k, v in whole.items())
+
+
+@pytest.mark.parametrize('saved, resumed', [(torch.contiguous_format, torch.channels_last),
+                                            (torch.channels_last, torch.contiguous_format)])
+def test_momentum_resumes_in_the_layout_of_its_parameters(saved, resumed):
+    """Issue #20: nets are channels_last on CUDA only, so a checkpoint moves between layouts. Its
+    momentum buffers are restored in their parameters' layout (fused SGD on CUDA refuses a
+    mismatch; on the CPU it computed a wrong update), and the next step is an uninterrupted one's."""
+    import copy
+    from net import PAPER, LocalFineNet
+    if not runtime.fused_sgd_works(torch.device('cpu')):
+        pytest.skip('this torch has no fused SGD on the CPU')
+    torch.manual_seed(0)
+    x, c = torch.rand(2, 3, 228, 304) * 255, torch.rand(2, 1, 55, 74)
+
+    def step(net, optimizer):
+        optimizer.zero_grad()
+        net(x, c).square().mean().backward()
+        optimizer.step()
+
+    straight = LocalFineNet(PAPER, pass_through=False).to(memory_format=saved)
+    optimizer = train.make_optimizer(straight, PAPER)
+    step(straight, optimizer)                              # momentum buffers now hold a gradient
+    state = copy.deepcopy(optimizer.state_dict())
+    resumed_net = LocalFineNet(PAPER, pass_through=False)
+    resumed_net.load_state_dict(straight.state_dict())
+    resumed_net = resumed_net.to(memory_format=resumed)
+    resumed_optimizer = train.make_optimizer(resumed_net, PAPER)
+    checkpoint.load_optimizer_state(resumed_optimizer, state)
+    step(straight, optimizer)
+    step(resumed_net, resumed_optimizer)
+    for (name, p), q in zip(straight.named_parameters(), resumed_net.parameters()):
+        assert torch.allclose(p, q, rtol=0, atol=1e-6), name
+
+
+def test_the_next_block_is_drawn_before_the_logging_point_reads(synthetic, tmp_path, monkeypatch):
+    """Issue #20: at a logging point the host reads the block's losses, which drains the GPU's
+    queue; the next block's frames and draws are made before that (while the last step of the
+    block is still to be queued), never after the read."""
+    events, real_draw, real_read = [], data.draw_block, runlog.StageLog.read_losses
+    monkeypatch.setattr(data, 'draw_block', lambda o, steps, *a: events.append(('draw', steps.start))
+                        or real_draw(o, steps, *a))
+
+    def read(self, net):
+        events.append(('read', self.step))
+        return real_read(self, net)
+    monkeypatch.setattr(runlog.StageLog, 'read_losses', read)
+    assert train.main(train_args(synthetic, tmp_path, '--stage', 'coarse', '--coarse-samples', 40,
+                                 '--batch-size', 4, '--val-fraction', 0, '--log-every', 4,
+                                 '--val-every', 40)) == 0
+    reads = [s for kind, s in events if kind == 'read']
+    assert reads == [4, 8, 10]
+    for step in reads[:-1]:   # the block starting at this step was drawn before this step's read
+        assert events.index(('draw', step)) < events.index(('read', step))
