@@ -3,6 +3,7 @@ back with every refusal a user can meet (truncated, not ours, another variant, s
 and older formats converted where that is safe.
 """
 import glob
+import hashlib
 import os
 
 import torch
@@ -14,8 +15,9 @@ from runtime import DIST, all_finite, rng_state, seed_streams, set_rng_state
 # 3: every process's CPU and GPU random streams ('rng'); 4: the paper and alexnet variants'
 # feature and target scaling of issue #11 (a format-3 run of theirs would go on with other nets);
 # 5: the history's val_loss in Eq. 4's units, as train_loss (format 4's was divided by 0.457^2:
-# converted on resume, issue #18)
-CHECKPOINT_FORMAT = 5
+# converted on resume, issue #18); 6: the fixed nets of a later stage (the coarse net in the fine
+# stage) as references to their weights files, not copies (issue #21; format 5 still read)
+CHECKPOINT_FORMAT = 6
 
 # What a checkpoint's config must share with the command line that resumes it.
 # The nets of the stages in order, each a key of the checkpoint ('refine': --refine 2's second
@@ -36,9 +38,9 @@ def read_checkpoint(path, args, variant, stages):
         for row in ckpt['history']:
             if row.get('val_loss') is not None:
                 row['val_loss'] *= variant.log_depth_std ** 2
-        ckpt['format'] = CHECKPOINT_FORMAT
+        ckpt['format'] = 5
         print(f'{path}: format 4, its validation losses converted to Eq. 4 in (log m)^2')
-    if ckpt['format'] != CHECKPOINT_FORMAT:
+    if ckpt['format'] not in (5, CHECKPOINT_FORMAT):   # 5: every net's weights inline
         raise cli.DataError(f"{path}: checkpoint format {ckpt['format']}, this train.py reads "
                              f"format {CHECKPOINT_FORMAT} (an older train.py wrote it: start "
                              f"afresh, or finish it with that version)")
@@ -143,9 +145,12 @@ def save(path, log, nets, optimizer, args, done=False):
     def write_state():
         finished = log.step == log.total_steps
         upto = NETS[:NETS.index(log.stage) + 1]   # this stage's net and the fixed ones before it
+        if log.fixed_refs is None:   # the fixed nets do not change within a stage: hashed once
+            log.fixed_refs = {k: reference(nets[k], args.out, k) for k in upto[:-1]}
         state = {'format': CHECKPOINT_FORMAT, 'variant': nets['coarse'].variant.name,
                  'stage': log.stage, 'step': log.step, 'done': done, 'skipped': log.skipped,
-                 **{k: nets[k].state_dict() if k in upto else None for k in NETS},
+                 **{k: None for k in NETS}, **log.fixed_refs,
+                 log.stage: nets[log.stage].state_dict(),
                  'optimizer': None if finished else optimizer.state_dict(), 'rng': streams,
                  'history': log.history, 'running_loss': (log.run_loss, log.run_count),
                  'config': {'batch_size': args.batch_size, 'samples': log.samples, 'lam': args.lam,
@@ -156,6 +161,43 @@ def save(path, log, nets, optimizer, args, done=False):
         write(path, lambda tmp: torch.save(state, tmp), 'checkpoint', log)
     DIST.together(write_state, main_only=True)   # rank 0 writes; its failure stops every rank
     log.saved(log.step)
+
+
+def weights_hash(state):
+    """sha256 of a state_dict's tensors (names, dtypes, shapes and values), as stored on the CPU."""
+    h = hashlib.sha256()
+    for name, t in state.items():
+        t = t.detach().cpu().contiguous()
+        h.update(f'{name} {t.dtype} {tuple(t.shape)};'.encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b'')
+    return h.hexdigest()
+
+
+def reference(net, folder, name):
+    """What a later stage's checkpoint keeps of a fixed net: its weights file in the run's folder
+    (written by the stage that trained it, or the one --stage fine / refine started from) and the
+    hash of the weights the stage runs on, 283 MB fewer to write for the coarse net."""
+    return {'file': f'{name}.pth', 'sha256': weights_hash(net.state_dict())}
+
+
+def load_nets(ckpt, nets, folder):
+    """The checkpoint's stage net and the fixed nets before it into `nets`: weights inline, or
+    (format 6) from the files they refer to, refused with one line when missing or changed."""
+    for name in NETS[:NETS.index(ckpt['stage']) + 1]:
+        entry = ckpt[name]
+        if isinstance(entry, dict) and set(entry) == {'file', 'sha256'}:
+            path = os.path.join(folder, entry['file'])
+            again = f'put back the {name} net the {ckpt["stage"]} stage began on, or train that ' \
+                    f'stage afresh (--stage {ckpt["stage"]}, another --out)'
+            if not os.path.isfile(path):
+                raise cli.DataError(f'{path}: missing; the checkpoint\'s {ckpt["stage"]} stage runs '
+                                     f'on it: {again}')
+            state = files.load_torch_file(path, f'the {name} net written by train.py')
+            if not isinstance(state, dict) or weights_hash(state) != entry['sha256']:
+                raise cli.DataError(f'{path}: not the {name} net the checkpoint\'s {ckpt["stage"]} '
+                                     f'stage runs on (its weights changed since): {again}')
+            entry = state
+        nets[name].load_state_dict(entry)
 
 
 def write(path, write_to, what, log):

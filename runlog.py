@@ -45,6 +45,7 @@ class StageLog:
             self.skipped, self.saved_step = ckpt['skipped'], ckpt['step']
             self.run_loss, self.run_count = ckpt['running_loss']
         self.block_losses = []   # device scalars of the steps since the last logging point
+        self.fixed_refs = None   # checkpoint.reference of the fixed nets, made at the first save
 
     def __enter__(self):
         """Start the clock and the progress: a terminal gets the bar, a log file (or a pipe) plain

@@ -328,8 +328,7 @@ def main(argv=None):
         print(f"coarse1-5: torchvision's ImageNet AlexNet weights, {load_imagenet_convs(coarse)}")
     runtime.seed_streams(args.seed, DIST.rank, gpus)   # the same initial weights, each its own dropout
     if ckpt is not None:   # its stage's net and the nets before it
-        for stage in STAGES[:STAGES.index(ckpt['stage']) + 1]:
-            nets[stage].load_state_dict(ckpt[stage])
+        checkpoint.load_nets(ckpt, nets, args.out)
         stages = stages[stages.index(ckpt['stage']):]
     elif stages[0] != 'coarse':   # one later stage alone: the nets before it from OUT
         for stage in STAGES[:STAGES.index(stages[0])]:

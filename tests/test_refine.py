@@ -3,6 +3,7 @@ on the first one's output, the coarse and first fine nets fixed; evaluate.py and
 import numpy as np
 import torch
 
+import checkpoint
 import evaluate
 import predict
 import train
@@ -23,7 +24,7 @@ def test_the_third_stage_trains_the_second_fine_net_alone_and_resumes_exactly(sy
     ckpt = torch.load(straight / 'checkpoint.pth', weights_only=True)
     assert ckpt['stage'] == 'refine' and ckpt['done']
     for name in ('coarse', 'fine'):   # what the earlier stages wrote is what the third one ran on
-        assert all(torch.equal(_weights(straight, name)[k], ckpt[name][k]) for k in ckpt[name])
+        assert ckpt[name] == {'file': f'{name}.pth', 'sha256': checkpoint.weights_hash(_weights(straight, name))}
     refine = _weights(straight, 'refine')
     start = LocalFineNet(PAPER).state_dict()['fine3.weight']   # pass-through start, no random part
     assert not torch.equal(refine['fine3.weight'], start)

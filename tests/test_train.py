@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+import checkpoint
 import cli
 import train
 import util
@@ -132,7 +133,8 @@ def test_outputs_written(trained):
 def test_fine_stage_leaves_coarse_net_unchanged(trained):
     saved = torch.load(trained / 'coarse.pth', weights_only=True)
     after_fine = torch.load(trained / 'checkpoint.pth', weights_only=True)['coarse']
-    assert all(torch.equal(saved[k], after_fine[k]) for k in saved)
+    # the fine stage's checkpoint refers to coarse.pth by the hash of the weights it ran on
+    assert after_fine == {'file': 'coarse.pth', 'sha256': checkpoint.weights_hash(saved)}
 
 
 def test_weights_load_in_a_new_process(trained, tmp_path):
@@ -234,3 +236,24 @@ def test_a_checkpoint_of_the_train_py_before_the_restructuring_resumes(synthetic
     for name in ('coarse.pth', 'fine.pth'):
         a, b = (torch.load(tmp_path / d / name, weights_only=True) for d in ('chunked', 'straight'))
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_a_fine_stage_checkpoint_refers_to_coarse_pth_and_refuses_another(synthetic, tmp_path):
+    """Issue #21: the fine stage's checkpoint keeps coarse.pth's name and weights hash instead of a
+    283 MB copy; resuming with coarse.pth changed or missing is refused with one line."""
+    schedule = ['--coarse-samples', 16, '--fine-samples', 16, '--batch-size', 8, '--val-fraction', 0]
+    out = tmp_path / 'run'
+    assert train.main(train_args(synthetic, out, *schedule, '--max-steps', 3)) == 0
+    ckpt = torch.load(out / 'checkpoint.pth', weights_only=True)
+    assert ckpt['stage'] == 'fine' and set(ckpt['coarse']) == {'file', 'sha256'}
+    coarse = torch.load(out / 'coarse.pth', weights_only=True)
+    changed = {k: v.clone() for k, v in coarse.items()}
+    changed['coarse7.bias'][0] += 1e-3
+    torch.save(changed, out / 'coarse.pth')
+    with pytest.raises(cli.DataError, match='coarse.pth: not the coarse net the checkpoint.s fine stage'):
+        train.main(train_args(synthetic, out, *schedule, '--resume'))
+    os.remove(out / 'coarse.pth')
+    with pytest.raises(cli.DataError, match='coarse.pth: missing'):
+        train.main(train_args(synthetic, out, *schedule, '--resume'))
+    torch.save(coarse, out / 'coarse.pth')
+    assert train.main(train_args(synthetic, out, *schedule, '--resume')) == 0
