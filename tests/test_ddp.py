@@ -1,6 +1,7 @@
 """DistributedDataParallel under torchrun, on the CPU with gloo: two processes, each on half of
 every global batch, train exactly as one process on the whole batch."""
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -56,9 +57,9 @@ def test_two_gloo_processes_equal_one_process_on_the_same_global_batch(synthetic
 
 
 def test_coarse_stage_runs_under_torchrun(synthetic, tmp_path):
-    """With dropout (coarse6) the two processes draw their own masks, so only the run itself is
-    checked: one checkpoint (with both processes' random streams) and one weights file, written
-    by rank 0."""
+    """With dropout (coarse6) the two processes draw their own masks, so the run is checked for one
+    checkpoint (with both processes' random streams) and one weights file, written by rank 0, and
+    against the same run on two nodes."""
     args = [str(a) for a in train_args(synthetic, tmp_path, *COMMON, '--stage', 'coarse')]
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone',
                         '--nproc-per-node', '2', 'train.py', *args],
@@ -68,6 +69,24 @@ def test_coarse_stage_runs_under_torchrun(synthetic, tmp_path):
     assert ckpt['done'] and len(ckpt['rng']) == 2   # both processes' random streams, their own
     assert not torch.equal(ckpt['rng'][0]['cpu'], ckpt['rng'][1]['cpu'])
     assert (tmp_path / 'coarse.pth').exists() and not list(tmp_path.glob('*.tmp*'))
+
+    # Issue #21: the same run on two "nodes" of this machine (two torchrun launchers, one process
+    # each, c10d rendezvous on 127.0.0.1, as README's multi-node command) ends with the same weights
+    nodes = tmp_path / 'nodes'
+    args = [str(a) for a in train_args(synthetic, nodes, *COMMON, '--stage', 'coarse')]
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    launchers = [subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--nnodes', '2',
+                                   '--nproc-per-node', '1', '--node-rank', str(node),
+                                   '--rdzv-backend', 'c10d', '--rdzv-endpoint', f'127.0.0.1:{port}',
+                                   '--rdzv-id', 'two-nodes', 'train.py', *args],
+                                  cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for node in (0, 1)]
+    outs = [p.communicate(timeout=600) for p in launchers]
+    assert all(p.returncode == 0 for p in launchers), [o[1][-2000:] for o in outs]
+    one, two = (torch.load(d / 'coarse.pth', weights_only=True) for d in (tmp_path, nodes))
+    assert all(torch.equal(one[k], two[k]) for k in one)
 
 
 def test_each_process_takes_its_share_of_every_global_batch(synthetic):
@@ -103,3 +122,4 @@ def test_a_save_failing_on_rank_0_alone_stops_every_rank_with_its_line(synthetic
     lines = [line for line in r.stderr.splitlines() if 'could not write the checkpoint at coarse step 2' in line]
     assert len(lines) == 2, r.stderr[-3000:]              # rank 0's, and rank 1's copy of it
     assert time.monotonic() - start < 120
+
