@@ -19,10 +19,10 @@ from runtime import DIST, all_finite, rng_state, seed_streams, set_rng_state
 # stage) as references to their weights files, not copies (issue #21; format 5 still read)
 CHECKPOINT_FORMAT = 6
 
-# What a checkpoint's config must share with the command line that resumes it.
 # The nets of the stages in order, each a key of the checkpoint ('refine': --refine 2's second
 # fine net; None where its stage has not begun)
 NETS = ('coarse', 'fine', 'refine')
+# What a checkpoint's config must share with the command line that resumes it.
 RESUME_MUST_MATCH = ('batch_size', 'samples', 'lam', 'seed', 'train_depth', 'per_scene', 'lr_scale')
 
 
@@ -58,14 +58,25 @@ def read_checkpoint(path, args, variant, stages):
                              f"with --stage {ckpt['stage']} or both")
     if ckpt['stage'] not in stages:
         raise cli.DataError(f"{path}: holds the {ckpt['stage']} stage (step {ckpt['step']}), "
-                             f"which this run does not train; resume with --refine 2")
-    samples = args.coarse_samples if ckpt['stage'] == 'coarse' else args.fine_samples
+                             f"which this run does not train; resume with --refine 2 and --stage "
+                             f"both or {ckpt['stage']}")
+    ckpt['config'].setdefault('lr_scale', 1.0)   # written before --lr-scale existed: the paper's
+    check_schedule(path, ckpt, args)
+    return ckpt
+
+
+def check_schedule(path, ckpt, args, converted=False):
+    """Refuse (one line) a resume whose schedule differs from the checkpoint's. The samples of a
+    stage given in epochs are known only once the data is loaded (converted): train.py checks
+    again then."""
+    unit = 'coarse' if ckpt['stage'] == 'coarse' else 'fine'   # refine: the fine schedule
+    pending = getattr(args, f'{unit}_epochs') is not None and not converted
+    samples = None if pending else getattr(args, f'{unit}_samples')
     asked = {'batch_size': args.batch_size, 'samples': samples, 'lam': args.lam,
              'seed': args.seed, 'train_depth': args.train_depth, 'per_scene': args.per_scene,
              'lr_scale': args.lr_scale}
     for key in RESUME_MUST_MATCH:
-        if key in ckpt['config'] and ckpt['config'][key] != asked[key]:
-            unit = 'coarse' if ckpt['stage'] == 'coarse' else 'fine'   # refine: the fine schedule
+        if key in ckpt['config'] and asked[key] is not None and ckpt['config'][key] != asked[key]:
             option = {'samples': f"--{unit}-samples"}.get(key, '--' + key.replace('_', '-'))
             raise cli.DataError(f"{path}: was started with {option} {ckpt['config'][key]}, "
                                  f"this run asks for {asked[key]}; resume with the same setting")
@@ -176,8 +187,13 @@ def weights_hash(state):
 def reference(net, folder, name):
     """What a later stage's checkpoint keeps of a fixed net: its weights file in the run's folder
     (written by the stage that trained it, or the one --stage fine / refine started from) and the
-    hash of the weights the stage runs on, 283 MB fewer to write for the coarse net."""
-    return {'file': f'{name}.pth', 'sha256': weights_hash(net.state_dict())}
+    hash of the weights the stage runs on, 283 MB fewer to write for the coarse net; the weights
+    themselves where that file is missing or holds other weights."""
+    state, path = net.state_dict(), os.path.join(folder, f'{name}.pth')
+    digest = weights_hash(state)
+    if os.path.isfile(path) and weights_hash(files.load_torch_file(path, f'the {name} net')) == digest:
+        return {'file': f'{name}.pth', 'sha256': digest}
+    return state
 
 
 def load_nets(ckpt, nets, folder):
@@ -200,11 +216,21 @@ def load_nets(ckpt, nets, folder):
         nets[name].load_state_dict(entry)
 
 
+def remove_later_weights(folder, stage, stages):
+    """A stage that has just written its net leaves no weights of a later stage it does not train
+    beside it: they were trained on the net it replaced (load_pretrained would use them)."""
+    for later in NETS[NETS.index(stage) + 1:]:
+        path = os.path.join(folder, f'{later}.pth')
+        if later not in stages and os.path.isfile(path):
+            os.remove(path)
+            print(f'removed {path}: trained on the {stage} net this run replaced')
+
+
 def write(path, write_to, what, log):
     """Write a file atomically; a full disk or other OSError stops the run with a message."""
     try:
         files.atomic_write(path, write_to)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:   # torch.save on a full disk: RuntimeError
         raise cli.UserError(f'{path}: could not write the {what} at {log.stage} step '
                              f'{log.step} ({e.strerror or e}); {log.kept()}. Free some '
                              f'space, then continue with --resume') from None

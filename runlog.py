@@ -148,14 +148,24 @@ class StageLog:
             row.update({f'val_{k}': value for k, value in scores.items()})
             self.bar.write(f"{self.stage} {samples} samples: val loss {scores['loss']:.4f}, sc-inv "
                            f"{scores['si_log']:.3f}, RMSE {scores['rmse']:.3f} m, d<1.25 {scores['d1']:.3f}")
-        if DIST.main:
-            append_history(self.csv_path, row)
+        DIST.together(lambda: self._append(row), main_only=True)   # a full disk stops every rank
         self.history.append(row)
         if time.monotonic() - self.last_plot >= PLOT_EVERY_S or self.step == self.total_steps:
             if DIST.main:   # drawn from the CSV: what a user can also plot themselves
-                util.plot_losses(read_history(self.csv_path), self.stage,
-                                 os.path.join(self.args.out, f'loss_{self.stage}.png'))
+                path = os.path.join(self.args.out, f'loss_{self.stage}.png')
+                try:
+                    util.plot_losses(read_history(self.csv_path), self.stage, path)
+                except (OSError, RuntimeError) as e:   # a plot is not worth stopping the run for
+                    self.bar.write(f'{path}: not drawn ({e})')
             self.last_plot = time.monotonic()
+
+    def _append(self, row):
+        try:
+            append_history(self.csv_path, row)
+        except OSError as e:
+            raise cli.UserError(f'{self.csv_path}: could not add the row of {self.stage} step '
+                                 f'{self.step} ({e.strerror or e}); {self.kept()}. Free some space, '
+                                 f'then continue with --resume') from None
 
     def saved(self, step):
         self.saved_step, self.last_save = step, time.monotonic()

@@ -3,8 +3,9 @@
 Stage 1 trains GlobalCoarseNet for 2M samples; stage 2 trains LocalFineNet for 1.5M samples on the
 outputs of the coarse net, which is held fixed (no gradient). SGD, batch 32, momentum 0.9, the
 paper's per-layer learning rates (net.Variant), the scale-invariant loss of Eq. 4 (loss.py).
-Outputs in --out (default model/): coarse.pth and fine.pth (plain state_dicts), checkpoint.pth
-(everything --resume needs), history_<stage>.csv, loss_<stage>.png and predictions.png.
+Outputs in --out (default model/): coarse.pth and fine.pth (plain state_dicts; refine.pth with
+--refine 2), checkpoint.pth (with the weights files beside it, everything --resume needs),
+history_<stage>.csv, loss_<stage>.png and predictions.png.
 
     python train.py                  # NYU labeled set in nyu/, the paper's schedule
     python train.py --demo           # synthetic rooms in NYU's format, a few minutes on a CPU
@@ -35,6 +36,10 @@ from net import (CoarseThenFine, GlobalCoarseNet, LocalFineNet, RefinedFine, VAR
                  layer_names, load_imagenet_convs, load_pretrained_conv, load_weights,
                  predict_log_depth)
 from runtime import DIST, MOMENTUM, NonFiniteGuard, StopControl
+# The GPU smoke test's probe (../shared/gpu/gpu_probe.py, maintained outside this repository) still
+# reaches these as train.*; they live in data.py and runtime.py since issue #19.
+from data import draw_block, load_data, training_batches  # noqa: F401
+from runtime import Autocast, set_precision  # noqa: F401
 
 # Sec. 3.3: SGD, batch 32, momentum 0.9 (runtime.MOMENTUM); 2M samples for the coarse net, 1.5M
 # for the fine net.
@@ -189,10 +194,9 @@ def validate(coarse, fine, frames, device, batch, lam):
     """Validation frames, centre crop, nets in eval mode: the mean training loss (Eq. 4, in
     (log metres)^2 as the logged training loss) and the metrics of metrics.py on the 55x74 target
     grid (sc-inv = sqrt(Eq. 1), RMSE in metres, ...)."""
-    nets = [n for n in (coarse, fine) if n is not None]
-    modes = [n.training for n in nets]
-    for n in nets:
-        n.eval()
+    modes = [(m, m.training) for n in (coarse, fine) if n is not None for m in n.modules()]
+    for m, _ in modes:
+        m.eval()
     loss_sum, count, found = torch.zeros((), dtype=torch.float64, device=device), 0, Metrics()
     for start in range(0, len(frames), batch):
         idx = list(range(start, min(start + batch, len(frames))))
@@ -202,8 +206,8 @@ def validate(coarse, fine, frames, device, batch, lam):
         loss_sum += scale_invariant_loss(pred, safe_log(y, m), m, lam).double() * len(idx)
         found.add(pred=pred.exp(), gt=y, mask=m)   # one host read a batch
         count += len(idx)
-    for n, mode in zip(nets, modes):
-        n.train(mode)
+    for m, mode in modes:   # each module as it was (a fixed net may be in another mode)
+        m.training = mode
     return {'loss': float(loss_sum) / count, **found.result()}
 
 
@@ -264,9 +268,11 @@ def train_stage(stage, nets, sets, args, device, gpus, ckpt, stop):
             signalled, time_due = DIST.agree(stop.signalled, log.save_due())
             if log.step == log.total_steps:      # the stage's weights and its last checkpoint
                 weights = os.path.join(args.out, f'{stage}.pth')
-                state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-                DIST.together(lambda: checkpoint.write(weights, lambda tmp: torch.save(state, tmp),
-                                                       f'{stage} net', log), main_only=True)
+                DIST.together(lambda: checkpoint.write(weights, lambda tmp: torch.save(
+                    {k: v.detach().cpu() for k, v in net.state_dict().items()}, tmp),
+                    f'{stage} net', log), main_only=True)
+                if DIST.main:   # weights trained on the nets this stage replaced are stale now
+                    checkpoint.remove_later_weights(args.out, stage, stages_of(args))
                 checkpoint.save(ckpt_path, log, nets, optimizer, args,
                                 done=stage == stages_of(args)[-1])
                 log.close(f'{stage} net written to {weights}')
@@ -290,8 +296,9 @@ def samples_from_epochs(args, train_set, scenes):
         if epochs is not None:
             steps = math.ceil(epochs * epoch / args.batch_size)
             setattr(args, f'{stage}_samples', steps * args.batch_size)
-            print(f'--{stage}-epochs {epochs:g}: {epochs:g} x {epoch} samples a pass = '
-                  f'{steps * args.batch_size} samples ({steps} steps of {args.batch_size})')
+            if DIST.main:
+                print(f'--{stage}-epochs {epochs:g}: {epochs:g} x {epoch} samples a pass = '
+                      f'{steps * args.batch_size} samples ({steps} steps of {args.batch_size})')
 
 
 def main(argv=None):
@@ -302,15 +309,18 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     variant = get_variant(args.variant)
-    sets = DIST.together(lambda: data.load_data(args, device))   # a refusal in one stops all
-    samples_from_epochs(args, sets[0], sets[2])
-    print(f"learning rates (Sec. 3.3) x {args.lr_scale:g}: " + ', '.join(
-        f'{layer} {rate * args.lr_scale:g}' for layer, rate in variant.lr.items()))
     stages = stages_of(args)
     ckpt = checkpoint.open_run(args, variant, stages)   # --resume: the checkpoint to go on, or None
     if ckpt is not None and ckpt['done']:
         print(f"{os.path.join(args.out, 'checkpoint.pth')}: that run has finished; nothing to resume")
         return 0
+    sets = DIST.together(lambda: data.load_data(args, device))   # a refusal in one stops all
+    samples_from_epochs(args, sets[0], sets[2])
+    if ckpt is not None:   # the samples of --*-epochs are known now
+        checkpoint.check_schedule(os.path.join(args.out, 'checkpoint.pth'), ckpt, args, converted=True)
+    if DIST.main:
+        print(f"learning rates (Sec. 3.3) x {args.lr_scale:g}: " + ', '.join(
+            f'{layer} {rate * args.lr_scale:g}' for layer, rate in variant.lr.items()))
     memory_format = torch.channels_last if device.type == 'cuda' else torch.contiguous_format
     nets = {'coarse': GlobalCoarseNet(variant),   # built in this order: the same starts as before
             'fine': LocalFineNet(variant, pass_through=args.fine_init == 'pass')}
@@ -323,9 +333,10 @@ def main(argv=None):
     if args.pretrained_conv and fresh_coarse:
         loaded, _ = load_pretrained_conv(coarse, args.pretrained_conv)
         print(f'loaded {", ".join(loaded)} from {args.pretrained_conv}')
-    if variant.coarse_convs == 'alexnet' and args.pretrained and fresh_coarse and DIST.main:
+    if variant.coarse_convs == 'alexnet' and args.pretrained and fresh_coarse:
         # rank 0 only: DistributedDataParallel gives its weights to the other processes
-        print(f"coarse1-5: torchvision's ImageNet AlexNet weights, {load_imagenet_convs(coarse)}")
+        DIST.together(lambda: print(f"coarse1-5: torchvision's ImageNet AlexNet weights, "
+                                    f"{load_imagenet_convs(coarse)}"), main_only=True)
     runtime.seed_streams(args.seed, DIST.rank, gpus)   # the same initial weights, each its own dropout
     if ckpt is not None:   # its stage's net and the nets before it
         checkpoint.load_nets(ckpt, nets, args.out)
