@@ -247,6 +247,10 @@ def train_stage(stage, nets, sets, args, device, gpus, ckpt, stop):
                              scenes, args.per_scene)   # each step's frames and augmentation draws
     batches = data.training_batches(train_set, order, log.step, log.total_steps, args.batch_size,
                                     args, device, (DIST.rank, DIST.world))
+    if log.step == log.total_steps:   # finished before: if it is now the run's last, record that
+        if stage == stages_of(args)[-1]:
+            checkpoint.save(os.path.join(args.out, 'checkpoint.pth'), log, nets, optimizer, args, done=True)
+        return True
     net_run, fixed_run = runtime.wrap_nets(net, fixed, device, gpus, args.amp, args.compile)
     guard = NonFiniteGuard(optimizer, device, args.skip_nonfinite)
     ckpt_path = os.path.join(args.out, 'checkpoint.pth')

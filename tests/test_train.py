@@ -257,3 +257,23 @@ def test_a_fine_stage_checkpoint_refers_to_coarse_pth_and_refuses_another(synthe
         train.main(train_args(synthetic, out, *schedule, '--resume'))
     torch.save(coarse, out / 'coarse.pth')
     assert train.main(train_args(synthetic, out, *schedule, '--resume')) == 0
+
+
+def test_a_finished_stage_resumed_as_the_last_one_ends_the_run(synthetic, tmp_path, monkeypatch):
+    """A run killed right after its coarse stage ended, resumed with --stage coarse: the coarse
+    stage is the run's last now, so the checkpoint says done (--resume auto then does nothing)."""
+    schedule = ['--coarse-samples', 16, '--fine-samples', 16, '--batch-size', 8, '--val-fraction', 0]
+    real_run = train.train_stage
+
+    def killed_in_the_fine_stage(stage, *args):
+        if stage == 'fine':
+            raise RuntimeError('killed')
+        return real_run(stage, *args)
+    monkeypatch.setattr(train, 'train_stage', killed_in_the_fine_stage)
+    with pytest.raises(RuntimeError, match='killed'):
+        train.main(train_args(synthetic, tmp_path, *schedule))
+    monkeypatch.undo()
+    ckpt = torch.load(tmp_path / 'checkpoint.pth', weights_only=True)
+    assert (ckpt['stage'], ckpt['step'], ckpt['done']) == ('coarse', 2, False)
+    assert train.main(train_args(synthetic, tmp_path, *schedule, '--resume', '--stage', 'coarse')) == 0
+    assert torch.load(tmp_path / 'checkpoint.pth', weights_only=True)['done']
