@@ -81,6 +81,17 @@ def test_release_fine_stage_runs_the_coarse_net_with_its_dropout(synthetic, tmp_
     assert len(calls) >= 2 and set(calls) == {(True, False, False)}
 
 
+def _crash_when_the_fine_stage_starts(monkeypatch):
+    """train.main raises as the fine stage begins, after the coarse stage's last checkpoint."""
+    real_run = train.train_stage
+
+    def crash(stage, *args):
+        if stage == 'fine':
+            raise RuntimeError('crash between the stages')
+        return real_run(stage, *args)
+    monkeypatch.setattr(train, 'train_stage', crash)
+
+
 def test_release_weight_decay():
     opt = train.make_optimizer(GlobalCoarseNet(RELEASE), RELEASE)
     wd = {g['layer']: g['weight_decay'] for g in opt.param_groups}
@@ -173,16 +184,10 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(synthetic, tmp_p
         train.main(train_args(synthetic, chunked, *schedule))
     # a crash between the stages: the coarse stage's last checkpoint (no momentum: the stage is
     # over) is what the next resume starts from
-    real_run = train.train_stage
-
-    def crash_in_the_fine_stage(stage, *args):
-        if stage == 'fine':
-            raise RuntimeError('crash between the stages')
-        return real_run(stage, *args)
-    monkeypatch.setattr(train, 'train_stage', crash_in_the_fine_stage)
+    _crash_when_the_fine_stage_starts(monkeypatch)
     with pytest.raises(RuntimeError, match='between the stages'):
         train.main(train_args(synthetic, chunked, *schedule, '--resume'))
-    monkeypatch.setattr(train, 'train_stage', real_run)
+    monkeypatch.undo()
     ckpt = torch.load(chunked / 'checkpoint.pth', weights_only=True)
     assert (ckpt['stage'], ckpt['step'], ckpt['done'], ckpt['optimizer']) == ('coarse', 6, False, None)
     assert (chunked / 'coarse.pth').exists() and not (chunked / 'fine.pth').exists()
@@ -263,14 +268,8 @@ def test_a_finished_stage_resumed_as_the_last_one_ends_the_run(synthetic, tmp_pa
     """A run killed right after its coarse stage ended, resumed with --stage coarse: the coarse
     stage is the run's last now, so the checkpoint says done (--resume auto then does nothing)."""
     schedule = ['--coarse-samples', 16, '--fine-samples', 16, '--batch-size', 8, '--val-fraction', 0]
-    real_run = train.train_stage
-
-    def killed_in_the_fine_stage(stage, *args):
-        if stage == 'fine':
-            raise RuntimeError('killed')
-        return real_run(stage, *args)
-    monkeypatch.setattr(train, 'train_stage', killed_in_the_fine_stage)
-    with pytest.raises(RuntimeError, match='killed'):
+    _crash_when_the_fine_stage_starts(monkeypatch)
+    with pytest.raises(RuntimeError, match='between the stages'):
         train.main(train_args(synthetic, tmp_path, *schedule))
     monkeypatch.undo()
     ckpt = torch.load(tmp_path / 'checkpoint.pth', weights_only=True)
