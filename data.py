@@ -159,7 +159,7 @@ def training_batches(train, order, first_step, total_steps, batch, args, device,
                    params) for (images_u8, depths), (_, params) in zip(loader, draws))
     for images_u8, depths, params in frames:
         img, depth, mask = util.as_float_batch(images_u8, depths)
-        yield util.augment(img, depth, mask, params)
+        yield util.augment(img, depth, mask, params, order.geometry)
 
 
 def _loader(dataset, batch_sampler, workers, device):

@@ -25,7 +25,7 @@ import files
 import nyu_test
 import util
 from metrics import HEADINGS, NAMES, Metrics
-from net import RefinedFine, load_pretrained
+from net import NYU, RefinedFine, load_pretrained
 
 # Table 1 of the paper, NYU Depth v2 test set, as printed (strings, so the rows print verbatim).
 PAPER_TABLE1 = {
@@ -118,7 +118,7 @@ def choose_protocols(args, test):
 
 def mean_depth_map(frames, batch=64):
     """Each output cell's mean valid training depth (centre crop): the "Mean" baseline."""
-    total = torch.zeros(1, 1, *util.OUTPUT_HW, dtype=torch.float64)
+    total = torch.zeros(1, 1, *NYU.output_hw, dtype=torch.float64)
     count = torch.zeros_like(total)
     for start in range(0, len(frames), batch):
         img, depth, mask = frames.get(list(range(start, min(start + batch, len(frames)))), mask_min_max=False)

@@ -17,6 +17,7 @@ Three variants share this file, and everything that differs between them lives i
                256 x 6 x 8, so coarse6, coarse7 and the fine net are the paper's.
 Where neither source settles a detail the choice is marked "(?)" and listed in the README.
 """
+import math
 import os
 from dataclasses import dataclass, field, replace
 
@@ -26,16 +27,62 @@ import torch.nn as nn
 from cli import DataError, UserError
 from files import load_torch_file
 
-INPUT_HW = (228, 304)   # network input, cropped from the 240 x 320 frame
-OUTPUT_HW = (55, 74)    # coarse7 / fine3 output grid
-FRAME_HW = (240, 320)   # NYU 640x480 frames downsampled by 2 (Sec. 4.1)
-
-# The output grid samples the input crop with stride 4: output cell (i, j) sits on crop pixel
-# (5 + 4i, 5 + 4j), the centre of coarse1's 11x11/4 receptive field and of fine1's 9x9/2 conv
-# followed by a 2x2 pool. [R] takes its targets at exactly these pixels (y[1::4] of the crop
-# minus its 4-pixel border), so targets and predictions share one grid.
 TARGET_OFFSET = 5
 TARGET_STRIDE = 4
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """One dataset's sizes (Fig. 1 has a column for each), H x W: the training frame (the
+    recording downsampled by half, Sec. 4), the network input cropped from it, the output grid of
+    coarse7 and fine3, and the rows of the input the fine net sees.
+
+    The output grid samples the input crop with stride 4: output cell (i, j) sits on crop pixel
+    (fine_top + 5 + 4i, 5 + 4j), the centre of fine1's 9x9/2 conv followed by a 2x2 pool (and, for
+    NYU, of coarse1's 11x11/4 receptive field). [R] takes its targets at exactly these pixels
+    (y[1::4] of the crop minus its 4-pixel border), so targets and predictions share one grid."""
+    name: str
+    frame_hw: tuple
+    input_hw: tuple
+    output_hw: tuple
+    fine_top: int = 0          # the fine net sees input rows fine_top.. (KITTI: the bottom crop)
+    coarse2_pool: int = 2      # 'paper' variant: coarse2's max pool, k x k stride 2 (see KITTI)
+    scale: tuple = (1.0, 1.5)  # augmentation (Sec. 3.4 / 4.2): zoom range, rotation in degrees
+    angle: float = 5.0
+
+    @property
+    def target_origin(self):
+        """(row, column) of output cell (0, 0) in the input crop."""
+        return self.fine_top + TARGET_OFFSET, TARGET_OFFSET
+
+    @property
+    def crop_corner(self):
+        """(row, column) of the test-time centre crop in the frame (Sec. 3.3)."""
+        return ((self.frame_hw[0] - self.input_hw[0]) // 2, (self.frame_hw[1] - self.input_hw[1]) // 2)
+
+    @property
+    def output_region(self):
+        """(top, bottom, left, right) of the frame covered by the output grid at the centre crop,
+        one 4x4 block per cell: NYU rows 10..230, columns 12..308 of 240x320 (the release's
+        get_predicted_depth_region gives (10, 238, 12, 316), 8 pixels more at the bottom, right)."""
+        (cy, cx), (ty, tx), (oh, ow) = self.crop_corner, self.target_origin, self.output_hw
+        top, left = cy + ty - 1, cx + tx - 1
+        return top, top + TARGET_STRIDE * oh, left, left + TARGET_STRIDE * ow
+
+
+# NYU Depth v2 (Fig. 1, NYU column): 640x480 frames halved, 304x228 crops, 74x55 output.
+NYU = Geometry('nyu', frame_hw=(240, 320), input_hw=(228, 304), output_hw=(55, 74))
+# KITTI (Fig. 1, KITTI column; Sec. 4.2): frames halved "from about 1224x368" to 612x184, 576x172
+# crops, a 142x27 output on the bottom of the crop, where the LIDAR has depth. The fine net sees
+# the bottom 116 rows: fine1's 9x9/2 conv and 2x2 pool make them 27 rows, (116 - 9) // 2 + 1 = 54,
+# // 2 = 27 (and 576 columns 142). (?) coarse2's pool is 3x3 stride 2: Fig. 1's coarse2 is 35x9,
+# which a 2x2 pool of coarse1's 71x20 (10 rows) cannot give. Augmentation (Sec. 4.2): scale in
+# [1, 1.2], no rotation.
+KITTI = Geometry('kitti', frame_hw=(184, 612), input_hw=(172, 576), output_hw=(27, 142),
+                 fine_top=172 - 116, coarse2_pool=3, scale=(1.0, 1.2), angle=0.0)
+GEOMETRIES = {g.name: g for g in (NYU, KITTI)}
+# NYU's sizes by their old names (the NYU code paths and the tests use them)
+INPUT_HW, OUTPUT_HW, FRAME_HW = NYU.input_hw, NYU.output_hw, NYU.frame_hw
 
 
 @dataclass(frozen=True)
@@ -55,7 +102,6 @@ class Variant:
     dropout: float                  # on coarse6 ([P]: rate not given; [R]: 0.5)
     lr: dict = field(default_factory=dict)            # per layer, Sec. 3.3
     weight_decay: dict = field(default_factory=dict)  # per layer
-    coarse5_hw: tuple = (6, 8)      # spatial size reaching coarse6
     coarse_convs: str = 'eigen'     # coarse1-5: 'eigen' (Fig. 1, [R]) or torchvision's 'alexnet'
     # the fine stage's fixed coarse net keeps its dropout on while the fine net trains ([R]: the
     # fine net is built on `pred_drop`, the coarse output with dropout); [P] does not say
@@ -84,17 +130,15 @@ PAPER = Variant(
     feature_scale=0.01 * IMAGES_STD, coarse_mean=IMAGES_MEAN, coarse_std=IMAGES_STD,
     fine_mean=IMAGES_MEAN, fine_std=IMAGES_STD, log_depth_std=LOGDEPTHS_STD, dropout=0.5,
     lr=PAPER_LR,
-    weight_decay={k: 0.0 for k in PAPER_LR},   # (?) not stated in [P]
-    coarse5_hw=(6, 8))
+    weight_decay={k: 0.0 for k in PAPER_LR})   # (?) not stated in [P]
 
 RELEASE = Variant(
     name='release', pool='release', lrn=True, fine1_filters=64, feature_scale=0.01,
     coarse_mean=128.0, coarse_std=1.0, fine_mean=IMAGES_MEAN, fine_std=IMAGES_STD,
     log_depth_std=LOGDEPTHS_STD, dropout=0.5, lr=PAPER_LR, weight_decay=RELEASE_WD,
-    fine_sees_coarse_dropout=True,
     # 3x3/2 pools with Caffe/cuda-convnet ceil rounding: the only rounding that gives [R]'s fine
     # branch its 55x74 output; it makes coarse5 6x9 (not Fig. 1's 6x8).
-    coarse5_hw=(6, 9))
+    fine_sees_coarse_dropout=True)
 
 # torchvision's ImageNet weights expect RGB / 255 normalised with these (its AlexNet_Weights
 # transforms); in our 0..255 units:
@@ -129,21 +173,23 @@ def _lrn():
 
 class GlobalCoarseNet(nn.Module):
     """Coarse-scale network (Sec. 3.1.1): a global view of the scene, ending in a fully connected
-    layer whose 4070 outputs are the 55 x 74 log-depth map."""
+    layer whose outputs are the log-depth map (NYU: 4070 = 55 x 74; KITTI: 3834 = 27 x 142).
+    Sizes in the comments are NYU's; KITTI's (Fig. 1) are in tests/test_net.py."""
 
-    def __init__(self, variant=PAPER):
+    def __init__(self, variant=PAPER, geometry=NYU):
         super().__init__()
-        self.variant = variant
+        self.variant, self.geometry = variant, geometry
         v = variant
         _normalisation(self, 'coarse', v.coarse_mean, v.coarse_std)
         if v.coarse_convs == 'alexnet':
             _alexnet_convs(self)
         else:
             norm = [_lrn()] if v.lrn else []
+            pool2 = _pool(v) if v.pool == 'release' else nn.MaxPool2d(geometry.coarse2_pool, stride=2)
             # coarse1: 11x11/4 conv, valid: 228x304 -> 55x74, pool -> 27x37 x 96
             self.coarse1 = nn.Sequential(nn.Conv2d(3, 96, 11, stride=4), nn.ReLU(inplace=True), _pool(v), *norm)
             # coarse2: 5x5 conv, same padding, pool -> 13x18 x 256
-            self.coarse2 = nn.Sequential(nn.Conv2d(96, 256, 5, padding=2), nn.ReLU(inplace=True), _pool(v), *norm)
+            self.coarse2 = nn.Sequential(nn.Conv2d(96, 256, 5, padding=2), nn.ReLU(inplace=True), pool2, *norm)
             # coarse3, coarse4: 3x3 conv, same padding -> 13x18 x 384
             self.coarse3 = nn.Sequential(nn.Conv2d(256, 384, 3, padding=1), nn.ReLU(inplace=True))
             self.coarse4 = nn.Sequential(nn.Conv2d(384, 384, 3, padding=1), nn.ReLU(inplace=True))
@@ -151,12 +197,13 @@ class GlobalCoarseNet(nn.Module):
             # in W x H): (?) a 3x3/2 pool, as [R] has, is the only symmetric pool giving exactly 6x8.
             pool5 = _pool(v) if v.pool == 'release' else nn.MaxPool2d(3, stride=2)
             self.coarse5 = nn.Sequential(nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(inplace=True), pool5)
-        h5, w5 = v.coarse5_hw
+        h5, w5 = self.coarse5_hw = conv_output_hw(
+            [self.coarse1, self.coarse2, self.coarse3, self.coarse4, self.coarse5], geometry.input_hw)
         # coarse6: fully connected, ReLU, dropout -> 4096
         self.coarse6 = nn.Sequential(nn.Flatten(), nn.Linear(256 * h5 * w5, 4096), nn.ReLU(inplace=True),
                               nn.Dropout(v.dropout))
         # coarse7: fully connected, linear -> 4070 = 55 x 74
-        self.coarse7 = nn.Linear(4096, OUTPUT_HW[0] * OUTPUT_HW[1])
+        self.coarse7 = nn.Linear(4096, geometry.output_hw[0] * geometry.output_hw[1])
         _init(self, v)
 
     def forward(self, image):
@@ -165,18 +212,33 @@ class GlobalCoarseNet(nn.Module):
         x = (image - self.coarse_mean) / self.coarse_std
         x = self.coarse5(self.coarse4(self.coarse3(self.coarse2(self.coarse1(x)))))
         x = self.coarse7(self.coarse6(x * v.feature_scale))
-        return x.view(-1, 1, *OUTPUT_HW) * v.log_depth_std
+        return x.view(-1, 1, *self.geometry.output_hw) * v.log_depth_std
+
+
+def conv_output_hw(layers, hw):
+    """The (H, W) that the convolutions and max pools of `layers` (in order) make of an (H, W)
+    input, by their arithmetic (floor, or ceil with ceil_mode): coarse6's input size."""
+    h, w = hw
+    for m in (m for layer in layers for m in layer.modules()):
+        if isinstance(m, (nn.Conv2d, nn.MaxPool2d)):
+            pair = lambda a: a if isinstance(a, tuple) else (a, a)
+            (kh, kw), (sh, sw), (ph, pw) = pair(m.kernel_size), pair(m.stride), pair(m.padding)
+            rounding = math.ceil if getattr(m, 'ceil_mode', False) else math.floor
+            h = rounding((h + 2 * ph - kh) / sh) + 1
+            w = rounding((w + 2 * pw - kw) / sw) + 1
+    return h, w
 
 
 class LocalFineNet(nn.Module):
     """Fine-scale network (Sec. 3.1.2): local refinement of the coarse prediction. Its input is the
-    image and the coarse net's output, which enters as one feature map after fine1."""
+    image and the coarse net's output, which enters as one feature map after fine1. On KITTI it
+    sees the bottom rows of the crop (Geometry.fine_top), the region the output covers."""
 
-    def __init__(self, variant=PAPER, pass_through=True):
+    def __init__(self, variant=PAPER, pass_through=True, geometry=NYU):
         """pass_through: start as the identity on the coarse map (_pass_coarse_through); False: the
         random start of every other layer (train.py --fine-init random)."""
         super().__init__()
-        self.variant = variant
+        self.variant, self.geometry = variant, geometry
         v = variant
         _normalisation(self, 'fine', v.fine_mean, v.fine_std)
         # fine1: 9x9/2 conv, valid: 228x304 -> 110x148, pool -> 55x74 x 63 (64 in [R])
@@ -192,6 +254,7 @@ class LocalFineNet(nn.Module):
     def forward(self, image, coarse_log_depth):
         """image: (B, 3, 228, 304) RGB 0..255; coarse_log_depth: (B, 1, 55, 74) -> (B, 1, 55, 74)."""
         v = self.variant
+        image = image[:, :, self.geometry.fine_top:]
         x = self.fine1((image - self.fine_mean) / self.fine_std)
         coarse = coarse_log_depth / v.log_depth_std
         if v.fine1_filters == 64:   # [R]: the coarse map replaces channel 0 of fine1's output
@@ -315,7 +378,7 @@ class RefinedFine(nn.Module):
 
     def __init__(self, fine, refine):
         super().__init__()
-        self.fine, self.refine, self.variant = fine, refine, fine.variant
+        self.fine, self.refine, self.variant, self.geometry = fine, refine, fine.variant, fine.geometry
 
     def forward(self, images, coarse_log_depth):
         return self.refine(images, self.fine(images, coarse_log_depth))
@@ -371,40 +434,47 @@ def load_weights(net, path, what, state=None):
 
 
 def variant_of(coarse_state):
-    """The variant whose GlobalCoarseNet has exactly these tensor shapes, or None (the shapes are
-    read off nets built on the meta device: no memory, no initialisation)."""
+    """(variant, geometry) whose GlobalCoarseNet has exactly these tensor shapes, or None (the
+    shapes are read off nets built on the meta device: no memory, no initialisation). The
+    geometry tells NYU weights from KITTI's: coarse6 and coarse7 differ."""
     if not isinstance(coarse_state, dict):
         return None
     got = {k: tuple(v.shape) for k, v in coarse_state.items() if isinstance(v, torch.Tensor)}
     for v in VARIANTS.values():
-        with torch.device('meta'):
-            want = {k: tuple(t.shape) for k, t in GlobalCoarseNet(v).state_dict().items()}
-        if got == want:
-            return v
+        for g in GEOMETRIES.values():
+            with torch.device('meta'):
+                want = {k: tuple(t.shape) for k, t in GlobalCoarseNet(v, g).state_dict().items()}
+            if got == want:
+                return v, g
     return None
 
 
 def load_pretrained(folder='model', device='cpu'):
     """The trained nets from `folder` (coarse.pth, and fine.pth if present), in eval mode, in one
-    line for a notebook: `coarse, fine = load_pretrained()`. The variant is read off the weights'
-    shapes (variant_of). fine is None without fine.pth; with refine.pth beside it (train.py
-    --refine 2) it is the RefinedFine of both fine nets, used as the fine net.
+    line for a notebook: `coarse, fine = load_pretrained()`. The variant and the dataset (NYU or
+    KITTI: `coarse.geometry`) are read off the weights' shapes (variant_of). fine is None without
+    fine.pth; with refine.pth beside it (train.py --refine 2) it is the RefinedFine of both fine
+    nets, used as the fine net.
     Files are read with weights_only=True; a bad one raises DataError saying what is wrong."""
     path = os.path.join(folder, 'coarse.pth')
     if not os.path.isfile(path):
         raise DataError(f'{path}: no trained coarse net; run train.py (or train.py --demo) '
                              f'first, or point at the folder it wrote')
     state = load_torch_file(path, 'coarse net weights written by train.py')
-    variant = variant_of(state)
-    if variant is None:
-        raise DataError(f'{path}: weights of no coarse net here ({", ".join(VARIANTS)} variants)')
-    coarse = load_weights(GlobalCoarseNet(variant), path, 'coarse net weights', state).to(device)
+    found = variant_of(state)
+    if found is None:
+        raise DataError(f'{path}: weights of no coarse net here ({", ".join(VARIANTS)} variants, '
+                        f'{" or ".join(GEOMETRIES)})')
+    variant, geometry = found
+    coarse = load_weights(GlobalCoarseNet(variant, geometry), path, 'coarse net weights', state).to(device)
     fine = None
     fine_path, refine_path = os.path.join(folder, 'fine.pth'), os.path.join(folder, 'refine.pth')
     if os.path.isfile(fine_path):
-        fine = load_weights(LocalFineNet(variant), fine_path, 'fine net weights').to(device)
+        fine = load_weights(LocalFineNet(variant, geometry=geometry), fine_path,
+                            'fine net weights').to(device)
         if os.path.isfile(refine_path):   # --refine 2: the second fine net after the first
-            refine = load_weights(LocalFineNet(variant), refine_path, 'second fine net weights')
+            refine = load_weights(LocalFineNet(variant, geometry=geometry), refine_path,
+                                  'second fine net weights')
             fine = RefinedFine(fine, refine.to(device))
         fine.eval()
     return coarse.eval(), fine

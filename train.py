@@ -201,7 +201,7 @@ def validate(coarse, fine, frames, device, batch, lam):
     for start in range(0, len(frames), batch):
         idx = list(range(start, min(start + batch, len(frames))))
         img, depth, mask = (t.to(device) for t in frames.get(idx))
-        x, y, m = util.center_crop(img, depth, mask)
+        x, y, m = util.center_crop(img, depth, mask, coarse.geometry)
         pred = predict_log_depth(coarse, fine, x)
         loss_sum += scale_invariant_loss(pred, safe_log(y, m), m, lam).double() * len(idx)
         found.add(pred=pred.exp(), gt=y, mask=m)   # one host read a batch
@@ -243,8 +243,8 @@ def train_stage(stage, nets, sets, args, device, gpus, ckpt, stop):
     log = runlog.StageLog(stage, samples, args, gpus, ckpt)   # step, history; resumed from ckpt
     if ckpt is not None:
         checkpoint.resume(ckpt, optimizer, args.seed, gpus)
-    order = util.SampleOrder(len(train_set), args.seed + STAGES.index(stage),
-                             scenes, args.per_scene)   # each step's frames and augmentation draws
+    order = util.SampleOrder(len(train_set), args.seed + STAGES.index(stage), scenes,
+                             args.per_scene, coarse.geometry)   # each step's frames and draws
     batches = data.training_batches(train_set, order, log.step, log.total_steps, args.batch_size,
                                     args, device, (DIST.rank, DIST.world))
     if log.step == log.total_steps:   # finished before: if it is now the run's last, record that

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from cli import DataError, progress as progress_bar
 from files import atomic_write, check_file
 from loss import valid_depth_mask
-from net import FRAME_HW, INPUT_HW, OUTPUT_HW, TARGET_OFFSET, TARGET_STRIDE, RefinedFine
+from net import FRAME_HW, NYU, TARGET_STRIDE, RefinedFine
 
 NYU_HW = (480, 640)
 NYU_URL = 'http://horatio.cs.nyu.edu/mit/silberman/nyu_depth_v2/nyu_depth_v2_labeled.mat'
@@ -279,14 +279,14 @@ class Frames:
         return self
 
     @staticmethod
-    def from_dataset(dataset, indices, workers=0):
+    def from_dataset(dataset, indices, workers=0, frame_hw=FRAME_HW):
         """Decode the given items of a (3, H, W) uint8 / (H, W) float16 Dataset into memory."""
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, list(indices)),
                                              batch_size=32, num_workers=workers)
         parts = list(loader)
         if not parts:
-            return Frames.from_tensors(torch.zeros((0, 3, *FRAME_HW), dtype=torch.uint8),
-                                       torch.zeros((0, *FRAME_HW), dtype=torch.float16))
+            return Frames.from_tensors(torch.zeros((0, 3, *frame_hw), dtype=torch.uint8),
+                                       torch.zeros((0, *frame_hw), dtype=torch.float16))
         return Frames.from_tensors(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
 
     def __getitem__(self, i):
@@ -320,7 +320,8 @@ class PerSampleAugmented(torch.utils.data.Dataset):
         step, j, i = key
         image_u8, depth = self.frames[i]
         img, depth, mask = as_float_batch(image_u8[None], depth[None])
-        x, y, m = augment(img, depth, mask, self.order.aug_params(step, self.batch).take(j))
+        x, y, m = augment(img, depth, mask, self.order.aug_params(step, self.batch).take(j),
+                          self.order.geometry)
         return x[0], y[0], m[0]
 
 
@@ -346,10 +347,11 @@ class SampleOrder:
     """Which frames and which augmentation draws make training step k, as a pure function of
     (seed, k): shuffled passes over all frames, or with per_scene the paper's evened passes. So a
     resumed run, and DataLoader workers running ahead of the loop, see exactly the batches of an
-    uninterrupted run, with nothing to checkpoint but the step."""
+    uninterrupted run, with nothing to checkpoint but the step. geometry: the dataset's sizes
+    and augmentation ranges (net.Geometry)."""
 
-    def __init__(self, num, seed, scenes=None, per_scene=0):
-        self.num, self.seed, self.per_scene = num, seed, per_scene
+    def __init__(self, num, seed, scenes=None, per_scene=0, geometry=NYU):
+        self.num, self.seed, self.per_scene, self.geometry = num, seed, per_scene, geometry
         self.scenes = scenes
         self.pass_len = per_scene * len(set(scenes)) if per_scene else num
         self._last = (None, None)
@@ -370,37 +372,36 @@ class SampleOrder:
         return [int(self._pass(q // self.pass_len)[q % self.pass_len]) for q in positions]
 
     def aug_params(self, step, batch):
-        return AugParams.sample(batch, self._generator(1, step))
+        return AugParams.sample(batch, self._generator(1, step), self.geometry)
 
-
-# (row, column) of the test-time crop's top-left corner in the 240x320 frame: (6, 8)
-CENTRE_CROP_CORNER = ((FRAME_HW[0] - INPUT_HW[0]) // 2, (FRAME_HW[1] - INPUT_HW[1]) // 2)
 
 
 @dataclass
 class AugParams:
     """One random draw per sample, applied to image, depth and mask together."""
-    scale: torch.Tensor     # (B,) s in [1, 1.5]: image and depth map zoomed by s, depths / s
-    angle: torch.Tensor     # (B,) degrees in [-5, 5]
+    scale: torch.Tensor     # (B,) s in [1, 1.5] (KITTI [1, 1.2]): image and depth zoomed by s, depths / s
+    angle: torch.Tensor     # (B,) degrees in [-5, 5] (KITTI 0)
     offset: torch.Tensor    # (B, 2) crop corner (x, y) in the scaled image, integer pixels
     color: torch.Tensor     # (B, 3) RGB multipliers in [0.8, 1.2]
     flip: torch.Tensor      # (B,) bool, horizontal flip with probability 0.5
 
     @staticmethod
-    def identity(batch, device='cpu'):
+    def identity(batch, device='cpu', geometry=NYU):
         """Test time (Sec. 3.3): the centre crop at scale 1, no rotation, colour or flip."""
-        off = torch.tensor(CENTRE_CROP_CORNER[::-1], dtype=torch.float32)   # (x, y)
+        off = torch.tensor(geometry.crop_corner[::-1], dtype=torch.float32)   # (x, y)
         return AugParams(torch.ones(batch), torch.zeros(batch), off.repeat(batch, 1),
                          torch.ones(batch, 3), torch.zeros(batch, dtype=torch.bool)).to(device)
 
     @staticmethod
-    def sample(batch, generator=None, scale=(1.0, 1.5), angle=5.0, color=(0.8, 1.2), flip=True):
-        """The paper's ranges (Sec. 3.4), drawn from `generator` on the CPU (reproducible)."""
+    def sample(batch, generator=None, geometry=NYU, color=(0.8, 1.2), flip=True):
+        """The paper's ranges (Sec. 3.4; KITTI's scale and rotation: Sec. 4.2, net.Geometry),
+        drawn from `generator` on the CPU (reproducible)."""
         u = lambda *shape: torch.rand(*shape, generator=generator)
+        scale = geometry.scale
         s = scale[0] + (scale[1] - scale[0]) * u(batch)
-        a = angle * (2 * u(batch) - 1)
-        fh, fw = FRAME_HW
-        ih, iw = INPUT_HW
+        a = geometry.angle * (2 * u(batch) - 1)
+        fh, fw = geometry.frame_hw
+        ih, iw = geometry.input_hw
         # the crop corner ranges over every position inside the scaled frame
         room = torch.stack([fw * s - iw, fh * s - ih], dim=1).clamp(min=0)
         off = torch.floor(u(batch, 2) * (room.floor() + 1))
@@ -430,15 +431,15 @@ class AugParams:
         return AugParams(rows[:, 0], rows[:, 1], rows[:, 2:4], rows[:, 4:7], rows[:, 7] > 0.5)
 
 
-def _source_coords(params, out_x, out_y):
-    """Where in the 240x320 source frame each output crop pixel comes from.
+def _source_coords(params, out_x, out_y, geometry):
+    """Where in the (240x320) source frame each output crop pixel comes from.
 
     Forward model: scale the frame by s (continuous resize), rotate it by `angle` about its centre,
     cut the 304x228 crop at `offset`, mirror it if `flip`. Inverted here for sampling.
     out_x, out_y: 1-D crop pixel coordinates. Returns (B, len(out_y), len(out_x)) source x and y.
     """
-    fh, fw = FRAME_HW
-    iw = INPUT_HW[1]
+    fh, fw = geometry.frame_hw
+    iw = geometry.input_hw[1]
     s = params.scale.view(-1, 1, 1)
     theta = torch.deg2rad(params.angle).view(-1, 1, 1)
     x = out_x.view(1, 1, -1)
@@ -455,32 +456,34 @@ def _source_coords(params, out_x, out_y):
     return (qx + 0.5) / s - 0.5, (qy + 0.5) / s - 0.5
 
 
-def _grid(sx, sy):
-    fh, fw = FRAME_HW
+def _grid(sx, sy, geometry):
+    fh, fw = geometry.frame_hw
     return torch.stack([(2 * sx + 1) / fw - 1, (2 * sy + 1) / fh - 1], dim=-1)
 
 
-def augment(images, depths, masks, params):
+def augment(images, depths, masks, params, geometry=NYU):
     """Apply one AugParams draw per sample to image, depth and mask together.
 
     images (B, 3, 240, 320) float 0..255; depths (B, 240, 320) metres; masks (B, 240, 320) bool.
     Returns the (B, 3, 228, 304) network input and the (B, 1, 55, 74) target depth and mask, the
-    target sampled at the output grid's pixels of the same crop (TARGET_OFFSET + 4k). Image:
+    target sampled at the output grid's pixels of the same crop (Geometry.target_origin + 4k);
+    (KITTI: 184x612 frames, 172x576 input, 27x142 target; the sparse LIDAR depth is sampled
+    like the Kinect's, its missing pixels masked). Image:
     bilinear; depth and mask: nearest neighbour, never blending depths; pixels brought in from
     outside the frame (rotation, flip of a scaled crop) are black in the image and invalid.
     """
     device = images.device
     params = params.to(device)
-    ih, iw = INPUT_HW
-    oh, ow = OUTPUT_HW
+    ih, iw = geometry.input_hw
+    oh, ow = geometry.output_hw
+    (ty0, tx0) = geometry.target_origin
     ar = lambda n, start=0, step=1: torch.arange(n, device=device, dtype=torch.float32) * step + start
-    sx, sy = _source_coords(params, ar(iw), ar(ih))
-    img = F.grid_sample(images, _grid(sx, sy), mode='bilinear', padding_mode='zeros',
+    sx, sy = _source_coords(params, ar(iw), ar(ih), geometry)
+    img = F.grid_sample(images, _grid(sx, sy, geometry), mode='bilinear', padding_mode='zeros',
                         align_corners=False)
     img = img * params.color.view(-1, 3, 1, 1)
-    tx, ty = _source_coords(params, ar(ow, TARGET_OFFSET, TARGET_STRIDE),
-                            ar(oh, TARGET_OFFSET, TARGET_STRIDE))
-    grid = _grid(tx, ty)
+    tx, ty = _source_coords(params, ar(ow, tx0, TARGET_STRIDE), ar(oh, ty0, TARGET_STRIDE), geometry)
+    grid = _grid(tx, ty, geometry)
     dm = torch.stack([depths, masks.to(depths.dtype)], dim=1)
     dm = F.grid_sample(dm, grid, mode='nearest', padding_mode='zeros', align_corners=False)
     depth = dm[:, :1] / params.scale.view(-1, 1, 1, 1)
@@ -488,45 +491,40 @@ def augment(images, depths, masks, params):
     return img, depth, mask
 
 
-def crop_input(images):
+def crop_input(images, geometry=NYU):
     """The centre 228x304 crop of (B, 3, 240, 320) frames: the test-time input (Sec. 3.3)."""
-    (y0, x0), (ih, iw) = CENTRE_CROP_CORNER, INPUT_HW
+    (y0, x0), (ih, iw) = geometry.crop_corner, geometry.input_hw
     return images[:, :, y0:y0 + ih, x0:x0 + iw]
 
 
-def center_crop(images, depths, masks):
+def center_crop(images, depths, masks, geometry=NYU):
     """Test-time input (Sec. 3.3): the exact centre crop and the target grid inside it."""
-    y0, x0 = CENTRE_CROP_CORNER
-    oh, ow = OUTPUT_HW
-    img = crop_input(images)
-    ty = slice(y0 + TARGET_OFFSET, y0 + TARGET_OFFSET + TARGET_STRIDE * oh, TARGET_STRIDE)
-    tx = slice(x0 + TARGET_OFFSET, x0 + TARGET_OFFSET + TARGET_STRIDE * ow, TARGET_STRIDE)
+    (y0, x0), (ty0, tx0) = geometry.crop_corner, geometry.target_origin
+    oh, ow = geometry.output_hw
+    img = crop_input(images, geometry)
+    ty = slice(y0 + ty0, y0 + ty0 + TARGET_STRIDE * oh, TARGET_STRIDE)
+    tx = slice(x0 + tx0, x0 + tx0 + TARGET_STRIDE * ow, TARGET_STRIDE)
     return img, depths[:, None, ty, tx], masks[:, None, ty, tx]
 
 
 # ----------------------------------------------------------------------------------------------
 # From network output back to a frame: the region the 55x74 map covers, upsampling
 
-# The output grid covers rows 10..230 and columns 12..308 of the 240x320 frame, one 4x4 block per
-# cell (55 x 4 by 74 x 4 pixels: the centre 220x296 of the input crop). The release's
-# get_predicted_depth_region gives (10, 238, 12, 316), 8 pixels more at the bottom and right.
-OUTPUT_REGION_240x320 = (10, 230, 12, 308)
-
-
-def output_region(hw):
-    """(top, bottom, left, right) of an (H, W) frame covered by the network output."""
+def output_region(hw, geometry=NYU):
+    """(top, bottom, left, right) of an (H, W) frame covered by the network output: the frame's
+    Geometry.output_region (NYU: rows 10..230, columns 12..308 of 240x320) scaled to (H, W)."""
     h, w = hw
-    t, b, l, r = OUTPUT_REGION_240x320
-    fh, fw = FRAME_HW
+    t, b, l, r = geometry.output_region
+    fh, fw = geometry.frame_hw
     return round(t * h / fh), round(b * h / fh), round(l * w / fw), round(r * w / fw)
 
 
-def upsample_depth(depth, hw, mode='nearest', outside='nan'):
+def upsample_depth(depth, hw, mode='nearest', outside='nan', geometry=NYU):
     """(B, 1, 55, 74) depth -> (B, 1, H, W) of a frame of size hw, placed on the region it covers.
 
     mode: 'nearest' (the paper's evaluation, Sec. 4.3) or 'bilinear'. Outside the covered region:
     'nan' (not predicted) or 'edge' (the border cells repeated, to fill a whole frame)."""
-    t, b, l, r = output_region(hw)
+    t, b, l, r = output_region(hw, geometry)
     kwargs = {'align_corners': False} if mode == 'bilinear' else {}
     inner = F.interpolate(depth, size=(b - t, r - l), mode=mode, **kwargs)
     pad = (l, hw[1] - r, t, hw[0] - b)
@@ -535,12 +533,12 @@ def upsample_depth(depth, hw, mode='nearest', outside='nan'):
     return F.pad(inner, pad, mode='constant', value=float('nan'))
 
 
-def prepare_image(rgb):
+def prepare_image(rgb, geometry=NYU):
     """Any-size RGB uint8 (H, W, 3) -> the network input (1, 3, 228, 304) float 0..255, as the paper
-    preprocesses: resized to 320x240 (antialiased), then the centre crop."""
+    preprocesses: resized to 320x240 (antialiased; KITTI 612x184), then the centre crop."""
     x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float()
-    return crop_input(F.interpolate(x, size=FRAME_HW, mode='bilinear', align_corners=False,
-                                    antialias=True))
+    return crop_input(F.interpolate(x, size=geometry.frame_hw, mode='bilinear', align_corners=False,
+                                    antialias=True), geometry)
 
 
 def read_full_depths(mat_path, indices, name='depths', chunk=READ_CHUNK):
@@ -647,7 +645,7 @@ def plot_predictions(coarse, fine, frames, device, path, count=4):
     with _eval_mode(coarse, fine):
         count = min(count, len(frames))
         img, depth, mask = (t.to(device) for t in frames.get(list(range(count))))
-        x, y, m = center_crop(img, depth, mask)
+        x, y, m = center_crop(img, depth, mask, coarse.geometry)
         c = coarse(x)
         maps = [torch.where(m, y, torch.full_like(y, float('nan'))), c.exp()]   # missing depth blank
         if fine is not None:
@@ -664,11 +662,12 @@ def plot_examples(coarse, fine, frames, picks, gts, labels, device, path):
     prediction shown where the network covers the frame, nearest-neighbour upsampled)."""
     with _eval_mode(coarse, fine):
         img, _, _ = frames.get(picks)
-        x = crop_input(img.to(device))
+        x = crop_input(img.to(device), coarse.geometry)
         c = coarse(x)
         maps = [c.exp()] + ([fine(x, c).exp()] if fine is not None else [])
         hw = gts[0].shape
-        maps = [upsample_depth(d, hw, 'nearest', 'nan')[:, 0].cpu().numpy() for d in maps]
+        maps = [upsample_depth(d, hw, 'nearest', 'nan', coarse.geometry)[:, 0].cpu().numpy()
+                for d in maps]
         rows = []
         for k in range(len(picks)):
             rgb = F.interpolate(img[k:k + 1], size=hw, mode='nearest')[0].permute(1, 2, 0).cpu().numpy()

@@ -49,7 +49,7 @@ def test_logged_training_and_validation_losses_are_eq4(synthetic, tmp_path, monk
         return optimizer
     monkeypatch.setattr(train, 'make_optimizer', frozen)
     _no_dropout(monkeypatch)
-    monkeypatch.setattr(util, 'augment', lambda img, depth, mask, params: util.center_crop(img, depth, mask))
+    monkeypatch.setattr(util, 'augment', lambda img, depth, mask, params, geometry: util.center_crop(img, depth, mask, geometry))
     monkeypatch.setattr(util, 'split_train_val',   # validation = the training frames
                         lambda idx, scenes=None, val_fraction=0.1, seed=0: (np.asarray(idx), np.asarray(idx)))
     frames = _training_frames(synthetic)
