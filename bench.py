@@ -232,7 +232,7 @@ def main(argv=None):
                      f'fast: {achieved / 1e12:.2f} TFLOP/s{share}'))
     rows.append(('read synthetic .mat: first / cached', f'{first:.2f} s', f'{second:.3f} s',
                  f'{first / second:.0f}x', 'cache speed-up'))
-    schedule = train.COARSE_SAMPLES / fast_speed['coarse'] + train.FINE_SAMPLES / fast_speed['fine']
+    schedule = sum(train.SAMPLES['nyu'][s] / fast_speed[s] for s in ('coarse', 'fine'))
     rows.append(("paper's schedule (2M + 1.5M samples)", '', f'{schedule / 60:.1f} min', '',
                  'estimated from the fast figures'))
     widths = [max(len(str(r[i])) for r in rows + [('what', 'plain', 'fast', 'fast/plain', '')])

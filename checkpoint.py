@@ -23,7 +23,8 @@ CHECKPOINT_FORMAT = 6
 # fine net; None where its stage has not begun)
 NETS = ('coarse', 'fine', 'refine')
 # What a checkpoint's config must share with the command line that resumes it.
-RESUME_MUST_MATCH = ('batch_size', 'samples', 'lam', 'seed', 'train_depth', 'per_scene', 'lr_scale')
+RESUME_MUST_MATCH = ('batch_size', 'samples', 'lam', 'seed', 'train_depth', 'per_scene', 'lr_scale',
+                     'dataset')
 
 
 def read_checkpoint(path, args, variant, stages):
@@ -61,6 +62,7 @@ def read_checkpoint(path, args, variant, stages):
                              f"which this run does not train; resume with --refine 2 and --stage "
                              f"both or {ckpt['stage']}")
     ckpt['config'].setdefault('lr_scale', 1.0)   # written before --lr-scale existed: the paper's
+    ckpt['config'].setdefault('dataset', 'nyu')  # written before KITTI
     check_schedule(path, ckpt, args)
     return ckpt
 
@@ -74,7 +76,7 @@ def check_schedule(path, ckpt, args, converted=False):
     samples = None if pending else getattr(args, f'{unit}_samples')
     asked = {'batch_size': args.batch_size, 'samples': samples, 'lam': args.lam,
              'seed': args.seed, 'train_depth': args.train_depth, 'per_scene': args.per_scene,
-             'lr_scale': args.lr_scale}
+             'lr_scale': args.lr_scale, 'dataset': args.dataset}
     for key in RESUME_MUST_MATCH:
         if key in ckpt['config'] and asked[key] is not None and ckpt['config'][key] != asked[key]:
             option = {'samples': f"--{unit}-samples"}.get(key, '--' + key.replace('_', '-'))
@@ -167,7 +169,7 @@ def save(path, log, nets, optimizer, args, done=False):
                  'config': {'batch_size': args.batch_size, 'samples': log.samples, 'lam': args.lam,
                             'seed': args.seed, 'train_depth': args.train_depth,
                             'per_scene': args.per_scene, 'lr_scale': args.lr_scale,
-                            'data': os.path.abspath(args.data),
+                            'dataset': args.dataset, 'data': os.path.abspath(args.data),
                             'processes': DIST.world}}
         write(path, lambda tmp: torch.save(state, tmp), 'checkpoint', log)
     DIST.together(write_state, main_only=True)   # rank 0 writes; its failure stops every rank

@@ -8,12 +8,16 @@ import numpy as np
 import torch
 
 import cli
+import kitti
 import nyu_raw
 import synthetic
 import util
+from net import KITTI
 from runtime import StopControl
 
+DATASETS = ('nyu', 'kitti')
 LABELED = os.path.join('nyu', 'nyu_depth_v2_labeled.mat')
+KITTI_ROOT = 'kitti'   # raw KITTI (2011_09_26/ ...), or a cache written by kitti.py
 SPLITS = os.path.join('nyu', 'splits.mat')
 # The demo: synthetic rooms in NYU's labeled layout (train.py holds its short schedule)
 DEMO_FOLDER = os.path.join('nyu', 'synthetic')
@@ -24,11 +28,16 @@ RAW_VAL_FRAMES = 300   # validation frames decoded into memory from held-out raw
 def add_data_options(p, demo_help):
     """train.py's data options (the training set, its validation share, scene balancing)."""
     d = p.add_argument_group('data')
-    d.add_argument('--data', default=LABELED,
-                   help='training set: the NYU Depth v2 labeled .mat (MATLAB v7.3), or raw frames '
-                        "(README): a BTS list .txt, DenseDepth's nyu_data.zip, a folder of "
-                        'rgb_*/depth_* pairs or a folder converted by nyu_raw.py '
+    d.add_argument('--dataset', choices=DATASETS, default='nyu',
+                   help="'nyu': NYU Depth v2 (Sec. 4.1); 'kitti': raw KITTI's Eigen split "
+                        '(Sec. 4.2: 576x172 crops, LIDAR depth, its own schedule; README, KITTI) '
                         '(default: %(default)s)')
+    d.add_argument('--data',
+                   help=f'training set: the NYU Depth v2 labeled .mat (MATLAB v7.3), or raw frames '
+                        f"(README): a BTS list .txt, DenseDepth's nyu_data.zip, a folder of "
+                        f'rgb_*/depth_* pairs or a folder converted by nyu_raw.py (default: '
+                        f'{LABELED}); --dataset kitti: the raw KITTI folder, or the cache kitti.py '
+                        f'converted it into (default: {KITTI_ROOT})')
     d.add_argument('--data-format', choices=('auto', 'labeled') + nyu_raw.FORMATS, default='auto',
                    help='(default: %(default)s: by the name of --data)')
     d.add_argument('--data-root', help="BTS: the folder the list's paths are relative to "
@@ -59,6 +68,14 @@ def add_data_options(p, demo_help):
                         'the test split is never used here (default: %(default)s)')
 
 def check_data_options(p, a):
+    if a.dataset == 'kitti':
+        if a.demo:
+            p.error('--demo is NYU-shaped synthetic data; KITTI has none (README, KITTI)')
+        a.data = a.data or KITTI_ROOT
+        a.data_format = 'kitti'
+        a.per_scene = a.per_scene or 0   # (?) Sec. 4.2 shuffles its frames, no scene balancing
+        return
+    a.data = a.data or LABELED
     if a.data_format == 'auto':
         a.data_format = 'labeled' if a.demo else nyu_raw.detect_format(a.data)
     if a.per_scene is None:
@@ -95,23 +112,53 @@ def _load(args, device):
     other raw frames stay on disk and are decoded as drawn (DataLoader workers)."""
     if args.demo:
         args.data, args.splits = demo_paths()
+    if args.dataset == 'kitti':
+        return load_kitti(args, device)
     if args.data_format == 'labeled':
         return load_labeled(args)
     frames = nyu_raw.open_raw(args.data, args.data_format, args.data_root, args.depth_scale)
     nyu_raw.refuse_test_scenes(frames, nyu_raw.test_scenes(args.labeled, args.splits))
     train_idx, val_idx = util.split_train_val(np.arange(len(frames)), frames.scenes,
                                               args.val_fraction, args.seed)
-    # validation: whole held-out scenes, at most RAW_VAL_FRAMES of them spread evenly, in memory
-    val_idx = val_idx[np.linspace(0, len(val_idx) - 1, min(len(val_idx), RAW_VAL_FRAMES)).astype(int)] \
-        if len(val_idx) else val_idx
-    val = util.Frames.from_dataset(frames, val_idx, min(args.workers, 4))
-    if args.path == 'fast' and isinstance(frames, nyu_raw.CachedFrames):
-        train = frames.to_frames(train_idx, device)   # held on the GPU: no decoding, no workers
-    else:
-        train = torch.utils.data.Subset(frames, train_idx.tolist())
-    scenes = [frames.scenes[i] for i in train_idx]
+    val = util.Frames.from_dataset(frames, spread(val_idx, RAW_VAL_FRAMES), min(args.workers, 4))
+    train, scenes = _training_frames(frames, train_idx, args, device)
     print(f'{frames.description}: {len(train)} training frames of {len(set(scenes))} scenes, '
           f'{len(val)} validation frames of held-out scenes; none of the test split\'s scenes')
+    return train, val, scenes
+
+
+def spread(indices, count):
+    """At most `count` of `indices`, spread evenly over them (validation frames held in memory)."""
+    if len(indices) <= count:
+        return indices
+    return np.asarray(indices)[np.linspace(0, len(indices) - 1, count).astype(int)]
+
+
+def _training_frames(frames, train_idx, args, device):
+    """(training set, scene of each frame): a cache held on the GPU for --path fast (no decoding,
+    no workers), else frames decoded as drawn."""
+    if args.path == 'fast' and isinstance(frames, nyu_raw.CachedFrames):
+        train = frames.to_frames(train_idx, device)
+    else:
+        train = torch.utils.data.Subset(frames, list(map(int, train_idx)))
+    return train, [frames.scenes[i] for i in train_idx]
+
+
+def load_kitti(args, device):
+    """KITTI, Sec. 4.2: the Eigen split's training frames (left and right images as separate
+    shots), RAW_VAL_FRAMES of its validation list in memory; a frame of a test drive is refused.
+    --data: the raw KITTI folder, or a cache from `python kitti.py` (its train/ and val/)."""
+    if os.path.isfile(os.path.join(args.data, 'train', nyu_raw.CACHE_META)):
+        frames = nyu_raw.CachedFrames(os.path.join(args.data, 'train'))
+        val_set = nyu_raw.CachedFrames(os.path.join(args.data, 'val'))
+    else:
+        frames, val_set = kitti.open_kitti(args.data, 'train'), kitti.open_kitti(args.data, 'val')
+    nyu_raw.refuse_test_scenes(frames, kitti.test_drives())
+    val = util.Frames.from_dataset(val_set, spread(np.arange(len(val_set)), RAW_VAL_FRAMES),
+                                   min(args.workers, 4), KITTI.frame_hw)
+    train, scenes = _training_frames(frames, np.arange(len(frames)), args, device)
+    print(f'{frames.description}: {len(train)} training frames of {len(set(scenes))} drives; '
+          f'{len(val)} validation frames ({val_set.description}); none of the test drives')
     return train, val, scenes
 
 

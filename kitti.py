@@ -8,7 +8,7 @@ Facts and file layouts: ../shared/kitti.md. In short, under the raw KITTI root:
   <date>/calib_cam_to_cam.txt, <date>/calib_velo_to_cam.txt                 `KEY: v1 v2 ...` lines
 and, optionally, KITTI's annotated depth (data_depth_annotated) under its own root:
   train|val/<drive>/proj_depth/groundtruth/image_02|image_03/<frame:010d>.png   uint16, m = v / 256
-The Eigen split lists (kitti_splits/, byte-identical to monodepth2's splits/eigen/test_files.txt
+The Eigen split lists (kitti/splits/, byte-identical to monodepth2's splits/eigen/test_files.txt
 and splits/eigen_full/{train,val}_files.txt) name one frame a line: `<date>/<drive> <frame> l|r`.
 
 The field's conventions were checked against nianticlabs/monodepth2 at commit
@@ -31,9 +31,8 @@ sqrt(mean((gt - p)^2)), RMSE log = sqrt(mean((log gt - log p)^2)), delta_k = mea
 p / gt) < 1.25^k); the prediction is resized to the ground truth's full size, then clamped to
 FIELD_CLAMP; the mask is field_mask below. The paper's scale-invariant error is not among them.
 """
-import json
+import argparse
 import os
-import shutil
 
 import numpy as np
 import torch
@@ -41,23 +40,20 @@ import torch.nn.functional as F
 
 import cli
 import files
+import nyu_raw
+from net import KITTI
 
-KITTI_FRAME_HW = (184, 612)   # Sec. 4.2: frames "downsampled by half (from about 1224x368)"
+KITTI_FRAME_HW = KITTI.frame_hw   # Sec. 4.2: frames "downsampled by half (from about 1224x368)"
 FIELD_CLAMP = (1e-3, 80.0)    # evaluate_depth.py MIN_DEPTH, MAX_DEPTH: the gt range and the clamp
 # The Garg crop as fractions of the ground truth's (H, W): top, bottom, left, right (kitti.md;
 # evaluate_depth.py takes int() of each product)
 GARG_CROP = (0.40810811, 0.99189189, 0.03594771, 0.96405229)
 
-SPLIT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'kitti_splits')
+SPLIT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'kitti', 'splits')
 SPLIT_FILES = {name: os.path.join(SPLIT_DIR, f'eigen_{name}_files.txt')
                for name in ('train', 'val', 'test')}
 CAMERA_FOLDERS = {'l': 'image_02', 'r': 'image_03'}   # kitti.md: l = left colour, r = right
 DEPTH_SOURCES = ('camera', 'velodyne', 'annotated')
-# The cache stores depth as uint16 in KITTI's own unit, 1/256 m (that of the annotated PNGs, which
-# it holds exactly): NYU's millimetres would stop at 65.5 m, and LIDAR depth reaches 80 m and more.
-CACHE_UNITS_PER_M = 256
-CACHE_META = 'raw_cache.json'              # the same names as nyu_raw's cache
-CACHE_DEPTH_FILE = 'depths.npy'            # not nyu_raw's depths_mm.npy: the unit differs
 MISSING_NAMED = 3                          # drives named in the one-line report of missing frames
 
 
@@ -356,6 +352,9 @@ class KittiFrames(torch.utils.data.Dataset):
         self.depth_source, self.ann_root = depth, ann_root
         self.scenes = [drive_name(folder) for folder, _, _ in self.entries]
         self.frame_hw = KITTI_FRAME_HW
+        # nyu_raw.convert stores depth as uint16 in KITTI's own unit, 1/256 m (that of the annotated
+        # PNGs, held exactly): NYU's millimetres would stop at 65.5 m; LIDAR reaches 80 m and more
+        self.cache_depth_file, self.cache_units_per_m = 'depths.npy', 256
 
     def __len__(self):
         return len(self.entries)
@@ -380,6 +379,11 @@ def _present(root, entry, depth, ann_root, calib_ok):
     if depth == 'annotated':
         return annotated_path(ann_root, entry) is not None
     return os.path.isfile(velodyne_path(root, entry)) and calib_ok(calib_dir(root, entry))
+
+
+def test_drives():
+    """The drives of the Eigen test split (28): no training frame may come from them."""
+    return {drive_name(folder) for folder, _, _ in read_split(SPLIT_FILES['test'])}
 
 
 def open_kitti(root, split='train', ann_root=None, depth=None):
@@ -430,68 +434,69 @@ def open_kitti(root, split='train', ann_root=None, depth=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# One-time conversion into a memory-mappable cache (nyu_raw's layout, generalised)
+# The test set evaluate.py scores (the 697 frames of the Eigen test list)
 
-class _ErrorsAsMessages(torch.utils.data.Dataset):
-    """`frames` with a frame's DataError returned as its message. Raised in a DataLoader worker, the
-    error would come back wrapped in the worker's traceback (not one line), and held in a reference
-    cycle that keeps the worker process alive until a garbage collection, which then waits 5 s."""
+GROUND_TRUTH = {
+    'camera': 'the Velodyne scan projected with the devkit, camera z (the depth trained on)',
+    'velodyne': "the Velodyne scan projected, Velodyne x: the field's Eigen-split ground truth "
+                "(monodepth2's export_gt_depth.py)",
+    'annotated': "KITTI's annotated depth (data_depth_annotated; frames without one are skipped)",
+}
 
-    def __init__(self, frames):
-        self.frames = frames
+
+class _Images(torch.utils.data.Dataset):
+    """The colour frames of split entries at 612x184, as the network sees them (no depth)."""
+
+    def __init__(self, root, entries):
+        self.root, self.entries = root, entries
 
     def __len__(self):
-        return len(self.frames)
+        return len(self.entries)
 
     def __getitem__(self, i):
-        try:
-            return self.frames[i]
-        except cli.DataError as e:
-            return str(e)
+        return resize_rgb(read_image(image_path(self.root, self.entries[i])), KITTI_FRAME_HW)
 
 
-def convert(frames, out, workers=4, progress=True):
-    """Decode every frame once (in DataLoader workers) into OUT/images.npy (N, H, W, 3) uint8,
-    OUT/depths.npy (N, H, W) uint16 in units of 1/256 m, and OUT/raw_cache.json ('source',
-    'scenes', 'frame_hw', 'depth_file', 'depth_units_per_m'), written through memory maps (flat RAM)
-    into a temporary folder renamed at the end (an interrupted conversion leaves nothing
-    half-done). nyu_raw.convert writes this layout at NYU's fixed 240x320 with depths_mm.npy in
-    millimetres; nyu_raw.CachedFrames reads both once it takes 'frame_hw', 'depth_file' and
-    'depth_units_per_m' from raw_cache.json (absent: 240x320, depths_mm.npy, 1000)."""
-    n = len(frames)
-    height, width = frames.frame_hw
-    tmp = out.rstrip('/') + '.partial'
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    images = np.lib.format.open_memmap(os.path.join(tmp, 'images.npy'), 'w+', np.uint8,
-                                       (n, height, width, 3))
-    depths = np.lib.format.open_memmap(os.path.join(tmp, CACHE_DEPTH_FILE), 'w+', np.uint16,
-                                       (n, height, width))
-    # frame by frame (batch_size=None): a failed frame's message cannot be batched with tensors
-    loader = torch.utils.data.DataLoader(_ErrorsAsMessages(frames), batch_size=None,
-                                         num_workers=workers)
-    failure = None
-    for i, item in enumerate(cli.progress(loader, progress, total=n, desc='converting',
-                                          unit='frame')):
-        if isinstance(item, str):
-            failure = item
-            break
-        rgb, depth = item
-        images[i] = rgb.permute(1, 2, 0).numpy()
-        units = np.round(depth.float().numpy() * CACHE_UNITS_PER_M)
-        depths[i] = units.clip(0, np.iinfo(np.uint16).max).astype(np.uint16)
-    images.flush()
-    depths.flush()
-    del images, depths
-    if failure is not None:
-        shutil.rmtree(tmp)
-        raise cli.DataError(failure)
-    meta = {'source': os.fspath(frames.description), 'scenes': frames.scenes,
-            'frame_hw': list(frames.frame_hw), 'depth_file': CACHE_DEPTH_FILE,
-            'depth_units_per_m': CACHE_UNITS_PER_M}
-    with open(os.path.join(tmp, CACHE_META), 'w') as f:
-        json.dump(meta, f)
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+def open_test_set(root, ann_root=None, workers=4):
+    """The Eigen test split's frames under `root` (missing ones reported in one line) as a
+    nyu_test.TestSet: 612x184 images in memory, full-resolution ground truth read as scored, of
+    the kinds in GROUND_TRUTH ('annotated' with ann_root)."""
+    import nyu_test
+    frames = open_kitti(root, 'test')
+    loader = torch.utils.data.DataLoader(_Images(root, frames.entries), batch_size=16, num_workers=workers)
+    images = torch.cat(list(cli.progress(loader, desc='reading the test images', unit='batch')))
+    kinds = {k: v for k, v in GROUND_TRUTH.items() if k != 'annotated' or ann_root is not None}
+
+    def read(kind, positions):
+        for p in positions:
+            entry = frames.entries[p]
+            if kind == 'annotated' and annotated_path(ann_root, entry) is None:
+                yield np.zeros(image_size(root, entry), np.float32)   # no pixel: the image is skipped
+            else:
+                yield eval_ground_truth(root, entry, kind, ann_root)
+
+    return nyu_test.TestSet(f'{root} (Eigen test split)', images.permute(0, 2, 3, 1).numpy(), kinds, read)
+
+
+# ----------------------------------------------------------------------------------------------
+# One-time conversion into a memory-mappable cache (nyu_raw.convert, in KITTI's depth unit)
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description='Convert the Eigen split of raw KITTI once into the '
+                                'memory-mapped cache train.py --dataset kitti reads fastest: OUT/train '
+                                'and OUT/val, RGB at 612x184 and LIDAR depth (camera z), 0.56 MB a '
+                                'frame (25 GB for the 45,200 training frames).')
+    p.add_argument('--data', default='kitti', help='the raw KITTI folder (default: %(default)s)')
+    p.add_argument('--out', default=os.path.join('kitti', 'cache'), help='(default: %(default)s)')
+    p.add_argument('--workers', type=int, default=4, help='decoding processes (default: %(default)s)')
+    p.add_argument('--debug', action='store_true', help='show the traceback of an error')
+    args = p.parse_args(argv)
+    for split in ('train', 'val'):
+        frames = open_kitti(args.data, split)
+        nyu_raw.convert(frames, os.path.join(args.out, split), args.workers)
+        print(f'{len(frames)} frames of {len(set(frames.scenes))} drives -> {os.path.join(args.out, split)}')
+    return 0
+
+
+if __name__ == '__main__':
+    cli.run_cli(main)

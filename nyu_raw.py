@@ -37,7 +37,7 @@ FORMATS = ('bts', 'densedepth', 'folder', 'cache')
 CACHE_META = 'raw_cache.json'
 DENSEDEPTH_CSV = {'train': 'data/nyu2_train.csv', 'test': 'data/nyu2_test.csv'}
 PER_SCENE = 1200   # Sec. 4.1: the scene distribution evened to 1200 frames per scene
-FRAME_BYTES = FRAME_HW[0] * FRAME_HW[1] * (3 + 2)   # uint8 RGB + float16 depth: 375 KiB a frame
+FRAME_BYTES_PER_PIXEL = 3 + 2   # uint8 RGB + float16 depth in memory: 375 KiB an NYU frame
 TRAINING_HEADROOM = 4 * 2**30   # kept free for the nets, their gradients and a batch's activations
 LOAD_CHUNK = 512                 # frames read from the memory maps at a time (190 MB)
 
@@ -219,29 +219,36 @@ def read_folder(folder, depth_scale):
 
 
 class CachedFrames(torch.utils.data.Dataset):
-    """A converted set: memory-mapped uint8 RGB (N, 240, 320, 3) and uint16 mm depth (N, 240, 320);
-    only the pages of the frames drawn are read."""
+    """A converted set: memory-mapped uint8 RGB (N, H, W, 3) and uint16 depth (N, H, W) (NYU:
+    240x320 in millimetres; KITTI: 184x612 in 1/256 m, its raw_cache.json says so); only the
+    pages of the frames drawn are read."""
 
     def __init__(self, folder):
         meta_path = os.path.join(folder, CACHE_META)
-        files.check_file(meta_path, 'a raw-frame cache written by nyu_raw.py')
+        files.check_file(meta_path, 'a raw-frame cache written by nyu_raw.py or kitti.py')
         with open(meta_path) as f:
             meta = json.load(f)
         self.folder = folder
         self.description = f"{folder} (converted from {meta['source']})"
         self.scenes = meta['scenes']
+        # caches written before KITTI have none of these keys: NYU's 240x320 in millimetres
+        self.frame_hw = tuple(meta.get('frame_hw', FRAME_HW))
+        self.units_per_m = meta.get('depth_units_per_m', 1000)
         self.images = np.load(os.path.join(folder, 'images.npy'), mmap_mode='r')
-        self.depths_mm = np.load(os.path.join(folder, 'depths_mm.npy'), mmap_mode='r')
-        if len(self.images) != len(self.scenes) or len(self.depths_mm) != len(self.scenes):
+        self.depths = np.load(os.path.join(folder, meta.get('depth_file', 'depths_mm.npy')), mmap_mode='r')
+        if len(self.images) != len(self.scenes) or len(self.depths) != len(self.scenes):
             raise cli.DataError(f'{folder}: images, depths and {CACHE_META} disagree in length; '
                                  f'convert again')
+        if self.images.shape[1:3] != self.frame_hw or self.depths.shape[1:] != self.frame_hw:
+            raise cli.DataError(f'{folder}: its arrays are not the {self.frame_hw} frames '
+                                 f'{CACHE_META} names; convert again')
 
     def __len__(self):
         return len(self.scenes)
 
     def __getitem__(self, i):
         rgb = torch.from_numpy(np.array(self.images[i])).permute(2, 0, 1).contiguous()
-        depth = torch.from_numpy(self.depths_mm[i].astype(np.float32) / 1000).to(torch.float16)
+        depth = torch.from_numpy(self.depths[i].astype(np.float32) / self.units_per_m).to(torch.float16)
         return rgb, depth
 
     def to_frames(self, indices, device):
@@ -250,14 +257,14 @@ class CachedFrames(torch.utils.data.Dataset):
         with no decoding and no worker processes. Refused (one line, nothing loaded) when they do
         not fit in the device's free memory."""
         n = len(indices)
-        need = n * FRAME_BYTES
+        fh, fw = self.frame_hw
+        need = n * fh * fw * FRAME_BYTES_PER_PIXEL
         free = free_memory(device)
         if need + TRAINING_HEADROOM > free:
             raise cli.UserError(
                 f'{self.folder}: its {n} training frames need {_size(need)} on {device}, which has '
                 f'{_size(free)} free ({_size(TRAINING_HEADROOM)} are kept for training itself); '
                 f'stream it from disk instead with --path plain')
-        fh, fw = FRAME_HW
         images = torch.empty((n, 3, fh, fw), dtype=torch.uint8, device=device)
         depths = torch.empty((n, fh, fw), dtype=torch.float16, device=device)
         for start in cli.progress(range(0, n, LOAD_CHUNK), desc=f'loading {self.folder} onto {device}',
@@ -265,9 +272,9 @@ class CachedFrames(torch.utils.data.Dataset):
             rows = np.asarray(indices[start:start + LOAD_CHUNK])
             images[start:start + len(rows)] = torch.from_numpy(np.asarray(self.images[rows])).to(
                 device).permute(0, 3, 1, 2)
-            # the same conversion as __getitem__: float32 millimetres / 1000, then float16
-            mm = torch.from_numpy(np.asarray(self.depths_mm[rows]).astype(np.float32)).to(device)
-            depths[start:start + len(rows)] = (mm / 1000).to(torch.float16)
+            # the same conversion as __getitem__: float32 units / units per metre, then float16
+            units = torch.from_numpy(np.asarray(self.depths[rows]).astype(np.float32)).to(device)
+            depths[start:start + len(rows)] = (units / self.units_per_m).to(torch.float16)
         return util.Frames.from_tensors(images, depths)
 
 
@@ -334,30 +341,59 @@ def refuse_test_scenes(frames, forbidden):
 # ----------------------------------------------------------------------------------------------
 # One-time conversion into a memory-mappable cache
 
+class _ErrorsAsMessages(torch.utils.data.Dataset):
+    """`frames` with a frame's DataError returned as its message. Raised in a DataLoader worker, the
+    error would come back wrapped in the worker's traceback (not one line), and held in a reference
+    cycle that keeps the worker process alive until a garbage collection, which then waits 5 s."""
+
+    def __init__(self, frames):
+        self.frames = frames
+
+    def __len__(self):
+        return len(self.frames)
+
+    def __getitem__(self, i):
+        try:
+            return self.frames[i]
+        except cli.DataError as e:
+            return str(e)
+
+
 def convert(frames, out, workers=4, progress=True):
-    """Decode every frame once (in DataLoader workers) into OUT/images.npy, OUT/depths_mm.npy and
-    OUT/raw_cache.json, written through memory maps (flat RAM) into a temporary folder renamed at
-    the end (an interrupted conversion leaves nothing half-done behind)."""
+    """Decode every frame once (in DataLoader workers) into OUT/images.npy (N, H, W, 3) uint8, the
+    depths as uint16 and OUT/raw_cache.json, written through memory maps (flat RAM) into a
+    temporary folder renamed at the end (an interrupted conversion leaves nothing half-done
+    behind). NYU: 240x320, depths_mm.npy in millimetres; a set with `frame_hw`, `cache_depth_file`
+    and `cache_units_per_m` attributes (kitti.KittiFrames: 184x612, 1/256 m, as LIDAR depth
+    passes 65.5 m) is written in those, and raw_cache.json names them for CachedFrames."""
     import shutil
     n = len(frames)
+    fh, fw = getattr(frames, 'frame_hw', FRAME_HW)
+    depth_file = getattr(frames, 'cache_depth_file', 'depths_mm.npy')
+    units_per_m = getattr(frames, 'cache_units_per_m', 1000)
     tmp = out.rstrip('/') + '.partial'
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    fh, fw = FRAME_HW
     images = np.lib.format.open_memmap(os.path.join(tmp, 'images.npy'), 'w+', np.uint8, (n, fh, fw, 3))
-    depths = np.lib.format.open_memmap(os.path.join(tmp, 'depths_mm.npy'), 'w+', np.uint16, (n, fh, fw))
-    loader = torch.utils.data.DataLoader(frames, batch_size=32, num_workers=workers)
-    start = 0
-    for rgb, depth in cli.progress(loader, progress, desc='converting', unit='batch'):
-        k = len(rgb)
-        images[start:start + k] = rgb.permute(0, 2, 3, 1).numpy()
-        depths[start:start + k] = np.round(depth.float().numpy() * 1000).clip(0, 65535).astype(np.uint16)
-        start += k
+    depths = np.lib.format.open_memmap(os.path.join(tmp, depth_file), 'w+', np.uint16, (n, fh, fw))
+    loader = torch.utils.data.DataLoader(_ErrorsAsMessages(frames), batch_size=None, num_workers=workers)
+    failure = None
+    for i, item in enumerate(cli.progress(loader, progress, total=n, desc='converting', unit='frame')):
+        if isinstance(item, str):
+            failure = item
+            break
+        rgb, depth = item
+        images[i] = rgb.permute(1, 2, 0).numpy()
+        depths[i] = np.round(depth.float().numpy() * units_per_m).clip(0, 65535).astype(np.uint16)
     images.flush()
     depths.flush()
     del images, depths
+    if failure is not None:
+        shutil.rmtree(tmp)
+        raise cli.DataError(failure)
     with open(os.path.join(tmp, CACHE_META), 'w') as f:
-        json.dump({'source': os.fspath(frames.description), 'scenes': frames.scenes}, f)
+        json.dump({'source': os.fspath(frames.description), 'scenes': frames.scenes,
+                   'frame_hw': [fh, fw], 'depth_file': depth_file, 'depth_units_per_m': units_per_m}, f)
     if os.path.exists(out):
         shutil.rmtree(out)
     os.replace(tmp, out)

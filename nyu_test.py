@@ -52,7 +52,7 @@ class TestSet:
         return len(self.frames)
 
     def depths(self, kind, positions):
-        """(480, 640) float32 metres of the test images at `positions`, in that order."""
+        """Full-resolution float32 metres (NYU 480x640) of the test images at `positions`, in order."""
         return self._read_depth(kind, [int(p) for p in positions])
 
 

@@ -8,6 +8,9 @@ centre-cropped to 304x228. The 55x74 prediction covers the centre of that frame 
 columns 12..308 of 240x320, i.e. 4.2% of the height and 3.75% of the width left out on each side);
 it is upsampled bilinearly to the input's size, and the uncovered border repeats the nearest
 predicted values. Output: depth in metres as float32 .npy (H x W of the input) and a colourised PNG.
+KITTI weights (train.py --dataset kitti, recognised by their shapes): resized to 612x184, the centre
+576x172 crop, a 142x27 prediction of its lower part (rows 66..174, columns 22..590 of 612x184; the
+rows above repeat the top predicted row, as the LIDAR gave no depth there to learn from).
 """
 import argparse
 import os
@@ -69,8 +72,10 @@ def read_rgb(path, convert=False):
 @torch.no_grad()
 def predict_depth(coarse, fine, rgb, device='cpu'):
     """Depth in metres, (H, W) float32, for an RGB uint8 (H, W, 3) image of any size."""
-    log_depth = predict_log_depth(coarse, fine, util.prepare_image(rgb).to(device))
-    depth = util.upsample_depth(log_depth.exp(), rgb.shape[:2], mode='bilinear', outside='edge')
+    geometry = coarse.geometry   # NYU's or KITTI's sizes, as the weights were trained
+    log_depth = predict_log_depth(coarse, fine, util.prepare_image(rgb, geometry).to(device))
+    depth = util.upsample_depth(log_depth.exp(), rgb.shape[:2], mode='bilinear', outside='edge',
+                                geometry=geometry)
     return depth[0, 0].cpu().numpy().astype(np.float32)
 
 

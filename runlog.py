@@ -236,7 +236,11 @@ def summary(args, stages):
     if not lines:
         text = ['', 'no validation figures (--val-fraction 0)']
     where = ' --demo' if args.demo else ''
-    if not args.demo:
+    if args.dataset == 'kitti':   # the dataset is read off the weights; the test frames are raw
+        cached = os.path.isdir(os.path.join(args.data, 'train'))
+        where = ' --data <raw KITTI folder>' if cached else (
+            f' --data {args.data}' if args.data != data.KITTI_ROOT else '')
+    elif not args.demo:
         labeled = args.data if args.data_format == 'labeled' else args.labeled
         where += f' --data {labeled}' if labeled != data.LABELED else ''
         where += f' --splits {args.splits}' if args.splits != data.SPLITS else ''

@@ -1,6 +1,7 @@
 """Train the coarse, then the fine network, as in Sec. 3.3 of Eigen, Puhrsch & Fergus (NIPS 2014).
 
-Stage 1 trains GlobalCoarseNet for 2M samples; stage 2 trains LocalFineNet for 1.5M samples on the
+Stage 1 trains GlobalCoarseNet for 2M samples (KITTI 1.5M); stage 2 trains LocalFineNet for 1.5M
+(KITTI 1M) samples on the
 outputs of the coarse net, which is held fixed (no gradient). SGD, batch 32, momentum 0.9, the
 paper's per-layer learning rates (net.Variant), the scale-invariant loss of Eq. 4 (loss.py).
 Outputs in --out (default model/): coarse.pth and fine.pth (plain state_dicts; refine.pth with
@@ -9,6 +10,7 @@ history_<stage>.csv, loss_<stage>.png and predictions.png.
 
     python train.py                  # NYU labeled set in nyu/, the paper's schedule
     python train.py --demo           # synthetic rooms in NYU's format, a few minutes on a CPU
+    python train.py --dataset kitti  # raw KITTI in kitti/, the Eigen split (Sec. 4.2)
 
 This file is the method, top-down: the options, the per-layer optimizer, the loss on a batch, one
 training step, the validation, the stage loop, and main. The run machinery lives beside it:
@@ -32,8 +34,8 @@ import runtime
 import util
 from loss import TRAIN_LAMBDA, safe_log, scale_invariant_loss
 from metrics import Metrics
-from net import (CoarseThenFine, GlobalCoarseNet, LocalFineNet, RefinedFine, VARIANTS, get_variant,
-                 layer_names, load_imagenet_convs, load_pretrained_conv, load_weights,
+from net import (GEOMETRIES, VARIANTS, CoarseThenFine, GlobalCoarseNet, LocalFineNet, RefinedFine,
+                 get_variant, layer_names, load_imagenet_convs, load_pretrained_conv, load_weights,
                  predict_log_depth)
 from runtime import DIST, MOMENTUM, NonFiniteGuard, StopControl
 # The GPU smoke test's probe (../shared/gpu/gpu_probe.py, maintained outside this repository) still
@@ -42,10 +44,10 @@ from data import draw_block, load_data, training_batches  # noqa: F401
 from runtime import Autocast, set_precision  # noqa: F401
 
 # Sec. 3.3: SGD, batch 32, momentum 0.9 (runtime.MOMENTUM); 2M samples for the coarse net, 1.5M
-# for the fine net.
+# for the fine net. Sec. 4.2, KITTI: 1.5M and 1M, "learning rates are the same as for NYU Depth".
 BATCH_SIZE = 32
-COARSE_SAMPLES = 2_000_000
-FINE_SAMPLES = 1_500_000
+SAMPLES = {'nyu': {'coarse': 2_000_000, 'fine': 1_500_000},
+           'kitti': {'coarse': 1_500_000, 'fine': 1_000_000}}
 # The stages in order; 'refine' (--refine 2) is not the paper's.
 STAGES = ('coarse', 'fine', 'refine')
 # The demo: synthetic rooms (data.py), a schedule a 2-core CPU runs in a few minutes.
@@ -72,8 +74,10 @@ def parse_args(argv=None):
                    help="fine nets: 1, the paper's; 2, a third stage trains a second fine net on "
                         'the first one\'s output, coarse and fine fixed, with the fine schedule '
                         "(not in the paper: README) (default: %(default)s)")
-    t.add_argument('--coarse-samples', type=int, help=f'default {COARSE_SAMPLES} (paper)')
-    t.add_argument('--fine-samples', type=int, help=f'default {FINE_SAMPLES} (paper)')
+    t.add_argument('--coarse-samples', type=int, help=f"default {SAMPLES['nyu']['coarse']}, "
+                                                       f"KITTI {SAMPLES['kitti']['coarse']} (paper)")
+    t.add_argument('--fine-samples', type=int, help=f"default {SAMPLES['nyu']['fine']}, KITTI "
+                                                     f"{SAMPLES['kitti']['fine']} (paper)")
     t.add_argument('--coarse-epochs', type=float, metavar='E',
                    help='instead of --coarse-samples: E passes over the training set (with '
                         '--per-scene, over its evened pass), rounded up to whole batches')
@@ -106,10 +110,12 @@ def parse_args(argv=None):
             p.error(f'--{stage}-epochs must be positive')
     if a.lr_scale <= 0:
         p.error('--lr-scale must be positive')
+    if a.dataset == 'kitti' and a.variant == 'release':
+        p.error("--variant release is the authors' NYU code; KITTI trains 'paper' or 'alexnet'")
     if a.coarse_samples is None:
-        a.coarse_samples = DEMO_COARSE_SAMPLES if a.demo else COARSE_SAMPLES
+        a.coarse_samples = DEMO_COARSE_SAMPLES if a.demo else SAMPLES[a.dataset]['coarse']
     if a.fine_samples is None:
-        a.fine_samples = DEMO_FINE_SAMPLES if a.demo else FINE_SAMPLES
+        a.fine_samples = DEMO_FINE_SAMPLES if a.demo else SAMPLES[a.dataset]['fine']
     if a.batch_size is None:
         a.batch_size = DEMO_BATCH if a.demo else BATCH_SIZE
     for name in ('coarse_samples', 'fine_samples', 'batch_size'):
@@ -326,10 +332,11 @@ def main(argv=None):
         print(f"learning rates (Sec. 3.3) x {args.lr_scale:g}: " + ', '.join(
             f'{layer} {rate * args.lr_scale:g}' for layer, rate in variant.lr.items()))
     memory_format = torch.channels_last if device.type == 'cuda' else torch.contiguous_format
-    nets = {'coarse': GlobalCoarseNet(variant),   # built in this order: the same starts as before
-            'fine': LocalFineNet(variant, pass_through=args.fine_init == 'pass')}
-    if 'refine' in stages:
-        nets['refine'] = LocalFineNet(variant, pass_through=args.fine_init == 'pass')
+    geometry = GEOMETRIES[args.dataset]   # Fig. 1's NYU or KITTI column
+    fine_net = lambda: LocalFineNet(variant, pass_through=args.fine_init == 'pass', geometry=geometry)
+    nets = {'coarse': GlobalCoarseNet(variant, geometry), 'fine': fine_net()}   # in this order:
+    if 'refine' in stages:                                                      # the same starts
+        nets['refine'] = fine_net()
     for net in nets.values():
         net.to(device, memory_format=memory_format)
     coarse = nets['coarse']

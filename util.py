@@ -659,19 +659,21 @@ def plot_predictions(coarse, fine, frames, device, path, count=4):
 @torch.no_grad()
 def plot_examples(coarse, fine, frames, picks, gts, labels, device, path):
     """RGB | ground truth | coarse | fine | |error| of the last net, at full resolution (the
-    prediction shown where the network covers the frame, nearest-neighbour upsampled)."""
+    prediction shown where the network covers the frame, nearest-neighbour upsampled); each image
+    at its own ground truth's size (KITTI's frames differ)."""
+    geometry = coarse.geometry
     with _eval_mode(coarse, fine):
         img, _, _ = frames.get(picks)
-        x = crop_input(img.to(device), coarse.geometry)
+        x = crop_input(img.to(device), geometry)
         c = coarse(x)
         maps = [c.exp()] + ([fine(x, c).exp()] if fine is not None else [])
-        hw = gts[0].shape
-        maps = [upsample_depth(d, hw, 'nearest', 'nan', coarse.geometry)[:, 0].cpu().numpy()
-                for d in maps]
         rows = []
         for k in range(len(picks)):
+            hw = gts[k].shape
+            shown = [upsample_depth(d[k:k + 1], hw, 'nearest', 'nan', geometry)[0, 0].cpu().numpy()
+                     for d in maps]
             rgb = F.interpolate(img[k:k + 1], size=hw, mode='nearest')[0].permute(1, 2, 0).cpu().numpy()
             gt = np.where(gts[k] > 0, gts[k], np.nan)
-            rows.append([rgb, gt] + [d[k] for d in maps] + [np.abs(maps[-1][k] - gt)])
+            rows.append([rgb, gt] + shown + [np.abs(shown[-1] - gt)])
         titles = ['input', 'ground truth', 'coarse'] + ([_refined_title(fine)] if fine is not None else []) + ['|error| (m)']
         _panel(rows, titles, labels, path)

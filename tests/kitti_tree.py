@@ -23,7 +23,7 @@ import os
 import numpy as np
 from PIL import Image
 
-# Eigen test-list frames of two drives each of two days (kitti_splits/eigen_test_files.txt)
+# Eigen test-list frames of two drives each of two days (kitti/splits/eigen_test_files.txt)
 ENTRIES = [
     ('2011_09_26/2011_09_26_drive_0002_sync', 69, 'l'),
     ('2011_09_26/2011_09_26_drive_0002_sync', 54, 'l'),

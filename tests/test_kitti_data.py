@@ -13,6 +13,7 @@ from PIL import Image
 
 import cli
 import kitti
+import nyu_raw
 import kitti_tree
 from conftest import SHARED
 
@@ -404,9 +405,9 @@ def test_field_mask_is_the_depth_range_inside_the_garg_crop():
 # ----------------------------------------------------------------------------------------------
 # The cache
 
-def test_conversion_writes_nyu_raws_layout_with_the_frame_size(tree, tmp_path):
+def test_conversion_writes_nyu_raws_layout_with_the_frame_size_and_reads_back(tree, tmp_path):
     frames = kitti.KittiFrames(tree.root, tree.entries[:3], 'three frames')
-    out = kitti.convert(frames, str(tmp_path / 'cache'), workers=1, progress=False)
+    out = nyu_raw.convert(frames, str(tmp_path / 'cache'), workers=1, progress=False)
     assert sorted(os.listdir(out)) == ['depths.npy', 'images.npy', 'raw_cache.json']
     with open(os.path.join(out, 'raw_cache.json')) as f:
         meta = json.load(f)
@@ -421,6 +422,11 @@ def test_conversion_writes_nyu_raws_layout_with_the_frame_size(tree, tmp_path):
         assert (images[i] == rgb.permute(1, 2, 0).numpy()).all()
         np.testing.assert_allclose(depths[i] / 256, depth.float().numpy(), atol=1 / 512)
     assert not os.path.exists(out + '.partial')
+    cached = nyu_raw.CachedFrames(out)   # what train.py --dataset kitti reads
+    assert cached.frame_hw == (184, 612) and cached.scenes == frames.scenes
+    rgb, depth = cached[2]
+    assert torch.equal(rgb, frames[2][0])
+    np.testing.assert_allclose(depth.float().numpy(), frames[2][1].float().numpy(), atol=0.07)
 
 
 def test_a_frame_that_fails_during_conversion_is_one_line(tree, tmp_path):
@@ -428,6 +434,6 @@ def test_a_frame_that_fails_during_conversion_is_one_line(tree, tmp_path):
     missing = ('2011_09_26/2011_09_26_drive_0002_sync', 99, 'l')
     frames = kitti.KittiFrames(tree.root, [tree.entries[0], missing], 'one frame missing')
     with pytest.raises(cli.DataError) as e:
-        kitti.convert(frames, str(tmp_path / 'cache'), workers=1, progress=False)
+        nyu_raw.convert(frames, str(tmp_path / 'cache'), workers=1, progress=False)
     assert one_line(e).startswith(kitti.image_path(tree.root, missing) + ': not found')
     assert not os.listdir(tmp_path)                  # nothing half-written left

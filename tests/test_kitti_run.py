@@ -1,0 +1,96 @@
+"""KITTI end to end on a tiny raw-KITTI tree (tests/kitti_tree.py): train.py --dataset kitti trains
+both stages (the coarse from the raw tree, the fine from kitti.py's cache), evaluate.py scores the
+Eigen test frames on both protocols, predict.py writes full-size depth."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+import kitti
+import kitti_tree
+import predict
+import train
+from net import KITTI
+
+DATES = tuple(kitti_tree.CALIBS)
+
+
+def _first(split, count):
+    """The first `count` frames of a shipped split list recorded on the tree's days."""
+    return [e for e in kitti.read_split(kitti.SPLIT_FILES[split]) if e[0].startswith(DATES)][:count]
+
+
+@pytest.fixture(scope='module')
+def tree(tmp_path_factory):
+    base = tmp_path_factory.mktemp('kitti')
+    entries = _first('train', 6) + _first('val', 2) + kitti_tree.ENTRIES
+    return kitti_tree.write_tree(base / 'raw', entries, ann_root=base / 'annotated',
+                                 unannotated=[kitti_tree.ENTRIES[-1][:2]])
+
+
+def _train(tree, out, *extra):
+    return train.main(list(map(str, [
+        '--dataset', 'kitti', '--data', tree.root, '--out', out, '--device', 'cpu', '--batch-size', 2,
+        '--coarse-samples', 4, '--fine-samples', 4, '--workers', 0, '--log-every', 1, *extra])))
+
+
+@pytest.fixture(scope='module')
+def trained(tree, tmp_path_factory):
+    """Both stages: the coarse from the raw tree, then the fine from the cache kitti.py writes."""
+    out = tmp_path_factory.mktemp('model_kitti')
+    assert _train(tree, out, '--stage', 'coarse') == 0
+    cache = os.path.join(tree.root, 'cache')
+    assert kitti.main(['--data', tree.root, '--out', cache, '--workers', '0']) == 0
+    assert _train(tree, out, '--stage', 'fine', '--data', cache) == 0
+    return out
+
+
+def test_both_stages_train_and_write_kitti_weights(trained, capsys):
+    for stage in ('coarse', 'fine'):
+        assert os.path.isfile(trained / f'{stage}.pth') and os.path.isfile(trained / f'loss_{stage}.png')
+    state = torch.load(trained / 'coarse.pth', weights_only=True)
+    assert state['coarse7.weight'].shape == (27 * 142, 4096)          # Fig. 1: 142x27
+    assert state['coarse6.1.weight'].shape == (4096, 256 * 4 * 17)    # coarse5 17x4
+    history = (trained / 'history_coarse.csv').read_text().splitlines()
+    assert len(history) == 1 + 2   # header, a row a step (--log-every 1; 4 samples of 2)
+
+
+def test_the_training_data_is_the_eigen_split_without_test_drives(tree, capsys, tmp_path):
+    assert _train(tree, tmp_path, '--stage', 'coarse', '--coarse-samples', 2) == 0
+    out = capsys.readouterr().out
+    # the shipped train list, of which the tree holds 6 frames: one line, no traceback
+    # 6 frames of the list, each with both cameras, which the list names as separate shots
+    assert '45188 of the 45200 frames of the Eigen train split are missing' in out
+    assert '12 training frames of 5 drives' in out and '4 validation frames' in out
+    leaked = os.path.join(tree.root, 'leak.txt')
+    with open(leaked, 'w') as f:   # a list naming a test drive's frame: refused
+        f.write(f'{kitti_tree.ENTRIES[0][0]} {kitti_tree.ENTRIES[0][1]:010d} l\n')
+    frames = kitti.open_kitti(tree.root, leaked)
+    with pytest.raises(Exception, match='official test split'):
+        import nyu_raw
+        nyu_raw.refuse_test_scenes(frames, kitti.test_drives())
+
+
+def test_evaluate_scores_the_test_frames_under_table_2(trained, tree, capsys):
+    results = evaluate.evaluate(evaluate.parse_args(
+        ['--model', str(trained), '--data', tree.root, '--device', 'cpu', '--workers', '0']))
+    out = capsys.readouterr().out
+    assert set(results) == {'paper', 'field'}
+    assert set(results['field']) == {'Coarse', 'Coarse + Fine'}
+    table2 = [line.split()[4:12] for line in out.splitlines() if line.startswith('[paper] Coarse + Fine')]
+    assert table2 == [['0.692', '0.899', '0.967', '0.190', '1.515', '7.156', '0.270', '0.246']] * 2
+    assert 'Velodyne x' in out and 'camera z' in out and '5 test images' in out
+    for protocol in results.values():
+        for row in protocol.values():
+            assert all(np.isfinite(v) for v in row.values())
+    assert os.path.isfile(trained / 'eval.json') and os.path.isfile(trained / 'eval_examples.png')
+
+
+def test_predict_writes_depth_at_the_kitti_frames_size(trained, tree, tmp_path):
+    image = kitti.image_path(tree.root, kitti_tree.ENTRIES[3])   # a 1226x370 frame of 2011_09_30
+    assert predict.main([image, '--model', str(trained), '--out', str(tmp_path), '--device', 'cpu']) == 0
+    depth = np.load(tmp_path / (os.path.basename(image)[:-4] + '_depth.npy'))
+    assert depth.shape == (370, 1226) and np.isfinite(depth).all() and (depth > 0).all()
+    assert KITTI.output_hw == (27, 142)
