@@ -130,8 +130,9 @@ def open_run(args, variant, stages):
         remove_stale_temporaries(args.out)
     if args.resume == 'auto':
         found = os.path.isfile(path)
-        print(f'--resume auto: continuing {path}' if found else
-              f'--resume auto: no checkpoint in {args.out}, starting afresh')
+        if DIST.main:   # one line a run, not one a process
+            print(f'--resume auto: continuing {path}' if found else
+                  f'--resume auto: no checkpoint in {args.out}, starting afresh')
         args.resume = 'yes' if found else None
     if args.resume:
         if not os.path.isfile(path):
