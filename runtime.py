@@ -216,12 +216,30 @@ class Distributed:
         """(device, GPUs) of this process: under torchrun, the GPU of its local rank alone."""
         if not self.active:
             return device, gpus
+        self.check_restartable()
         if device.type == 'cuda':
             device, gpus = torch.device('cuda', self.local_rank), [self.local_rank]
             torch.cuda.set_device(device)
         torch.distributed.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
         self.device = device
         return device, gpus
+
+    @staticmethod
+    def check_restartable():
+        """Refuse (one line) a torchrun run that may restart its processes (--max-restarts N) on
+        the store torchrun shares by default (TORCHELASTIC_USE_AGENT_STORE=True): that store
+        outlives the processes, so a restarted group reads the killed group's addresses in it, and
+        init_process_group fails, or hangs until its timeout (gloo: 30 minutes), instead of
+        resuming. Measured with gloo and torch 2.14 (issue #21; pytorch issues #135712, #167288).
+        TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 makes torchrun's c10d rendezvous start a fresh
+        store for every group; the static rendezvous always shares one."""
+        restarts = int(os.environ.get('TORCHELASTIC_MAX_RESTARTS', '0'))
+        if restarts and os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True':
+            raise cli.UserError(f'torchrun --max-restarts {restarts}: a restarted group would '
+                                f'fail or hang in its rendezvous on the store torchrun shares by '
+                                f'default; run torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in '
+                                f'its environment, and --standalone or --rdzv-backend c10d (README, '
+                                f'fault tolerance)')
 
     def wrap(self, net):
         if not self.active:

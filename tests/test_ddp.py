@@ -1,10 +1,16 @@
 """DistributedDataParallel under torchrun, on the CPU with gloo: two processes, each on half of
-every global batch, train exactly as one process on the whole batch."""
+every global batch, train exactly as one process on the whole batch; a group that torchrun
+restarts after one of its processes was killed continues from the checkpoint."""
+import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
+import pytest
 import torch
 
 import data
@@ -14,6 +20,24 @@ from net import PAPER, GlobalCoarseNet
 
 COMMON = ['--coarse-samples', 16, '--fine-samples', 24, '--batch-size', 4, '--val-fraction', 0.15,
           '--val-every', 8, '--seed', 11, '--threads', 1, '--no-amp']
+
+
+def torchrun(args, *options):
+    """The command line of train.py `args` under torchrun with its `options` (default: this
+    machine alone, two processes)."""
+    return [sys.executable, '-m', 'torch.distributed.run',
+            *(options or ('--standalone', '--nproc-per-node', '2')), 'train.py', *map(str, args)]
+
+
+@pytest.fixture(scope='module')
+def coarse_two_processes(synthetic, tmp_path_factory):
+    """The coarse stage of COMMON under torchrun (two processes), uninterrupted: the output folder.
+    Two tests compare their runs with it."""
+    out = tmp_path_factory.mktemp('coarse_two_processes')
+    r = subprocess.run(torchrun(train_args(synthetic, out, *COMMON, '--stage', 'coarse')),
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
 
 
 def test_two_gloo_processes_equal_one_process_on_the_same_global_batch(synthetic, tmp_path):
@@ -32,11 +56,9 @@ def test_two_gloo_processes_equal_one_process_on_the_same_global_batch(synthetic
                                            '--path', path, '--workers', 0)]
         assert train.main(args) == 0
         one = torch.load(runs['one'] / 'fine.pth', weights_only=True)
-        args = [str(a) for a in train_args(synthetic, runs['two'], *COMMON, '--stage', 'fine',
-                                           '--path', path, '--workers', 0)]
-        r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone',
-                            '--nproc-per-node', '2', 'train.py', *args],
-                           cwd=ROOT, capture_output=True, text=True, timeout=600)
+        args = train_args(synthetic, runs['two'], *COMMON, '--stage', 'fine', '--path', path,
+                          '--workers', 0)
+        r = subprocess.run(torchrun(args), cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
         two = torch.load(runs['two'] / 'fine.pth', weights_only=True)
         assert one.keys() == two.keys()
@@ -56,37 +78,95 @@ def test_two_gloo_processes_equal_one_process_on_the_same_global_batch(synthetic
                 (runs[name] / f).unlink()
 
 
-def test_coarse_stage_runs_under_torchrun(synthetic, tmp_path):
+def test_coarse_stage_runs_under_torchrun(synthetic, coarse_two_processes, tmp_path):
     """With dropout (coarse6) the two processes draw their own masks, so the run is checked for one
     checkpoint (with both processes' random streams) and one weights file, written by rank 0, and
     against the same run on two nodes."""
-    args = [str(a) for a in train_args(synthetic, tmp_path, *COMMON, '--stage', 'coarse')]
-    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone',
-                        '--nproc-per-node', '2', 'train.py', *args],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    ckpt = torch.load(tmp_path / 'checkpoint.pth', weights_only=True)
+    run = coarse_two_processes
+    ckpt = torch.load(run / 'checkpoint.pth', weights_only=True)
     assert ckpt['done'] and len(ckpt['rng']) == 2   # both processes' random streams, their own
     assert not torch.equal(ckpt['rng'][0]['cpu'], ckpt['rng'][1]['cpu'])
-    assert (tmp_path / 'coarse.pth').exists() and not list(tmp_path.glob('*.tmp*'))
+    assert (run / 'coarse.pth').exists() and not list(run.glob('*.tmp*'))
 
     # Issue #21: the same run on two "nodes" of this machine (two torchrun launchers, one process
     # each, c10d rendezvous on 127.0.0.1, as README's multi-node command) ends with the same weights
     nodes = tmp_path / 'nodes'
-    args = [str(a) for a in train_args(synthetic, nodes, *COMMON, '--stage', 'coarse')]
+    args = train_args(synthetic, nodes, *COMMON, '--stage', 'coarse')
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
-    launchers = [subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--nnodes', '2',
-                                   '--nproc-per-node', '1', '--node-rank', str(node),
-                                   '--rdzv-backend', 'c10d', '--rdzv-endpoint', f'127.0.0.1:{port}',
-                                   '--rdzv-id', 'two-nodes', 'train.py', *args],
+    launchers = [subprocess.Popen(torchrun(args, '--nnodes', '2', '--nproc-per-node', '1',
+                                           '--node-rank', str(node), '--rdzv-backend', 'c10d',
+                                           '--rdzv-endpoint', f'127.0.0.1:{port}',
+                                           '--rdzv-id', 'two-nodes'),
                                   cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for node in (0, 1)]
     outs = [p.communicate(timeout=600) for p in launchers]
     assert all(p.returncode == 0 for p in launchers), [o[1][-2000:] for o in outs]
-    one, two = (torch.load(d / 'coarse.pth', weights_only=True) for d in (tmp_path, nodes))
-    assert all(torch.equal(one[k], two[k]) for k in one)
+    assert_same_weights(run, nodes)
+
+
+def assert_same_weights(one, two):
+    """The coarse nets in the output folders `one` and `two` are equal, bit for bit."""
+    a, b = (torch.load(d / 'coarse.pth', weights_only=True) for d in (one, two))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def losses(folder):
+    """(training loss, validation loss) of every row of the history in folder's checkpoint."""
+    history = torch.load(folder / 'checkpoint.pth', weights_only=True)['history']
+    return [(row['train_loss'], row['val_loss']) for row in history]
+
+
+def worker_pids(launcher):
+    """{global rank: process id} of the processes a torchrun launcher has started."""
+    children = subprocess.run(['pgrep', '-P', str(launcher.pid)], capture_output=True, text=True)
+    pids = {}
+    for pid in map(int, children.stdout.split()):
+        with open(f'/proc/{pid}/environ', 'rb') as f:
+            env = dict(v.split(b'=', 1) for v in f.read().split(b'\0') if b'=' in v)
+        pids[int(env[b'RANK'])] = pid
+    return pids
+
+
+def test_torchrun_restarts_a_group_after_a_killed_process_and_it_resumes(synthetic, tmp_path,
+                                                                         coarse_two_processes):
+    """Issue #21, fault tolerance as README gives it: torchrun --max-restarts 1, train.py --resume
+    auto, and TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (without it the restarted group hangs or fails
+    in its rendezvous: runtime.Distributed.check_restartable). Rank 0, the process that writes, is
+    killed (SIGKILL) right after the first checkpoint (step 2 of 4); torchrun stops the other
+    process and starts both again, they continue from step 2, and the run ends with the weights
+    of the uninterrupted run, bit for bit (the CPU is deterministic, and the checkpoint holds
+    both processes' dropout streams and the momentum)."""
+    args = train_args(synthetic, tmp_path, *COMMON, '--stage', 'coarse', '--save-every', 2,
+                      '--resume', 'auto', '--print-every', 0)   # a line a step: which steps ran
+    env = {**os.environ, 'TORCH_DISABLE_SHARE_RDZV_TCP_STORE': '1'}
+    # its own process group, so that a failed test ends torchrun and the processes it started
+    launcher = subprocess.Popen(torchrun(args, '--standalone', '--nproc-per-node', '2',
+                                         '--max-restarts', '1'),
+                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / 'checkpoint.pth').exists():   # renamed into place when complete
+            assert launcher.poll() is None and time.monotonic() < deadline, 'no checkpoint written'
+            time.sleep(0.005)
+        os.kill(worker_pids(launcher)[0], signal.SIGKILL)
+        killed_at = torch.load(tmp_path / 'checkpoint.pth', weights_only=True)
+        out, err = launcher.communicate(timeout=300)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    assert (killed_at['step'], killed_at['done']) == (2, False)
+    assert launcher.returncode == 0, err[-3000:]
+    first, _, restarted = out.partition(f"--resume auto: continuing {tmp_path / 'checkpoint.pth'}")
+    assert 'starting afresh' in first and restarted, out   # the restarted group says it resumes,
+    # and does: steps 3 and 4 alone. (A restart from step 0 would end with the same weights, as
+    # the schedule is deterministic: only these lines tell the two apart.)
+    assert re.findall(r'coarse step (\d)/4', restarted) == ['3', '4'], out
+    assert_same_weights(coarse_two_processes, tmp_path)
+    assert losses(tmp_path) == losses(coarse_two_processes)   # the history, continued
+    assert not list(tmp_path.glob('*.tmp*'))
 
 
 def test_each_process_takes_its_share_of_every_global_batch(synthetic):
@@ -109,17 +189,26 @@ def test_a_save_failing_on_rank_0_alone_stops_every_rank_with_its_line(synthetic
     """Issue #20: rank 0 alone writes; when that fails (here: checkpoint.pth is a folder, as a full
     disk would fail it), every process stops with the same one-line error at once, instead of the
     others waiting in the next collective (NCCL: 30 minutes)."""
-    import time
     (tmp_path / 'checkpoint.pth').mkdir()
     (tmp_path / 'checkpoint.pth' / 'keep').write_text('a folder, so the rename onto it fails')
-    args = [str(a) for a in train_args(synthetic, tmp_path, *COMMON, '--stage', 'coarse',
-                                       '--save-every', 2)]
+    args = train_args(synthetic, tmp_path, *COMMON, '--stage', 'coarse', '--save-every', 2)
     start = time.monotonic()
-    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone',
-                        '--nproc-per-node', '2', 'train.py', *args],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(torchrun(args), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
     lines = [line for line in r.stderr.splitlines() if 'could not write the checkpoint at coarse step 2' in line]
     assert len(lines) == 2, r.stderr[-3000:]              # rank 0's, and rank 1's copy of it
     assert time.monotonic() - start < 120
 
+
+
+def test_restarts_on_the_store_torchrun_shares_are_refused(monkeypatch):
+    """The environment torchrun --max-restarts 1 gives its processes without
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: refused with one line before any rendezvous, not a
+    restart that hangs (the test above runs the accepted one)."""
+    import cli
+    import runtime
+    for name, value in {'WORLD_SIZE': '2', 'RANK': '0', 'TORCHELASTIC_MAX_RESTARTS': '1',
+                        'TORCHELASTIC_USE_AGENT_STORE': 'True'}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(cli.UserError, match='TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1'):
+        runtime.Distributed().start(torch.device('cpu'), [])
