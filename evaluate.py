@@ -190,6 +190,8 @@ def mean_depth_map(frames, batch=64):
 
 def evaluate(args):
     device = torch.device(args.device)
+    if args.data is not None:   # a wrong path is the first thing to hear about
+        files.check_exists(args.data, 'the test set (--data)')
     coarse, fine = load_pretrained(args.model, device)
     geometry = coarse.geometry
     dataset = geometry.name   # what the weights were trained on
