@@ -193,7 +193,10 @@ def test_a_save_failing_on_rank_0_alone_stops_every_rank_with_its_line(synthetic
     (tmp_path / 'checkpoint.pth' / 'keep').write_text('a folder, so the rename onto it fails')
     args = train_args(synthetic, tmp_path, *COMMON, '--stage', 'coarse', '--save-every', 2)
     start = time.monotonic()
-    r = subprocess.run(torchrun(args), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    # torchrun ends the other workers as soon as it sees rank 0's failure (every 0.1 s); 5 s between
+    # its looks leave rank 1 the time to print its own line on a loaded machine (the suite's)
+    r = subprocess.run(torchrun(args, '--standalone', '--nproc-per-node', '2', '--monitor-interval', '5'),
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
     lines = [line for line in r.stderr.splitlines() if 'could not write the checkpoint at coarse step 2' in line]
     assert len(lines) == 2, r.stderr[-3000:]              # rank 0's, and rank 1's copy of it
