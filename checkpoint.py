@@ -23,8 +23,8 @@ CHECKPOINT_FORMAT = 6
 # fine net; None where its stage has not begun)
 NETS = ('coarse', 'fine', 'refine')
 # What a checkpoint's config must share with the command line that resumes it.
-RESUME_MUST_MATCH = ('batch_size', 'samples', 'lam', 'seed', 'train_depth', 'per_scene', 'lr_scale',
-                     'dataset')
+RESUME_MUST_MATCH = ('dataset', 'batch_size', 'samples', 'lam', 'seed', 'train_depth', 'per_scene',
+                     'lr_scale')   # the dataset first: a run of the other one differs in more
 
 
 def read_checkpoint(path, args, variant, stages):

@@ -69,17 +69,19 @@ def add_data_options(p, demo_help):
 
 def check_data_options(p, a):
     if a.dataset == 'kitti':
-        if a.demo:
-            p.error('--demo is NYU-shaped synthetic data; KITTI has none (README, KITTI)')
+        nyu_only = [o for o, given in (('--demo', a.demo), ('--train-depth filled', a.train_depth == 'filled'),
+                                       ('--data-format', a.data_format != 'auto')) if given]
+        if nyu_only:
+            p.error(f'{", ".join(nyu_only)}: NYU\'s, not KITTI\'s (README, KITTI)')
         a.data = a.data or KITTI_ROOT
         a.data_format = 'kitti'
         a.per_scene = a.per_scene or 0   # (?) Sec. 4.2 shuffles its frames, no scene balancing
-        return
-    a.data = a.data or LABELED
-    if a.data_format == 'auto':
-        a.data_format = 'labeled' if a.demo else nyu_raw.detect_format(a.data)
-    if a.per_scene is None:
-        a.per_scene = 0 if a.data_format == 'labeled' else nyu_raw.PER_SCENE
+    else:
+        a.data = a.data or LABELED
+        if a.data_format == 'auto':
+            a.data_format = 'labeled' if a.demo else nyu_raw.detect_format(a.data)
+        if a.per_scene is None:
+            a.per_scene = 0 if a.data_format == 'labeled' else nyu_raw.PER_SCENE
     if a.per_scene < 0:
         p.error('--per-scene must be 0 or positive')
     if not 0 <= a.val_fraction < 1:
@@ -117,6 +119,8 @@ def _load(args, device):
     if args.data_format == 'labeled':
         return load_labeled(args)
     frames = nyu_raw.open_raw(args.data, args.data_format, args.data_root, args.depth_scale)
+    if isinstance(frames, nyu_raw.CachedFrames):
+        check_frame_size(frames, util.FRAME_HW, 'a KITTI cache trains with --dataset kitti')
     nyu_raw.refuse_test_scenes(frames, nyu_raw.test_scenes(args.labeled, args.splits))
     train_idx, val_idx = util.split_train_val(np.arange(len(frames)), frames.scenes,
                                               args.val_fraction, args.seed)
@@ -146,20 +150,33 @@ def _training_frames(frames, train_idx, args, device):
 
 def load_kitti(args, device):
     """KITTI, Sec. 4.2: the Eigen split's training frames (left and right images as separate
-    shots), RAW_VAL_FRAMES of its validation list in memory; a frame of a test drive is refused.
-    --data: the raw KITTI folder, or a cache from `python kitti.py` (its train/ and val/)."""
-    if os.path.isfile(os.path.join(args.data, 'train', nyu_raw.CACHE_META)):
-        frames = nyu_raw.CachedFrames(os.path.join(args.data, 'train'))
-        val_set = nyu_raw.CachedFrames(os.path.join(args.data, 'val'))
+    shots), a frame of a test drive refused. Validation: whole training drives held out
+    (--val-fraction), RAW_VAL_FRAMES of their frames in memory. Not the Eigen validation list:
+    its 1,776 frames lie one frame (0.1 s) from a training frame, so they score like training
+    frames. --data: the raw KITTI folder, or a cache from `python kitti.py`."""
+    if os.path.isfile(os.path.join(args.data, nyu_raw.CACHE_META)):
+        frames = nyu_raw.CachedFrames(args.data)
+        check_frame_size(frames, KITTI.frame_hw, 'train.py --dataset kitti takes a cache of KITTI '
+                                                 'frames (python kitti.py)')
     else:
-        frames, val_set = kitti.open_kitti(args.data, 'train'), kitti.open_kitti(args.data, 'val')
+        frames = kitti.open_kitti(args.data, 'train')
     nyu_raw.refuse_test_scenes(frames, kitti.test_drives())
-    val = util.Frames.from_dataset(val_set, spread(np.arange(len(val_set)), RAW_VAL_FRAMES),
-                                   min(args.workers, 4), KITTI.frame_hw)
-    train, scenes = _training_frames(frames, np.arange(len(frames)), args, device)
-    print(f'{frames.description}: {len(train)} training frames of {len(set(scenes))} drives; '
-          f'{len(val)} validation frames ({val_set.description}); none of the test drives')
+    train_idx, val_idx = util.split_train_val(np.arange(len(frames)), frames.scenes,
+                                              args.val_fraction, args.seed)
+    val = util.Frames.from_dataset(frames, spread(val_idx, RAW_VAL_FRAMES), min(args.workers, 4),
+                                   KITTI.frame_hw)
+    train, scenes = _training_frames(frames, train_idx, args, device)
+    held_out = len({frames.scenes[i] for i in val_idx})
+    print(f'{frames.description}: {len(train)} training frames of {len(set(scenes))} drives, '
+          f'{len(val)} validation frames of {held_out} held-out drives; none of the test drives')
     return train, val, scenes
+
+
+def check_frame_size(frames, frame_hw, what):
+    """A converted cache of another dataset's frames (NYU's 320x240, KITTI's 612x184): one line."""
+    if tuple(frames.frame_hw) != tuple(frame_hw):
+        h, w = frames.frame_hw
+        raise cli.DataError(f'{frames.folder}: holds {w}x{h} frames; {what}')
 
 
 def load_labeled(args):

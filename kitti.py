@@ -463,8 +463,23 @@ def open_test_set(root, ann_root=None, workers=4):
     the kinds in GROUND_TRUTH ('annotated' with ann_root)."""
     import nyu_test
     frames = open_kitti(root, 'test')
-    loader = torch.utils.data.DataLoader(_Images(root, frames.entries), batch_size=16, num_workers=workers)
-    images = torch.cat(list(cli.progress(loader, desc='reading the test images', unit='batch')))
+    if ann_root is not None:
+        files.check_exists(ann_root, "KITTI's data_depth_annotated folder (holding train/, val/)")
+        annotated = sum(annotated_path(ann_root, e) is not None for e in frames.entries)
+        if not annotated:
+            raise cli.DataError(f'{ann_root}: none of the {len(frames)} test frames has an annotated '
+                                f'depth PNG (expected train|val/<drive>/proj_depth/groundtruth/image_02/)')
+        print(f'{ann_root}: {annotated} of the {len(frames)} test frames have annotated depth; '
+              f'the others are skipped by --gt annotated')
+    # a frame that fails to decode comes back as its one-line message, not a worker's traceback
+    loader = torch.utils.data.DataLoader(nyu_raw.ErrorsAsMessages(_Images(root, frames.entries)),
+                                         batch_size=None, num_workers=workers)
+    images = []
+    for item in cli.progress(loader, total=len(frames), desc='reading the test images', unit='frame'):
+        if isinstance(item, str):
+            raise cli.DataError(item)
+        images.append(item)
+    images = torch.stack(images)
     kinds = {k: v for k, v in GROUND_TRUTH.items() if k != 'annotated' or ann_root is not None}
 
     def read(kind, positions):
@@ -482,19 +497,18 @@ def open_test_set(root, ann_root=None, workers=4):
 # One-time conversion into a memory-mappable cache (nyu_raw.convert, in KITTI's depth unit)
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description='Convert the Eigen split of raw KITTI once into the '
-                                'memory-mapped cache train.py --dataset kitti reads fastest: OUT/train '
-                                'and OUT/val, RGB at 612x184 and LIDAR depth (camera z), 0.56 MB a '
+    p = argparse.ArgumentParser(description='Convert the training frames of the Eigen split of raw '
+                                'KITTI once into the memory-mapped cache train.py --dataset kitti '
+                                'reads fastest: RGB at 612x184 and LIDAR depth (camera z), 0.56 MB a '
                                 'frame (25 GB for the 45,200 training frames).')
     p.add_argument('--data', default='kitti', help='the raw KITTI folder (default: %(default)s)')
     p.add_argument('--out', default=os.path.join('kitti', 'cache'), help='(default: %(default)s)')
     p.add_argument('--workers', type=int, default=4, help='decoding processes (default: %(default)s)')
     p.add_argument('--debug', action='store_true', help='show the traceback of an error')
     args = p.parse_args(argv)
-    for split in ('train', 'val'):
-        frames = open_kitti(args.data, split)
-        nyu_raw.convert(frames, os.path.join(args.out, split), args.workers)
-        print(f'{len(frames)} frames of {len(set(frames.scenes))} drives -> {os.path.join(args.out, split)}')
+    frames = open_kitti(args.data, 'train')
+    nyu_raw.convert(frames, args.out, args.workers)
+    print(f'{len(frames)} frames of {len(set(frames.scenes))} drives -> {args.out}')
     return 0
 
 

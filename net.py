@@ -174,7 +174,7 @@ def _lrn():
 class GlobalCoarseNet(nn.Module):
     """Coarse-scale network (Sec. 3.1.1): a global view of the scene, ending in a fully connected
     layer whose outputs are the log-depth map (NYU: 4070 = 55 x 74; KITTI: 3834 = 27 x 142).
-    Sizes in the comments are NYU's; KITTI's (Fig. 1) are in tests/test_net.py."""
+    Sizes in the comments are NYU's; KITTI's (Fig. 1) are in tests/test_kitti_geometry.py."""
 
     def __init__(self, variant=PAPER, geometry=NYU):
         super().__init__()

@@ -341,7 +341,7 @@ def refuse_test_scenes(frames, forbidden):
 # ----------------------------------------------------------------------------------------------
 # One-time conversion into a memory-mappable cache
 
-class _ErrorsAsMessages(torch.utils.data.Dataset):
+class ErrorsAsMessages(torch.utils.data.Dataset):
     """`frames` with a frame's DataError returned as its message. Raised in a DataLoader worker, the
     error would come back wrapped in the worker's traceback (not one line), and held in a reference
     cycle that keeps the worker process alive until a garbage collection, which then waits 5 s."""
@@ -376,7 +376,7 @@ def convert(frames, out, workers=4, progress=True):
     os.makedirs(tmp)
     images = np.lib.format.open_memmap(os.path.join(tmp, 'images.npy'), 'w+', np.uint8, (n, fh, fw, 3))
     depths = np.lib.format.open_memmap(os.path.join(tmp, depth_file), 'w+', np.uint16, (n, fh, fw))
-    loader = torch.utils.data.DataLoader(_ErrorsAsMessages(frames), batch_size=None, num_workers=workers)
+    loader = torch.utils.data.DataLoader(ErrorsAsMessages(frames), batch_size=None, num_workers=workers)
     failure = None
     for i, item in enumerate(cli.progress(loader, progress, total=n, desc='converting', unit='frame')):
         if isinstance(item, str):

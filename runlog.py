@@ -237,7 +237,7 @@ def summary(args, stages):
         text = ['', 'no validation figures (--val-fraction 0)']
     where = ' --demo' if args.demo else ''
     if args.dataset == 'kitti':   # the dataset is read off the weights; the test frames are raw
-        cached = os.path.isdir(os.path.join(args.data, 'train'))
+        cached = os.path.isfile(os.path.join(args.data, 'raw_cache.json'))
         where = ' --data <raw KITTI folder>' if cached else (
             f' --data {args.data}' if args.data != data.KITTI_ROOT else '')
     elif not args.demo:

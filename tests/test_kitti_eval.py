@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import cli
 import evaluate
 import kitti
 import kitti_tree
@@ -140,5 +141,10 @@ def test_annotated_ground_truth_skips_the_frames_without_one(tree, tmp_path, cap
         field.append(_metrics(np.full_like(g, _constant_in_float32()), g))
     assert results['field']['Coarse']['abs_rel'] == pytest.approx(np.mean([m['abs_rel'] for m in field]), rel=1e-5)
     assert "KITTI's annotated depth" in capsys.readouterr().out
-    with pytest.raises(Exception, match='--kitti-annotated'):   # annotated without the folder
+    with pytest.raises(cli.DataError, match='--kitti-annotated'):   # annotated without the folder
         _evaluate(_model(tmp_path / 'constant', CONSTANT), tree, '--gt', 'annotated')
+    empty = tmp_path / 'empty_annotated'
+    empty.mkdir()
+    with pytest.raises(cli.DataError, match='none of the 5 test frames has an annotated depth PNG'):
+        _evaluate(_model(tmp_path / 'constant', CONSTANT), tree, '--gt', 'annotated',
+                  '--kitti-annotated', str(empty))
