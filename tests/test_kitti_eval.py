@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import cli
 import evaluate
@@ -107,7 +108,7 @@ def test_both_protocols_of_a_constant_predictor_equal_a_hand_computation(tree, t
 
 
 def test_the_field_protocol_equals_the_fields_evaluation_of_the_same_predictions(tree, tmp_path):
-    """A random net's predictions, upsampled as evaluate.py does, scored by our transcription of
+    """A random net's predictions, upsampled onto their region as written out here, scored by our transcription of
     evaluate_depth.py (mask, crop, clamp after masking, compute_errors, mean over images)."""
     model = _model(tmp_path / 'random')
     results = _evaluate(model, tree, '--protocol', 'field')
@@ -119,7 +120,14 @@ def test_the_field_protocol_equals_the_fields_evaluation_of_the_same_predictions
         preds = coarse(util.crop_input(images, KITTI)).exp()
     errors = []
     for k, gt in enumerate(test.depths('velodyne', range(len(test)))):
-        pred = util.upsample_depth(preds[k:k + 1], gt.shape, 'bilinear', 'edge', KITTI)[0, 0].numpy()
+        # bilinear onto the network's region of the frame (rows 66..174, columns 22..590 of 612x184,
+        # scaled), the border cells repeated outside it: the field resizes a full-frame prediction
+        h, w = gt.shape
+        top, bottom, left, right = (round(66 * h / 184), round(174 * h / 184), round(22 * w / 612),
+                                    round(590 * w / 612))
+        inner = F.interpolate(preds[k:k + 1], size=(bottom - top, right - left), mode='bilinear',
+                              align_corners=False)
+        pred = F.pad(inner, (left, w - right, top, h - bottom), mode='replicate')[0, 0].numpy()
         mask = (gt > 1e-3) & (gt < 80) & _garg(gt)
         p, g = pred[mask].copy(), gt[mask]
         p[p < 1e-3], p[p > 80] = 1e-3, 80
