@@ -108,8 +108,9 @@ def test_both_protocols_of_a_constant_predictor_equal_a_hand_computation(tree, t
 
 
 def test_the_field_protocol_equals_the_fields_evaluation_of_the_same_predictions(tree, tmp_path):
-    """A random net's predictions, upsampled onto their region as written out here, scored by our transcription of
-    evaluate_depth.py (mask, crop, clamp after masking, compute_errors, mean over images)."""
+    """A random net's predictions, upsampled onto their region as written out here, scored by our
+    transcription of evaluate_depth.py (mask, crop, clamp after masking, compute_errors, mean over
+    images)."""
     model = _model(tmp_path / 'random')
     results = _evaluate(model, tree, '--protocol', 'field')
     test = kitti.open_test_set(tree.root, workers=0)
