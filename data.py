@@ -17,7 +17,6 @@ from runtime import StopControl
 
 DATASETS = ('nyu', 'kitti')
 LABELED = os.path.join('nyu', 'nyu_depth_v2_labeled.mat')
-KITTI_ROOT = 'kitti'   # raw KITTI (2011_09_26/ ...), or a cache written by kitti.py
 SPLITS = os.path.join('nyu', 'splits.mat')
 # The demo: synthetic rooms in NYU's labeled layout (train.py holds its short schedule)
 DEMO_FOLDER = os.path.join('nyu', 'synthetic')
@@ -37,7 +36,7 @@ def add_data_options(p, demo_help):
                         f"(README): a BTS list .txt, DenseDepth's nyu_data.zip, a folder of "
                         f'rgb_*/depth_* pairs or a folder converted by nyu_raw.py (default: '
                         f'{LABELED}); --dataset kitti: the raw KITTI folder, or the cache kitti.py '
-                        f'converted it into (default: {KITTI_ROOT})')
+                        f'converted it into (default: {kitti.ROOT})')
     d.add_argument('--data-format', choices=('auto', 'labeled') + nyu_raw.FORMATS, default='auto',
                    help='(default: %(default)s: by the name of --data)')
     d.add_argument('--data-root', help="BTS: the folder the list's paths are relative to "
@@ -73,7 +72,7 @@ def check_data_options(p, a):
                                        ('--data-format', a.data_format != 'auto')) if given]
         if nyu_only:
             p.error(f'{", ".join(nyu_only)}: NYU\'s, not KITTI\'s (README, KITTI)')
-        a.data = a.data or KITTI_ROOT
+        a.data = a.data or kitti.ROOT
         a.data_format = 'kitti'
         a.per_scene = a.per_scene or 0   # (?) Sec. 4.2 shuffles its frames, no scene balancing
     else:
@@ -122,13 +121,26 @@ def _load(args, device):
     if isinstance(frames, nyu_raw.CachedFrames):
         check_frame_size(frames, util.FRAME_HW, 'a KITTI cache trains with --dataset kitti')
     nyu_raw.refuse_test_scenes(frames, nyu_raw.test_scenes(args.labeled, args.splits))
-    train_idx, val_idx = util.split_train_val(np.arange(len(frames)), frames.scenes,
-                                              args.val_fraction, args.seed)
-    val = util.Frames.from_dataset(frames, spread(val_idx, RAW_VAL_FRAMES), min(args.workers, 4))
-    train, scenes = _training_frames(frames, train_idx, args, device)
+    train, val, scenes, _ = _hold_out_scenes(frames, args, device)
     print(f'{frames.description}: {len(train)} training frames of {len(set(scenes))} scenes, '
           f'{len(val)} validation frames of held-out scenes; none of the test split\'s scenes')
     return train, val, scenes
+
+
+def _hold_out_scenes(frames, args, device):
+    """(training set, validation Frames, scene of each training frame, held-out scenes) of a
+    raw-frame set: whole scenes (drives) held out (--val-fraction), RAW_VAL_FRAMES of their frames
+    in memory; the training frames held on the GPU for --path fast when they are a cache (no
+    decoding, no workers), else decoded as drawn."""
+    train_idx, val_idx = util.split_train_val(np.arange(len(frames)), frames.scenes,
+                                              args.val_fraction, args.seed)
+    val = util.Frames.from_dataset(frames, spread(val_idx, RAW_VAL_FRAMES), min(args.workers, 4),
+                                   frames.frame_hw)
+    if args.path == 'fast' and isinstance(frames, nyu_raw.CachedFrames):
+        train = frames.to_frames(train_idx, device)
+    else:
+        train = torch.utils.data.Subset(frames, list(map(int, train_idx)))
+    return train, val, [frames.scenes[i] for i in train_idx], {frames.scenes[i] for i in val_idx}
 
 
 def spread(indices, count):
@@ -138,38 +150,28 @@ def spread(indices, count):
     return np.asarray(indices)[np.linspace(0, len(indices) - 1, count).astype(int)]
 
 
-def _training_frames(frames, train_idx, args, device):
-    """(training set, scene of each frame): a cache held on the GPU for --path fast (no decoding,
-    no workers), else frames decoded as drawn."""
-    if args.path == 'fast' and isinstance(frames, nyu_raw.CachedFrames):
-        train = frames.to_frames(train_idx, device)
-    else:
-        train = torch.utils.data.Subset(frames, list(map(int, train_idx)))
-    return train, [frames.scenes[i] for i in train_idx]
-
-
 def load_kitti(args, device):
     """KITTI, Sec. 4.2: the Eigen split's training frames (left and right images as separate
     shots), a frame of a test drive refused. Validation: whole training drives held out
     (--val-fraction), RAW_VAL_FRAMES of their frames in memory. Not the Eigen validation list:
     its 1,776 frames lie one frame (0.1 s) from a training frame, so they score like training
     frames. --data: the raw KITTI folder, or a cache from `python kitti.py`."""
-    if os.path.isfile(os.path.join(args.data, nyu_raw.CACHE_META)):
+    if is_cache(args.data):
         frames = nyu_raw.CachedFrames(args.data)
         check_frame_size(frames, KITTI.frame_hw, 'train.py --dataset kitti takes a cache of KITTI '
                                                  'frames (python kitti.py)')
     else:
         frames = kitti.open_kitti(args.data, 'train')
     nyu_raw.refuse_test_scenes(frames, kitti.test_drives())
-    train_idx, val_idx = util.split_train_val(np.arange(len(frames)), frames.scenes,
-                                              args.val_fraction, args.seed)
-    val = util.Frames.from_dataset(frames, spread(val_idx, RAW_VAL_FRAMES), min(args.workers, 4),
-                                   KITTI.frame_hw)
-    train, scenes = _training_frames(frames, train_idx, args, device)
-    held_out = len({frames.scenes[i] for i in val_idx})
+    train, val, scenes, held_out = _hold_out_scenes(frames, args, device)
     print(f'{frames.description}: {len(train)} training frames of {len(set(scenes))} drives, '
-          f'{len(val)} validation frames of {held_out} held-out drives; none of the test drives')
+          f'{len(val)} validation frames of {len(held_out)} held-out drives; none of the test drives')
     return train, val, scenes
+
+
+def is_cache(path):
+    """Whether `path` is a folder converted by nyu_raw.py or kitti.py (its raw_cache.json)."""
+    return os.path.isfile(os.path.join(path, nyu_raw.CACHE_META))
 
 
 def check_frame_size(frames, frame_hw, what):

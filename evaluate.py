@@ -23,7 +23,6 @@ import datetime
 import json
 import os
 
-import numpy as np
 import torch
 
 import cli
@@ -177,7 +176,7 @@ def open_test_set(args, dataset):
     if dataset == 'kitti':
         if args.demo:
             raise cli.UserError('--demo is the synthetic NYU demo; these weights are KITTI\'s')
-        args.data = args.data or 'kitti'
+        args.data = args.data or kitti.ROOT
         return kitti.open_test_set(args.data, args.kitti_annotated, args.workers)
     args.data = args.data or os.path.join('nyu', 'nyu_depth_v2_labeled.mat')
     return nyu_test.open_test_set(args.data, args.splits)

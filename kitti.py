@@ -49,6 +49,7 @@ FIELD_CLAMP = (1e-3, 80.0)    # evaluate_depth.py MIN_DEPTH, MAX_DEPTH: the gt r
 # evaluate_depth.py takes int() of each product)
 GARG_CROP = (0.40810811, 0.99189189, 0.03594771, 0.96405229)
 
+ROOT = 'kitti'   # where train.py, evaluate.py and this script look for raw KITTI by default
 SPLIT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'kitti', 'splits')
 SPLIT_FILES = {name: os.path.join(SPLIT_DIR, f'eigen_{name}_files.txt')
                for name in ('train', 'val', 'test')}
@@ -208,16 +209,10 @@ def annotated_path(ann_root, entry):
 
 
 def image_size(root, entry):
-    """The frame's (H, W) as stored, read from the PNG's header only: the size the ground truth
-    has and predictions are resized to for evaluation."""
-    from PIL import Image, UnidentifiedImageError
-    path = image_path(root, entry)
-    files.check_file(path, 'a KITTI colour image (PNG)')
-    try:
-        with Image.open(path) as img:
-            return img.height, img.width
-    except (UnidentifiedImageError, OSError) as e:
-        raise cli.DataError(f'{path}: not a readable image ({e})') from None
+    """The frame's (H, W) as stored: the size the ground truth has and predictions are resized to
+    for evaluation (needed where a frame has no ground truth of its own to take it from)."""
+    width, height = read_png(image_path(root, entry), 'a KITTI colour image (PNG)').size
+    return height, width
 
 
 # ----------------------------------------------------------------------------------------------
@@ -501,8 +496,8 @@ def main(argv=None):
                                 'KITTI once into the memory-mapped cache train.py --dataset kitti '
                                 'reads fastest: RGB at 612x184 and LIDAR depth (camera z), 0.56 MB a '
                                 'frame (25 GB for the 45,200 training frames).')
-    p.add_argument('--data', default='kitti', help='the raw KITTI folder (default: %(default)s)')
-    p.add_argument('--out', default=os.path.join('kitti', 'cache'), help='(default: %(default)s)')
+    p.add_argument('--data', default=ROOT, help='the raw KITTI folder (default: %(default)s)')
+    p.add_argument('--out', default=os.path.join(ROOT, 'cache'), help='(default: %(default)s)')
     p.add_argument('--workers', type=int, default=4, help='decoding processes (default: %(default)s)')
     p.add_argument('--debug', action='store_true', help='show the traceback of an error')
     args = p.parse_args(argv)

@@ -197,7 +197,7 @@ class GlobalCoarseNet(nn.Module):
             # in W x H): (?) a 3x3/2 pool, as [R] has, is the only symmetric pool giving exactly 6x8.
             pool5 = _pool(v) if v.pool == 'release' else nn.MaxPool2d(3, stride=2)
             self.coarse5 = nn.Sequential(nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(inplace=True), pool5)
-        h5, w5 = self.coarse5_hw = conv_output_hw(
+        h5, w5 = conv_output_hw(
             [self.coarse1, self.coarse2, self.coarse3, self.coarse4, self.coarse5], geometry.input_hw)
         # coarse6: fully connected, ReLU, dropout -> 4096
         self.coarse6 = nn.Sequential(nn.Flatten(), nn.Linear(256 * h5 * w5, 4096), nn.ReLU(inplace=True),

@@ -54,6 +54,9 @@ def scene_id(name):
 class RawFrames(torch.utils.data.Dataset):
     """A list of (RGB, depth) files with their scenes; item i is (3, 240, 320) uint8 RGB and
     (240, 320) float16 depth in metres, 0 = missing, decoded on demand."""
+    frame_hw = FRAME_HW
+    # convert()'s depth file and unit: millimetres (kitti.KittiFrames: 1/256 m, past 65.5 m)
+    cache_depth_file, cache_units_per_m = 'depths_mm.npy', 1000
 
     def __init__(self, description, pairs, scenes, depth_units, zip_path=None, root=''):
         self.description = description
@@ -363,14 +366,12 @@ def convert(frames, out, workers=4, progress=True):
     """Decode every frame once (in DataLoader workers) into OUT/images.npy (N, H, W, 3) uint8, the
     depths as uint16 and OUT/raw_cache.json, written through memory maps (flat RAM) into a
     temporary folder renamed at the end (an interrupted conversion leaves nothing half-done
-    behind). NYU: 240x320, depths_mm.npy in millimetres; a set with `frame_hw`, `cache_depth_file`
-    and `cache_units_per_m` attributes (kitti.KittiFrames: 184x612, 1/256 m, as LIDAR depth
-    passes 65.5 m) is written in those, and raw_cache.json names them for CachedFrames."""
+    behind), at the frames' `frame_hw`, in their `cache_depth_file` and `cache_units_per_m` (NYU:
+    240x320, depths_mm.npy in millimetres; KITTI: 184x612, depths.npy in 1/256 m), which
+    raw_cache.json names for CachedFrames."""
     import shutil
     n = len(frames)
-    fh, fw = getattr(frames, 'frame_hw', FRAME_HW)
-    depth_file = getattr(frames, 'cache_depth_file', 'depths_mm.npy')
-    units_per_m = getattr(frames, 'cache_units_per_m', 1000)
+    (fh, fw), depth_file, units_per_m = frames.frame_hw, frames.cache_depth_file, frames.cache_units_per_m
     tmp = out.rstrip('/') + '.partial'
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)

@@ -237,9 +237,8 @@ def summary(args, stages):
         text = ['', 'no validation figures (--val-fraction 0)']
     where = ' --demo' if args.demo else ''
     if args.dataset == 'kitti':   # the dataset is read off the weights; the test frames are raw
-        cached = os.path.isfile(os.path.join(args.data, 'raw_cache.json'))
-        where = ' --data <raw KITTI folder>' if cached else (
-            f' --data {args.data}' if args.data != data.KITTI_ROOT else '')
+        where = ' --data <raw KITTI folder>' if data.is_cache(args.data) else (
+            f' --data {args.data}' if args.data != data.kitti.ROOT else '')
     elif not args.demo:
         labeled = args.data if args.data_format == 'labeled' else args.labeled
         where += f' --data {labeled}' if labeled != data.LABELED else ''

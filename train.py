@@ -1,8 +1,7 @@
 """Train the coarse, then the fine network, as in Sec. 3.3 of Eigen, Puhrsch & Fergus (NIPS 2014).
 
 Stage 1 trains GlobalCoarseNet for 2M samples (KITTI 1.5M); stage 2 trains LocalFineNet for 1.5M
-(KITTI 1M) samples on the
-outputs of the coarse net, which is held fixed (no gradient). SGD, batch 32, momentum 0.9, the
+(KITTI 1M) samples on the outputs of the coarse net, which is held fixed (no gradient). SGD, batch 32, momentum 0.9, the
 paper's per-layer learning rates (net.Variant), the scale-invariant loss of Eq. 4 (loss.py).
 Outputs in --out (default model/): coarse.pth and fine.pth (plain state_dicts; refine.pth with
 --refine 2), checkpoint.pth (with the weights files beside it, everything --resume needs),

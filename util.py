@@ -375,7 +375,6 @@ class SampleOrder:
         return AugParams.sample(batch, self._generator(1, step), self.geometry)
 
 
-
 @dataclass
 class AugParams:
     """One random draw per sample, applied to image, depth and mask together."""
