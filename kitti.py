@@ -41,6 +41,7 @@ import torch.nn.functional as F
 import cli
 import files
 import nyu_raw
+import util
 from net import KITTI
 
 KITTI_FRAME_HW = KITTI.frame_hw   # Sec. 4.2: frames "downsampled by half (from about 1224x368)"
@@ -466,15 +467,9 @@ def open_test_set(root, ann_root=None, workers=4):
                                 f'depth PNG (expected train|val/<drive>/proj_depth/groundtruth/image_02/)')
         print(f'{ann_root}: {annotated} of the {len(frames)} test frames have annotated depth; '
               f'the others are skipped by --gt annotated')
-    # a frame that fails to decode comes back as its one-line message, not a worker's traceback
-    loader = torch.utils.data.DataLoader(nyu_raw.ErrorsAsMessages(_Images(root, frames.entries)),
-                                         batch_size=None, num_workers=workers)
-    images = []
-    for item in cli.progress(loader, total=len(frames), desc='reading the test images', unit='frame'):
-        if isinstance(item, str):
-            raise cli.DataError(item)
-        images.append(item)
-    images = torch.stack(images)
+    loader = util.FrameLoader(_Images(root, frames.entries), batch_size=None, num_workers=workers)
+    images = torch.stack(list(cli.progress(loader, total=len(frames), desc='reading the test images',
+                                           unit='frame')))
     kinds = {k: v for k, v in GROUND_TRUTH.items() if k != 'annotated' or ann_root is not None}
 
     def read(kind, positions):

@@ -344,24 +344,6 @@ def refuse_test_scenes(frames, forbidden):
 # ----------------------------------------------------------------------------------------------
 # One-time conversion into a memory-mappable cache
 
-class ErrorsAsMessages(torch.utils.data.Dataset):
-    """`frames` with a frame's DataError returned as its message. Raised in a DataLoader worker, the
-    error would come back wrapped in the worker's traceback (not one line), and held in a reference
-    cycle that keeps the worker process alive until a garbage collection, which then waits 5 s."""
-
-    def __init__(self, frames):
-        self.frames = frames
-
-    def __len__(self):
-        return len(self.frames)
-
-    def __getitem__(self, i):
-        try:
-            return self.frames[i]
-        except cli.DataError as e:
-            return str(e)
-
-
 def convert(frames, out, workers=4, progress=True):
     """Decode every frame once (in DataLoader workers) into OUT/images.npy (N, H, W, 3) uint8, the
     depths as uint16 and OUT/raw_cache.json, written through memory maps (flat RAM) into a
@@ -377,21 +359,19 @@ def convert(frames, out, workers=4, progress=True):
     os.makedirs(tmp)
     images = np.lib.format.open_memmap(os.path.join(tmp, 'images.npy'), 'w+', np.uint8, (n, fh, fw, 3))
     depths = np.lib.format.open_memmap(os.path.join(tmp, depth_file), 'w+', np.uint16, (n, fh, fw))
-    loader = torch.utils.data.DataLoader(ErrorsAsMessages(frames), batch_size=None, num_workers=workers)
-    failure = None
-    for i, item in enumerate(cli.progress(loader, progress, total=n, desc='converting', unit='frame')):
-        if isinstance(item, str):
-            failure = item
-            break
-        rgb, depth = item
-        images[i] = rgb.permute(1, 2, 0).numpy()
-        depths[i] = np.round(depth.float().numpy() * units_per_m).clip(0, 65535).astype(np.uint16)
+    loader = util.FrameLoader(frames, batch_size=None, num_workers=workers)
+    try:
+        for i, (rgb, depth) in enumerate(cli.progress(loader, progress, total=n, desc='converting',
+                                                      unit='frame')):
+            images[i] = rgb.permute(1, 2, 0).numpy()
+            depths[i] = np.round(depth.float().numpy() * units_per_m).clip(0, 65535).astype(np.uint16)
+    except cli.DataError:   # a frame that does not decode: nothing half-done left behind
+        del images, depths
+        shutil.rmtree(tmp)
+        raise
     images.flush()
     depths.flush()
     del images, depths
-    if failure is not None:
-        shutil.rmtree(tmp)
-        raise cli.DataError(failure)
     with open(os.path.join(tmp, CACHE_META), 'w') as f:
         json.dump({'source': os.fspath(frames.description), 'scenes': frames.scenes,
                    'frame_hw': [fh, fw], 'depth_file': depth_file, 'depth_units_per_m': units_per_m}, f)

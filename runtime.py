@@ -4,7 +4,10 @@ signals, the non-finite guard, and the random streams of dropout.
 Nothing here is the paper's method; train.py calls it so that the method reads top-down there.
 """
 import argparse
+import atexit
+import functools
 import math
+import multiprocessing
 import os
 import signal
 import sys
@@ -173,6 +176,20 @@ class StopControl:
         the main process decides to stop (after the step, with a checkpoint); it ends the workers."""
         for s in StopControl.SIGNALS:
             signal.signal(s, signal.SIG_IGN)
+
+    @staticmethod
+    @functools.cache   # registered once
+    def end_workers_at_exit():
+        """At the program's end, multiprocessing ends the workers a DataLoader left alive (after
+        an error, until its iterator is collected) with SIGTERM, which ignore_signals' workers
+        ignore, and then waits for them: forever. This ends them first, with SIGKILL (atexit
+        runs the last registered first): they only decode frames, nothing is lost."""
+        def kill_workers():
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)   # not the DataLoader's "worker killed"
+            for p in multiprocessing.active_children():
+                if p.daemon:   # DataLoader workers are daemonic
+                    p.kill()
+        atexit.register(kill_workers)
 
     def __enter__(self):
         self.signum = None

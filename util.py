@@ -254,6 +254,50 @@ def split_train_val(train_idx, scenes=None, val_fraction=0.1, seed=0):
 
 
 # ----------------------------------------------------------------------------------------------
+# Frames decoded from files in DataLoader workers
+
+class _ErrorsAsMessages(torch.utils.data.Dataset):
+    """`frames` with a frame's DataError returned as its message (FrameLoader)."""
+
+    def __init__(self, frames):
+        self.frames = frames
+
+    def __len__(self):
+        return len(self.frames)
+
+    def __getitem__(self, i):
+        try:
+            return self.frames[i]
+        except DataError as e:
+            return str(e)
+
+
+def _batch_or_message(items):
+    """collate_fn: a batch of the items, or the message of the first that failed to decode."""
+    failed = [item for item in items if isinstance(item, str)]
+    return failed[0] if failed else torch.utils.data.default_collate(items)
+
+
+class FrameLoader(torch.utils.data.DataLoader):
+    """A DataLoader (same arguments) over frames decoded from files: a frame that does not decode
+    (its DataError, naming the file) ends the iteration with that one line. Raised in a worker,
+    the error would come back as the worker's traceback, holding the loader's iterator in a
+    reference cycle that keeps its workers alive until a garbage collection: at the program's
+    end, workers that ignore SIGTERM (runtime.StopControl) would then be waited for forever."""
+
+    def __init__(self, dataset, **kwargs):
+        batched = kwargs.get('batch_sampler') is not None or kwargs.get('batch_size', 1) is not None
+        super().__init__(_ErrorsAsMessages(dataset), collate_fn=_batch_or_message if batched else None,
+                         **kwargs)
+
+    def __iter__(self):
+        for item in super().__iter__():
+            if isinstance(item, str):
+                raise DataError(item)
+            yield item
+
+
+# ----------------------------------------------------------------------------------------------
 # Frames in memory and the paper's augmentation (Sec. 3.4)
 
 class Frames:
@@ -281,8 +325,8 @@ class Frames:
     @staticmethod
     def from_dataset(dataset, indices, workers=0, frame_hw=FRAME_HW):
         """Decode the given items of a (3, H, W) uint8 / (H, W) float16 Dataset into memory."""
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, list(indices)),
-                                             batch_size=32, num_workers=workers)
+        loader = FrameLoader(torch.utils.data.Subset(dataset, list(indices)), batch_size=32,
+                             num_workers=workers)
         parts = list(loader)
         if not parts:
             return Frames.from_tensors(torch.zeros((0, 3, *frame_hw), dtype=torch.uint8),

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import scipy.io
 import torch
+from PIL import Image
 
 import cli
 import files
@@ -166,6 +167,60 @@ def test_cli_prints_one_line_and_debug_shows_the_traceback(tmp_path):
     r = subprocess.run([sys.executable, 'train.py', '--data', str(missing), '--debug'],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and 'Traceback' in r.stderr and 'DataError' in r.stderr
+
+
+def _raw_folder_with_unreadable_images(tmp_path):
+    """Raw frames (a folder of rgb_K.png / depth_K.png pairs, 640x480) whose colour PNGs are
+    not images: decoding them fails in a DataLoader worker while training."""
+    for k, scene in enumerate(['lab_a', 'lab_b']):
+        (tmp_path / 'raw' / scene).mkdir(parents=True)
+        (tmp_path / 'raw' / scene / f'rgb_{k}.png').write_bytes(b'not a png')
+        Image.fromarray(np.zeros((480, 640), np.uint16)).save(tmp_path / 'raw' / scene / f'depth_{k}.png')
+    return tmp_path / 'raw'
+
+
+def test_a_frame_that_does_not_decode_stops_training_in_one_line(tmp_path, tiny):
+    """The error of a decoding worker is one line, and the program ends: a worker's error once
+    came back as its traceback and the run then hung at exit, waiting for its workers."""
+    raw = _raw_folder_with_unreadable_images(tmp_path)
+    argv = ['--data', raw, '--depth-scale', 0.001, '--labeled', tiny[0], '--splits', tiny[1],
+            '--device', 'cpu', '--workers', 1, '--val-fraction', 0, '--coarse-samples', 4,
+            '--batch-size', 2, '--stage', 'coarse']
+    r = subprocess.run([sys.executable, 'train.py', *map(str, argv), '--out', str(tmp_path / 'fast')],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip().count('\n') == 0, r.stderr
+    assert re.match(r'error: .*rgb_\d\.png: not a readable image', r.stderr)
+    with pytest.raises(cli.DataError, match=r'rgb_\d\.png: not a readable image'):   # augmenting
+        train.main([*map(str, argv), '--out', str(tmp_path / 'plain'), '--path', 'plain'])   # workers
+
+
+BUGGY_WORKER = r'''
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import data, util
+
+class Buggy(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        raise RuntimeError('a bug in decoding')
+
+for batch in data._loader(Buggy(), data.StepIndices(util.SampleOrder(4, 0), 0, 2, 2), 1, torch.device('cpu')):
+    pass
+'''
+
+
+def test_an_unexpected_error_in_a_worker_still_ends_the_program():
+    """Not a DataError (a bug): its traceback is shown, and the workers, which ignore SIGTERM, are
+    still ended at exit (runtime.StopControl.end_workers_at_exit) instead of waited for forever."""
+    try:
+        r = subprocess.run([sys.executable, '-c', BUGGY_WORKER, ROOT], capture_output=True, text=True,
+                           timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail('the program did not end after the worker\'s error')
+    assert r.returncode == 1 and 'RuntimeError: a bug in decoding' in r.stderr
+    assert 'killed by signal' not in r.stderr   # the DataLoader's SIGCHLD alarm left out
 
 
 # ---------------------------------------------------------------------------------------------
