@@ -117,9 +117,8 @@ def resume(ckpt, optimizer, seed, gpus):
         set_rng_state(states[DIST.rank], gpus)
     else:
         seed_streams(seed, DIST.rank, gpus, salt=ckpt['step'])
-        if DIST.main:
-            print(f'note: the checkpoint was written by {len(states)} process(es) on '
-                  f'{len(states[0]["cuda"])} GPU(s); dropout continues with new random streams')
+        print(f'note: the checkpoint was written by {len(states)} process(es) on '
+              f'{len(states[0]["cuda"])} GPU(s); dropout continues with new random streams')
 
 
 def open_run(args, variant, stages):
@@ -130,9 +129,8 @@ def open_run(args, variant, stages):
         remove_stale_temporaries(args.out)
     if args.resume == 'auto':
         found = os.path.isfile(path)
-        if DIST.main:   # one line a run, not one a process
-            print(f'--resume auto: continuing {path}' if found else
-                  f'--resume auto: no checkpoint in {args.out}, starting afresh')
+        print(f'--resume auto: continuing {path}' if found else
+              f'--resume auto: no checkpoint in {args.out}, starting afresh')
         args.resume = 'yes' if found else None
     if args.resume:
         if not os.path.isfile(path):

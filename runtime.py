@@ -239,6 +239,8 @@ class Distributed:
             torch.cuda.set_device(device)
         torch.distributed.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
         self.device = device
+        if not self.main:   # one line a run, not one a process; errors still reach stderr
+            sys.stdout = open(os.devnull, 'w')
         return device, gpus
 
     @staticmethod

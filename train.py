@@ -305,9 +305,8 @@ def samples_from_epochs(args, train_set, scenes):
         if epochs is not None:
             steps = math.ceil(epochs * epoch / args.batch_size)
             setattr(args, f'{stage}_samples', steps * args.batch_size)
-            if DIST.main:
-                print(f'--{stage}-epochs {epochs:g}: {epochs:g} x {epoch} samples a pass = '
-                      f'{steps * args.batch_size} samples ({steps} steps of {args.batch_size})')
+            print(f'--{stage}-epochs {epochs:g}: {epochs:g} x {epoch} samples a pass = '
+                  f'{steps * args.batch_size} samples ({steps} steps of {args.batch_size})')
 
 
 def main(argv=None):
@@ -327,9 +326,8 @@ def main(argv=None):
     samples_from_epochs(args, sets[0], sets[2])
     if ckpt is not None:   # the samples of --*-epochs are known now
         checkpoint.check_schedule(os.path.join(args.out, 'checkpoint.pth'), ckpt, args, converted=True)
-    if DIST.main:
-        print(f"learning rates (Sec. 3.3) x {args.lr_scale:g}: " + ', '.join(
-            f'{layer} {rate * args.lr_scale:g}' for layer, rate in variant.lr.items()))
+    print(f"learning rates (Sec. 3.3) x {args.lr_scale:g}: " + ', '.join(
+        f'{layer} {rate * args.lr_scale:g}' for layer, rate in variant.lr.items()))
     memory_format = torch.channels_last if device.type == 'cuda' else torch.contiguous_format
     geometry = GEOMETRIES[args.dataset]   # Fig. 1's NYU or KITTI column
     fine_net = lambda: LocalFineNet(variant, pass_through=args.fine_init == 'pass', geometry=geometry)

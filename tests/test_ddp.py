@@ -37,6 +37,7 @@ def coarse_two_processes(synthetic, tmp_path_factory):
     r = subprocess.run(torchrun(train_args(synthetic, out, *COMMON, '--stage', 'coarse')),
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    (out / 'stdout.txt').write_text(r.stdout)
     return out
 
 
@@ -83,6 +84,9 @@ def test_coarse_stage_runs_under_torchrun(synthetic, coarse_two_processes, tmp_p
     checkpoint (with both processes' random streams) and one weights file, written by rank 0, and
     against the same run on two nodes."""
     run = coarse_two_processes
+    printed = (run / 'stdout.txt').read_text()   # what the user reads: one line a run, not a process
+    for line in ('training, ', 'learning rates (Sec. 3.3)', 'coarse net written to'):
+        assert printed.count(line) == 1, printed
     ckpt = torch.load(run / 'checkpoint.pth', weights_only=True)
     assert ckpt['done'] and len(ckpt['rng']) == 2   # both processes' random streams, their own
     assert not torch.equal(ckpt['rng'][0]['cpu'], ckpt['rng'][1]['cpu'])
