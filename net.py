@@ -428,6 +428,11 @@ def load_weights(net, path, what, state=None):
     try:
         net.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as e:
+        found = variant_of(state) if isinstance(net, GlobalCoarseNet) else None
+        if found is not None:   # a coarse net of another variant or dataset: say which
+            raise DataError(f'{path}: holds a coarse net of the {found[0].name} variant for '
+                            f'{found[1].name.upper()}; this run builds the {net.variant.name} '
+                            f'variant for {net.geometry.name.upper()} (--variant, --dataset)') from None
         raise DataError(f'{path}: does not fit the {net.variant.name} variant\'s '
                         f'{type(net).__name__} ({_last_line(e)})') from None
     return net

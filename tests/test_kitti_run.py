@@ -14,6 +14,7 @@ import kitti_tree
 import nyu_raw
 import predict
 import train
+from net import PAPER, GlobalCoarseNet
 
 DATES = tuple(kitti_tree.CALIBS)
 
@@ -62,6 +63,13 @@ def test_both_stages_train_and_write_kitti_weights(trained, capsys):
     assert state['coarse6.1.weight'].shape == (4096, 256 * 4 * 17)    # coarse5 17x4
     history = (trained / 'history_coarse.csv').read_text().splitlines()
     assert len(history) == 1 + 2   # header, a row a step (--log-every 1; 4 samples of 2)
+
+
+def test_a_fine_stage_on_an_nyu_coarse_net_is_refused_naming_both(tree, tmp_path):
+    torch.save(GlobalCoarseNet(PAPER).state_dict(), tmp_path / 'coarse.pth')   # NYU's shapes
+    with pytest.raises(cli.DataError, match=r'coarse.pth: holds a coarse net of the paper variant '
+                                            r'for NYU; this run builds the paper variant for KITTI'):
+        _train(tree, tmp_path, '--stage', 'fine')
 
 
 def test_the_training_data_is_the_eigen_split_without_test_drives(tree, capsys, tmp_path):
