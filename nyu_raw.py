@@ -80,7 +80,7 @@ class RawFrames(torch.utils.data.Dataset):
 
     def _image(self, name):
         from PIL import Image, UnidentifiedImageError
-        where = name if self.zip_path is None else f'{self.zip_path}:{name}'
+        where = os.path.join(self.root, name) if self.zip_path is None else f'{self.zip_path}:{name}'
         try:
             with self._open(name) as f:
                 img = Image.open(f)
@@ -105,8 +105,9 @@ class RawFrames(torch.utils.data.Dataset):
         bits, metres_per_unit = self.depth_units
         found = 16 if dimg.mode in ('I;16', 'I;16B', 'I') else 8 if dimg.mode == 'L' else None
         if found is None or (bits is not None and found != bits):
-            raise cli.DataError(f'{where}: depth PNG of mode {dimg.mode}; this set stores '
-                                f'{bits}-bit depth')
+            want = f'{bits}-bit' if bits else '8- or 16-bit'
+            raise cli.DataError(f'{where}: depth PNG of mode {dimg.mode}; this set stores {want} '
+                                f'grey depth')
         return np.asarray(dimg).astype(np.float32) * metres_per_unit, where
 
     def __getitem__(self, i):
@@ -229,16 +230,21 @@ class CachedFrames(torch.utils.data.Dataset):
     def __init__(self, folder):
         meta_path = os.path.join(folder, CACHE_META)
         files.check_file(meta_path, 'a raw-frame cache written by nyu_raw.py or kitti.py')
-        with open(meta_path) as f:
-            meta = json.load(f)
-        self.folder = folder
-        self.description = f"{folder} (converted from {meta['source']})"
-        self.scenes = meta['scenes']
-        # caches written before KITTI have none of these keys: NYU's 240x320 in millimetres
-        self.frame_hw = tuple(meta.get('frame_hw', FRAME_HW))
-        self.units_per_m = meta.get('depth_units_per_m', 1000)
-        self.images = np.load(os.path.join(folder, 'images.npy'), mmap_mode='r')
-        self.depths = np.load(os.path.join(folder, meta.get('depth_file', 'depths_mm.npy')), mmap_mode='r')
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+            self.folder = folder
+            self.description = f"{folder} (converted from {meta['source']})"
+            self.scenes = meta['scenes']
+            # caches written before KITTI have none of these keys: NYU's 240x320 in millimetres
+            self.frame_hw = tuple(meta.get('frame_hw', FRAME_HW))
+            self.units_per_m = meta.get('depth_units_per_m', 1000)
+            self.images = np.load(os.path.join(folder, 'images.npy'), mmap_mode='r')
+            self.depths = np.load(os.path.join(folder, meta.get('depth_file', 'depths_mm.npy')),
+                                  mmap_mode='r')
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:   # JSON, .npy
+            raise cli.DataError(f'{folder}: not a complete cache ({type(e).__name__}: {e}); '
+                                f'convert again') from None
         if len(self.images) != len(self.scenes) or len(self.depths) != len(self.scenes):
             raise cli.DataError(f'{folder}: images, depths and {CACHE_META} disagree in length; '
                                  f'convert again')
@@ -352,9 +358,14 @@ def convert(frames, out, workers=4, progress=True):
     240x320, depths_mm.npy in millimetres; KITTI: 184x612, depths.npy in 1/256 m), which
     raw_cache.json names for CachedFrames."""
     import shutil
+    out = os.path.normpath(out)
+    if os.path.exists(out) and not os.path.isfile(os.path.join(out, CACHE_META)):
+        what = 'a folder, but not a cache' if os.path.isdir(out) else 'a file'
+        raise cli.DataError(f'{out}: is {what}; --out names a new folder, or a cache to replace '
+                            f'(nothing was deleted)')
     n = len(frames)
     (fh, fw), depth_file, units_per_m = frames.frame_hw, frames.cache_depth_file, frames.cache_units_per_m
-    tmp = out.rstrip('/') + '.partial'
+    tmp = out + '.partial'
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     images = np.lib.format.open_memmap(os.path.join(tmp, 'images.npy'), 'w+', np.uint8, (n, fh, fw, 3))
@@ -365,8 +376,8 @@ def convert(frames, out, workers=4, progress=True):
                                                       unit='frame')):
             images[i] = rgb.permute(1, 2, 0).numpy()
             depths[i] = np.round(depth.float().numpy() * units_per_m).clip(0, 65535).astype(np.uint16)
-    except cli.DataError:   # a frame that does not decode: nothing half-done left behind
-        del images, depths
+    except (cli.DataError, KeyboardInterrupt):   # a frame that does not decode, or Ctrl-C:
+        del images, depths                       # nothing half-done left behind
         shutil.rmtree(tmp)
         raise
     images.flush()

@@ -175,6 +175,35 @@ def test_conversion_to_the_memory_mapped_cache(bts_tree, tmp_path):
         (a, da), (b, db) = data[i], cached[i]
         assert torch.equal(a, b)
         assert (da == 0).equal(db == 0) and (da.float() - db.float()).abs().max() <= 0.001
+    # converting again replaces the cache; a folder that is not one (here the raw frames
+    # themselves) or a file is refused before any work, and nothing is deleted
+    assert nyu_raw.convert(data, str(tmp_path / 'cache'), workers=0, progress=False) == out
+    before = sorted(p.name for p in root.rglob('*'))
+    (tmp_path / 'a_file').write_text('mine')
+    for taken, what in ((root, 'a folder, but not a cache'), (tmp_path / 'a_file', 'a file')):
+        with pytest.raises(cli.DataError, match=f'{taken}: is {what}; .*nothing was deleted'):
+            nyu_raw.convert(data, str(taken), workers=0, progress=False)
+    assert sorted(p.name for p in root.rglob('*')) == before
+    assert (tmp_path / 'a_file').read_text() == 'mine'
+
+
+@pytest.mark.parametrize('damage', ['images.npy cut short', 'no depths file', 'json cut short',
+                                    'json without scenes', 'images.npy not an array'])
+def test_a_damaged_cache_is_one_line(tmp_path, damage):
+    folder = _generated_cache(tmp_path / 'cache', n=4)
+    images, meta = folder / 'images.npy', folder / nyu_raw.CACHE_META
+    if damage == 'images.npy cut short':
+        images.write_bytes(images.read_bytes()[:100_000])
+    elif damage == 'no depths file':
+        (folder / 'depths_mm.npy').unlink()
+    elif damage == 'json cut short':
+        meta.write_text(meta.read_text()[:20])
+    elif damage == 'json without scenes':
+        meta.write_text('{"source": "x"}')
+    else:
+        images.write_bytes(os.urandom(1000))
+    with pytest.raises(cli.DataError, match=f'{folder}: not a complete cache .*convert again'):
+        nyu_raw.CachedFrames(str(folder))
 
 
 def test_scene_balancing_draws_the_requested_count_per_scene():
