@@ -232,11 +232,10 @@ def _loader(dataset, batch_sampler, workers, device):
     """A DataLoader over the steps' indices, decoding or augmenting in `workers` processes that
     leave stopping to the main process; their seeds are not drawn from the RNG of dropout. A frame
     that does not decode stops training with its one line (util.FrameLoader)."""
-    StopControl.end_workers_at_exit()
     return util.FrameLoader(
         dataset, batch_sampler=batch_sampler, num_workers=workers,
         pin_memory=device.type == 'cuda', prefetch_factor=4 if workers else None,
-        worker_init_fn=StopControl.ignore_signals, generator=torch.Generator())
+        generator=torch.Generator())
 
 
 def draw_block(order, steps, batch, shard=(0, 1)):

@@ -17,6 +17,7 @@ from cli import DataError, progress as progress_bar
 from files import atomic_write, check_file
 from loss import valid_depth_mask
 from net import FRAME_HW, NYU, TARGET_STRIDE, RefinedFine
+from runtime import StopControl
 
 NYU_HW = (480, 640)
 NYU_URL = 'http://horatio.cs.nyu.edu/mit/silberman/nyu_depth_v2/nyu_depth_v2_labeled.mat'
@@ -283,9 +284,13 @@ class FrameLoader(torch.utils.data.DataLoader):
     (its DataError, naming the file) ends the iteration with that one line. Raised in a worker,
     the error would come back as the worker's traceback, holding the loader's iterator in a
     reference cycle that keeps its workers alive until a garbage collection: at the program's
-    end, workers that ignore SIGTERM (runtime.StopControl) would then be waited for forever."""
+    end, workers that ignore SIGTERM would then be waited for forever. Its workers leave signals
+    to the main process (Ctrl-C is one `interrupted` line, not a traceback a worker)."""
 
     def __init__(self, dataset, **kwargs):
+        if kwargs.get('num_workers'):
+            kwargs.setdefault('worker_init_fn', StopControl.ignore_signals)
+            StopControl.end_workers_at_exit()
         batched = kwargs.get('batch_sampler') is not None or kwargs.get('batch_size', 1) is not None
         super().__init__(_ErrorsAsMessages(dataset), collate_fn=_batch_or_message if batched else None,
                          **kwargs)
