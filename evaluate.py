@@ -29,6 +29,7 @@ import cli
 import files
 import kitti
 import nyu_test
+import runtime
 import util
 from metrics import HEADINGS, NAMES, Metrics
 from net import NYU, RefinedFine, load_pretrained
@@ -196,9 +197,10 @@ def mean_depth_map(frames, batch=64):
 
 
 def evaluate(args):
-    device = torch.device(args.device)
+    device = runtime.resolve_device(args.device)[0]
     if args.data is not None:   # a wrong path is the first thing to hear about
         files.check_exists(args.data, 'the test set (--data)')
+    files.check_out_folder(args.out)
     coarse, fine = load_pretrained(args.model, device)
     geometry = coarse.geometry
     dataset = geometry.name   # what the weights were trained on

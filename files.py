@@ -24,6 +24,13 @@ def check_file(path, what, url=None):
         raise DataError(f"{path}: is a directory, not {what}")
 
 
+def check_out_folder(path, what='--out'):
+    """A folder for a script's outputs, made when there is something to write: a file at that
+    path is refused now, in one line, not after the work (os.makedirs' traceback)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise DataError(f'{path}: is a file; {what} names a folder for the outputs')
+
+
 def load_torch_file(path, what):
     """torch.load a checkpoint or weights file safely: weights_only=True, so a file holding a
     pickled program is refused instead of run, and every failure is a one-line DataError."""

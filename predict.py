@@ -21,6 +21,7 @@ import torch
 
 import cli
 import files
+import runtime
 import util
 from net import load_pretrained, predict_log_depth
 
@@ -100,7 +101,9 @@ def save_depth_png(depth, path, colorbar=False):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device(args.device)
+    device = runtime.resolve_device(args.device)[0]
+    if args.out:
+        files.check_out_folder(args.out)
     coarse, fine = load_pretrained(args.model, device)
     if args.coarse_only:
         fine = None

@@ -28,6 +28,7 @@ import torch
 import checkpoint
 import cli
 import data
+import files
 import runlog
 import runtime
 import util
@@ -313,6 +314,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    files.check_out_folder(args.out)
     device, gpus = runtime.start(args)   # --device, torchrun, precision (bf16 autocast on CUDA)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)

@@ -76,6 +76,28 @@ def test_directory_instead_of_file(tmp_path, tiny):
              'is a directory')
 
 
+def test_out_that_is_a_file_and_a_device_that_is_not_here(tmp_path, tiny):
+    """Refused in one line before any work (evaluate.py once ran the whole evaluation first),
+    by the three scripts alike."""
+    import evaluate
+    import predict
+    taken = tmp_path / 'results'
+    taken.write_text('a file where the outputs would go')
+    mat, splits = tiny
+    eval_argv = ['--data', mat, '--splits', splits, '--model', tmp_path / 'no_model', '--device', 'cpu']
+    predict_argv = ['--model', tmp_path / 'no_model', '--device', 'cpu', mat]
+    for script, argv in ((train, train_args(tiny, taken)), (evaluate, [*eval_argv, '--out', taken]),
+                         (predict, [*predict_argv, '--out', taken])):
+        with pytest.raises(cli.DataError, match=f'{taken}: is a file; --out names a folder'):
+            script.main(list(map(str, argv)))
+    for script, argv in ((evaluate, eval_argv), (predict, predict_argv)):
+        with pytest.raises(cli.UserError, match='--device gpu0: not a device'):
+            script.main([*map(str, argv), '--device', 'gpu0'])
+        if not torch.cuda.is_available():   # CI and our machines: no GPU
+            with pytest.raises(cli.UserError, match='--device cuda: CUDA is not available here'):
+                script.main([*map(str, argv), '--device', 'cuda'])
+
+
 def test_matlab_v5_file_instead_of_v73(tmp_path, tiny):
     v5 = tmp_path / 'v5.mat'
     scipy.io.savemat(v5, {'images': np.zeros((2, 2)), 'depths': np.zeros((2, 2))})
