@@ -87,7 +87,7 @@ def _calib_array(calib, key, size, path):
     value = calib.get(key)
     if value is None:
         raise cli.DataError(f'{path}: has no {key} line ({size} numbers expected)')
-    if not isinstance(value, np.ndarray) or value.size != size:
+    if not isinstance(value, np.ndarray) or value.size != size or not np.isfinite(value).all():
         raise cli.DataError(f'{path}: {key} should hold {size} numbers, found {str(value)[:60]!r}')
     return value
 
@@ -116,6 +116,8 @@ def projection(calib_dir, camera):
     key = f'P_rect_0{camera_number(camera)}'
     p_rect = _calib_array(cam, key, 12, cam_path).reshape(3, 4)
     width, height = _calib_array(cam, 'S_rect_02', 2, cam_path)
+    if width < 1 or height < 1:
+        raise cli.DataError(f'{cam_path}: S_rect_02 {width:g} x {height:g} is not an image size')
     return p_rect @ rect @ velo_to_cam, (int(height), int(width))
 
 
@@ -123,6 +125,8 @@ def read_velodyne(path):
     """A Velodyne scan as (N, 4) float32: x forward, y left, z up (metres), reflectance."""
     files.check_file(path, 'a KITTI Velodyne scan (.bin)')
     size = os.path.getsize(path)
+    if size == 0:   # a scan holds about 120,000 points: an empty file is a failed copy
+        raise cli.DataError(f'{path}: empty (0 bytes), not a Velodyne scan; copy it again')
     if size % 16:
         raise cli.DataError(f'{path}: {size} bytes, not a whole number of 16-byte points (x, y, z, '
                             f'reflectance as float32); truncated?')

@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from cli import DataError
 from loss import scale_invariant_error
 
 NAMES = ('d1', 'd2', 'd3', 'abs_rel', 'sq_rel', 'rmse', 'rmse_log', 'si_log', 'log10')
@@ -98,8 +99,8 @@ class Metrics:
         return self
 
     def result(self):
-        if not self.images:
-            raise ValueError('no image with a valid pixel was evaluated')
+        if not self.images:   # every depth pixel missing: the data, not the nets
+            raise DataError('none of these images has a valid ground-truth depth pixel to score')
         if self.per_image:
             return {k: self.totals[k] / self.images for k in NAMES}
         out = {k: self.totals[k] / self.pixels for k in ('d1', 'd2', 'd3', 'abs_rel', 'sq_rel', 'log10')}

@@ -189,6 +189,15 @@ def test_broken_calibration_and_scans_are_one_line(tmp_path):
     with pytest.raises(cli.DataError) as e:
         kitti.read_velodyne(str(scan))
     assert 'truncated' in one_line(e)
+    scan.write_bytes(b'')                                            # a failed copy, not "no points"
+    with pytest.raises(cli.DataError, match='cut.bin: empty'):
+        kitti.read_velodyne(str(scan))
+    for key, numbers in (('S_rect_02', '-100 50'), ('P_rect_02', 'nan ' + '0 ' * 11)):
+        kitti_tree.write_calib(tmp_path, SMALL)
+        path.write_text(''.join(f'{key}: {numbers}\n' if l.startswith(key) else l + '\n'
+                                for l in path.read_text().splitlines()))
+        with pytest.raises(cli.DataError, match=key):                 # not a map without depth
+            kitti.velo_to_depth_map(np.zeros((1, 4), np.float32), str(tmp_path), 'l')
 
 
 def test_velodyne_scan_reads_as_written(tmp_path):

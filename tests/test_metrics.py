@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+import cli
 from metrics import Metrics, compute_metrics
 
 LN2 = math.log(2)
@@ -27,6 +28,13 @@ def test_metrics_by_hand():
     assert m.keys() == expected.keys()
     for k, v in expected.items():
         assert m[k] == pytest.approx(v, rel=1e-9), k
+
+
+def test_nothing_to_score_is_a_data_error_not_a_crash():
+    """Ground truth without a valid pixel (a set whose depth is all missing): one line."""
+    gt = torch.zeros(2, 1, 4, 4)
+    with pytest.raises(cli.DataError, match='no.* valid ground-truth depth pixel'):
+        Metrics().add(pred=torch.ones_like(gt), gt=gt, mask=gt > 0).result()
 
 
 def test_threshold_edges():
