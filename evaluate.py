@@ -148,6 +148,9 @@ def check_options(args, dataset):
     if args.protocol not in ('both', *own):
         raise cli.UserError(f"--protocol {args.protocol} is not one of the {dataset} weights' "
                             f"protocols ({', '.join(own)})")
+    if args.kitti_annotated and dataset != 'kitti':
+        raise cli.UserError(f'--kitti-annotated: KITTI\'s annotated depth, and these are {dataset} '
+                            f'weights')
     if args.gt is not None and args.gt not in GROUND_TRUTH[dataset]:
         raise cli.UserError(f"--gt {args.gt} is not a {dataset} ground truth ({', '.join(GROUND_TRUTH[dataset])})")
 

@@ -24,6 +24,13 @@ def check_file(path, what, url=None):
         raise DataError(f"{path}: is a directory, not {what}")
 
 
+def check_folder(path, what):
+    """A DataError naming `path` if it is missing or a file, where a folder is expected."""
+    check_exists(path, what)
+    if not os.path.isdir(path):
+        raise DataError(f'{path}: is a file, not {what}')
+
+
 def check_out_folder(path, what='--out'):
     """A folder for a script's outputs, made when there is something to write: a file at that
     path is refused now, in one line, not after the work (os.makedirs' traceback)."""

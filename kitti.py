@@ -364,12 +364,18 @@ class KittiFrames(torch.utils.data.Dataset):
         path = image_path(self.root, entry)
         rgb = read_image(path)
         depth = full_depth(self.root, entry, self.depth_source, self.ann_root)
-        if depth.shape != rgb.shape[:2]:
-            raise cli.DataError(f'{path}: {rgb.shape[1]}x{rgb.shape[0]} pixels, but its '
-                                 f'{self.depth_source} depth is {depth.shape[1]}x{depth.shape[0]} '
-                                 f'(calib_cam_to_cam.txt S_rect_02, or the annotated PNG)')
+        check_same_size(path, rgb.shape[:2], depth.shape, self.depth_source)
         return (resize_rgb(rgb, self.frame_hw),
                 torch.from_numpy(reduce_depth_nearest(depth, self.frame_hw)).to(torch.float16))
+
+
+def check_same_size(path, image_hw, depth_hw, source):
+    """A frame's image and its depth (the calibration's S_rect_02, or the annotated PNG) must be
+    the same size; else one line (a wrong file would be resized and scored silently)."""
+    if tuple(depth_hw) != tuple(image_hw):
+        raise cli.DataError(f'{path}: {image_hw[1]}x{image_hw[0]} pixels, but its {source} depth is '
+                            f'{depth_hw[1]}x{depth_hw[0]} (calib_cam_to_cam.txt S_rect_02, or the '
+                            f'annotated PNG)')
 
 
 def _present(root, entry, depth, ann_root, calib_ok):
@@ -391,12 +397,12 @@ def open_kitti(root, split='train', ann_root=None, depth=None):
     the raw KITTI `root`, as KittiFrames. Depth: annotated PNGs when ann_root is given, else the
     Velodyne scans with camera z (or `depth` as KittiFrames takes it). Missing frames are reported
     in one printed line and left out; none at all is a DataError."""
-    files.check_exists(root, 'the raw KITTI folder (holding 2011_09_26/ ...)')
+    files.check_folder(root, 'the raw KITTI folder (holding 2011_09_26/ ...)')
     depth = depth or ('annotated' if ann_root is not None else 'camera')
     if depth == 'annotated' and ann_root is None:
         raise cli.UserError('annotated depth needs the data_depth_annotated folder (ann_root)')
     if ann_root is not None:
-        files.check_exists(ann_root, "KITTI's data_depth_annotated folder (holding train/, val/)")
+        files.check_folder(ann_root, "KITTI's data_depth_annotated folder (holding train/, val/)")
     if split not in SPLIT_FILES:
         files.check_file(split, f'a KITTI split list, or one of {", ".join(SPLIT_FILES)}')
     list_path = SPLIT_FILES.get(split, split)
@@ -464,7 +470,7 @@ def open_test_set(root, ann_root=None, workers=4):
     import nyu_test
     frames = open_kitti(root, 'test')
     if ann_root is not None:
-        files.check_exists(ann_root, "KITTI's data_depth_annotated folder (holding train/, val/)")
+        files.check_folder(ann_root, "KITTI's data_depth_annotated folder (holding train/, val/)")
         annotated = sum(annotated_path(ann_root, e) is not None for e in frames.entries)
         if not annotated:
             raise cli.DataError(f'{ann_root}: none of the {len(frames)} test frames has an annotated '
@@ -482,7 +488,9 @@ def open_test_set(root, ann_root=None, workers=4):
             if kind == 'annotated' and annotated_path(ann_root, entry) is None:
                 yield np.zeros(image_size(root, entry), np.float32)   # no pixel: the image is skipped
             else:
-                yield eval_ground_truth(root, entry, kind, ann_root)
+                gt = eval_ground_truth(root, entry, kind, ann_root)
+                check_same_size(image_path(root, entry), image_size(root, entry), gt.shape, kind)
+                yield gt
 
     return nyu_test.TestSet(f'{root} (Eigen test split)', images.permute(0, 2, 3, 1).numpy(), kinds, read)
 

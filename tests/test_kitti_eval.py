@@ -4,11 +4,13 @@ evaluate_depth.py and compute_errors, nianticlabs/monodepth2 at b676244, 2022-01
 1e-3 < gt < 80 and the Garg crop, predictions clamped to [1e-3, 80], per-image metrics averaged)."""
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import cli
 import evaluate
@@ -157,3 +159,22 @@ def test_annotated_ground_truth_skips_the_frames_without_one(tree, tmp_path, cap
     with pytest.raises(cli.DataError, match='none of the 5 test frames has an annotated depth PNG'):
         _evaluate(_model(tmp_path / 'constant', CONSTANT), tree, '--gt', 'annotated',
                   '--kitti-annotated', str(empty))
+    nyu = tmp_path / 'nyu_model'
+    nyu.mkdir()
+    torch.save(GlobalCoarseNet(PAPER).state_dict(), nyu / 'coarse.pth')
+    with pytest.raises(cli.UserError, match='--kitti-annotated: .* these are nyu weights'):
+        _evaluate(str(nyu), tree, '--kitti-annotated', tree.ann_root)
+    with pytest.raises(cli.DataError, match='split.txt: is a file, not KITTI\'s data_depth_annotated'):
+        _evaluate(_model(tmp_path / 'constant', CONSTANT), tree, '--gt', 'annotated',
+                  '--kitti-annotated', os.path.join(tree.root, 'split.txt'))
+
+
+def test_a_test_image_of_another_size_than_its_depth_is_refused(tree, tmp_path):
+    """A wrong file in place of a test frame would be resized and scored: one line instead."""
+    shutil.copytree(tree.root, tmp_path / 'raw')
+    entry = _test_entries(tree)[0]
+    Image.new('RGB', (600, 200)).save(kitti.image_path(str(tmp_path / 'raw'), entry))
+    with pytest.raises(cli.DataError, match=r'\.png: 600x200 pixels, but its velodyne depth is'):
+        evaluate.evaluate(evaluate.parse_args(['--model', _model(tmp_path / 'random'), '--data',
+                                               str(tmp_path / 'raw'), '--device', 'cpu', '--workers',
+                                               '0', '--protocol', 'field']))
