@@ -13,7 +13,6 @@ import nyu_raw
 import synthetic
 import util
 from net import KITTI
-from runtime import StopControl
 
 DATASETS = ('nyu', 'kitti')
 LABELED = os.path.join('nyu', 'nyu_depth_v2_labeled.mat')
@@ -156,7 +155,7 @@ def load_kitti(args, device):
     (--val-fraction), RAW_VAL_FRAMES of their frames in memory. Not the Eigen validation list:
     its 1,776 frames lie one frame (0.1 s) from a training frame, so they score like training
     frames. --data: the raw KITTI folder, or a cache from `python kitti.py`."""
-    if is_cache(args.data):
+    if nyu_raw.is_cache(args.data):
         frames = nyu_raw.CachedFrames(args.data)
         check_frame_size(frames, KITTI.frame_hw, 'train.py --dataset kitti takes a cache of KITTI '
                                                  'frames (python kitti.py)')
@@ -167,11 +166,6 @@ def load_kitti(args, device):
     print(f'{frames.description}: {len(train)} training frames of {len(set(scenes))} drives, '
           f'{len(val)} validation frames of {len(held_out)} held-out drives; none of the test drives')
     return train, val, scenes
-
-
-def is_cache(path):
-    """Whether `path` is a folder converted by nyu_raw.py or kitti.py (its raw_cache.json)."""
-    return os.path.isfile(os.path.join(path, nyu_raw.CACHE_META))
 
 
 def check_frame_size(frames, frame_hw, what):

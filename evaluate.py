@@ -200,10 +200,10 @@ def mean_depth_map(frames, batch=64):
 
 
 def evaluate(args):
-    device = runtime.resolve_device(args.device)[0]
     if args.data is not None:   # a wrong path is the first thing to hear about
         files.check_exists(args.data, 'the test set (--data)')
     files.check_out_folder(args.out)
+    device = runtime.resolve_device(args.device)[0]
     coarse, fine = load_pretrained(args.model, device)
     geometry = coarse.geometry
     dataset = geometry.name   # what the weights were trained on

@@ -51,6 +51,7 @@ FIELD_CLAMP = (1e-3, 80.0)    # evaluate_depth.py MIN_DEPTH, MAX_DEPTH: the gt r
 GARG_CROP = (0.40810811, 0.99189189, 0.03594771, 0.96405229)
 
 ROOT = 'kitti'   # where train.py, evaluate.py and this script look for raw KITTI by default
+ANNOTATED_FOLDER = "KITTI's data_depth_annotated folder (holding train/, val/)"   # --kitti-annotated
 SPLIT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'kitti', 'splits')
 SPLIT_FILES = {name: os.path.join(SPLIT_DIR, f'eigen_{name}_files.txt')
                for name in ('train', 'val', 'test')}
@@ -88,7 +89,7 @@ def _calib_array(calib, key, size, path):
     if value is None:
         raise cli.DataError(f'{path}: has no {key} line ({size} numbers expected)')
     if not isinstance(value, np.ndarray) or value.size != size or not np.isfinite(value).all():
-        raise cli.DataError(f'{path}: {key} should hold {size} numbers, found {str(value)[:60]!r}')
+        raise cli.DataError(f'{path}: {key} should hold {size} finite numbers, found {str(value)[:60]!r}')
     return value
 
 
@@ -402,7 +403,7 @@ def open_kitti(root, split='train', ann_root=None, depth=None):
     if depth == 'annotated' and ann_root is None:
         raise cli.UserError('annotated depth needs the data_depth_annotated folder (ann_root)')
     if ann_root is not None:
-        files.check_folder(ann_root, "KITTI's data_depth_annotated folder (holding train/, val/)")
+        files.check_folder(ann_root, ANNOTATED_FOLDER)
     if split not in SPLIT_FILES:
         files.check_file(split, f'a KITTI split list, or one of {", ".join(SPLIT_FILES)}')
     list_path = SPLIT_FILES.get(split, split)
@@ -470,7 +471,7 @@ def open_test_set(root, ann_root=None, workers=4):
     import nyu_test
     frames = open_kitti(root, 'test')
     if ann_root is not None:
-        files.check_folder(ann_root, "KITTI's data_depth_annotated folder (holding train/, val/)")
+        files.check_folder(ann_root, ANNOTATED_FOLDER)
         annotated = sum(annotated_path(ann_root, e) is not None for e in frames.entries)
         if not annotated:
             raise cli.DataError(f'{ann_root}: none of the {len(frames)} test frames has an annotated '

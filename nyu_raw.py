@@ -32,6 +32,7 @@ import cli
 import files
 import util
 from net import FRAME_HW
+from runtime import DIST
 
 FORMATS = ('bts', 'densedepth', 'folder', 'cache')
 CACHE_META = 'raw_cache.json'
@@ -222,6 +223,11 @@ def read_folder(folder, depth_scale):
     return RawFrames(folder, pairs, scenes, (None, depth_scale), root=folder)
 
 
+def is_cache(path):
+    """Whether `path` is a folder converted by nyu_raw.py or kitti.py (its raw_cache.json)."""
+    return os.path.isfile(os.path.join(path, CACHE_META))
+
+
 class CachedFrames(torch.utils.data.Dataset):
     """A converted set: memory-mapped uint8 RGB (N, H, W, 3) and uint16 depth (N, H, W) (NYU:
     240x320 in millimetres; KITTI: 184x612 in 1/256 m, its raw_cache.json says so); only the
@@ -276,8 +282,8 @@ class CachedFrames(torch.utils.data.Dataset):
                 f'stream it from disk instead with --path plain')
         images = torch.empty((n, 3, fh, fw), dtype=torch.uint8, device=device)
         depths = torch.empty((n, fh, fw), dtype=torch.float16, device=device)
-        for start in cli.progress(range(0, n, LOAD_CHUNK), desc=f'loading {self.folder} onto {device}',
-                                  unit='chunk'):
+        for start in cli.progress(range(0, n, LOAD_CHUNK), DIST.main, unit='chunk',
+                                  desc=f'loading {self.folder} onto {device}'):
             rows = np.asarray(indices[start:start + LOAD_CHUNK])
             images[start:start + len(rows)] = torch.from_numpy(np.asarray(self.images[rows])).to(
                 device).permute(0, 3, 1, 2)
@@ -359,14 +365,16 @@ def convert(frames, out, workers=4, progress=True):
     raw_cache.json names for CachedFrames."""
     import shutil
     out = os.path.normpath(out)
-    if os.path.exists(out) and not os.path.isfile(os.path.join(out, CACHE_META)):
-        what = 'a folder, but not a cache' if os.path.isdir(out) else 'a file'
-        raise cli.DataError(f'{out}: is {what}; --out names a new folder, or a cache to replace '
-                            f'(nothing was deleted)')
     n = len(frames)
     (fh, fw), depth_file, units_per_m = frames.frame_hw, frames.cache_depth_file, frames.cache_units_per_m
     tmp = out + '.partial'
-    shutil.rmtree(tmp, ignore_errors=True)
+    ours = {'images.npy', depth_file, CACHE_META}   # what a conversion writes; nothing else deleted
+    for folder in (out, tmp):
+        files.check_out_folder(folder)
+        if os.path.isdir(folder) and not set(os.listdir(folder)) <= ours:
+            raise cli.DataError(f'{folder}: is a folder, but not a cache; --out names a new or '
+                                f'empty folder, or a cache to replace (nothing was deleted)')
+    shutil.rmtree(tmp, ignore_errors=True)   # left by a conversion that was killed
     os.makedirs(tmp)
     images = np.lib.format.open_memmap(os.path.join(tmp, 'images.npy'), 'w+', np.uint8, (n, fh, fw, 3))
     depths = np.lib.format.open_memmap(os.path.join(tmp, depth_file), 'w+', np.uint16, (n, fh, fw))
@@ -376,8 +384,8 @@ def convert(frames, out, workers=4, progress=True):
                                                       unit='frame')):
             images[i] = rgb.permute(1, 2, 0).numpy()
             depths[i] = np.round(depth.float().numpy() * units_per_m).clip(0, 65535).astype(np.uint16)
-    except (cli.DataError, KeyboardInterrupt):   # a frame that does not decode, or Ctrl-C:
-        del images, depths                       # nothing half-done left behind
+    except BaseException:   # a frame that does not decode, Ctrl-C, a full disk: nothing half-done
+        del images, depths  # left behind
         shutil.rmtree(tmp)
         raise
     images.flush()

@@ -15,6 +15,7 @@ import torch
 
 import cli
 import data
+import nyu_raw
 import util
 from files import atomic_write
 from metrics import NAMES as METRIC_NAMES
@@ -237,7 +238,7 @@ def summary(args, stages):
         text = ['', 'no validation figures (--val-fraction 0)']
     where = ' --demo' if args.demo else ''
     if args.dataset == 'kitti':   # the dataset is read off the weights; the test frames are raw
-        where = ' --data <raw KITTI folder>' if data.is_cache(args.data) else (
+        where = ' --data <raw KITTI folder>' if nyu_raw.is_cache(args.data) else (
             f' --data {args.data}' if args.data != data.kitti.ROOT else '')
     elif not args.demo:
         labeled = args.data if args.data_format == 'labeled' else args.labeled

@@ -285,15 +285,16 @@ class FrameLoader(torch.utils.data.DataLoader):
     the error would come back as the worker's traceback, holding the loader's iterator in a
     reference cycle that keeps its workers alive until a garbage collection: at the program's
     end, workers that ignore SIGTERM would then be waited for forever. Its workers leave signals
-    to the main process (Ctrl-C is one `interrupted` line, not a traceback a worker)."""
+    to the main process (Ctrl-C is one `interrupted` line, not a worker's traceback). Without
+    workers the error is raised as it is (--debug shows where)."""
 
     def __init__(self, dataset, **kwargs):
         if kwargs.get('num_workers'):
             kwargs.setdefault('worker_init_fn', StopControl.ignore_signals)
             StopControl.end_workers_at_exit()
-        batched = kwargs.get('batch_sampler') is not None or kwargs.get('batch_size', 1) is not None
-        super().__init__(_ErrorsAsMessages(dataset), collate_fn=_batch_or_message if batched else None,
-                         **kwargs)
+            batched = kwargs.get('batch_sampler') is not None or kwargs.get('batch_size', 1) is not None
+            dataset, kwargs['collate_fn'] = _ErrorsAsMessages(dataset), _batch_or_message if batched else None
+        super().__init__(dataset, **kwargs)
 
     def __iter__(self):
         for item in super().__iter__():

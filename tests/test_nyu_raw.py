@@ -180,11 +180,19 @@ def test_conversion_to_the_memory_mapped_cache(bts_tree, tmp_path):
     assert nyu_raw.convert(data, str(tmp_path / 'cache'), workers=0, progress=False) == out
     before = sorted(p.name for p in root.rglob('*'))
     (tmp_path / 'a_file').write_text('mine')
-    for taken, what in ((root, 'a folder, but not a cache'), (tmp_path / 'a_file', 'a file')):
-        with pytest.raises(cli.DataError, match=f'{taken}: is {what}; .*nothing was deleted'):
+    for taken, what in ((root, 'a folder, but not a cache; .*nothing was deleted'),
+                        (tmp_path / 'a_file', 'a file; --out names a folder')):
+        with pytest.raises(cli.DataError, match=f'{taken}: is {what}'):
             nyu_raw.convert(data, str(taken), workers=0, progress=False)
     assert sorted(p.name for p in root.rglob('*')) == before
     assert (tmp_path / 'a_file').read_text() == 'mine'
+    (tmp_path / 'empty').mkdir()                       # an empty folder is fine
+    assert nyu_raw.is_cache(nyu_raw.convert(data, str(tmp_path / 'empty'), workers=0, progress=False))
+    (tmp_path / 'new.partial').mkdir()                 # a folder of the user's where the
+    (tmp_path / 'new.partial' / 'notes.txt').write_text('mine')   # temporary one would go
+    with pytest.raises(cli.DataError, match='new.partial: is a folder, but not a cache'):
+        nyu_raw.convert(data, str(tmp_path / 'new'), workers=0, progress=False)
+    assert (tmp_path / 'new.partial' / 'notes.txt').read_text() == 'mine'
 
 
 @pytest.mark.parametrize('damage', ['images.npy cut short', 'no depths file', 'json cut short',

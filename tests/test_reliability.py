@@ -212,8 +212,9 @@ def test_a_frame_that_does_not_decode_stops_training_in_one_line(tmp_path, tiny)
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and r.stderr.strip().count('\n') == 0, r.stderr
     assert re.match(r'error: .*rgb_\d\.png: not a readable image', r.stderr)
-    with pytest.raises(cli.DataError, match=r'rgb_\d\.png: not a readable image'):   # augmenting
+    with pytest.raises(cli.DataError, match=r'rgb_\d\.png: not a readable image') as e:   # augmenting
         train.main([*map(str, argv), '--out', str(tmp_path / 'plain'), '--path', 'plain'])   # workers
+    assert '\n' not in str(e.value)   # not the worker's traceback
 
 
 BUGGY_WORKER = r'''
