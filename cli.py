@@ -23,7 +23,10 @@ def run_cli(main):
     except UserError as e:
         if debug:
             raise
-        print(f'error: {e}', file=sys.stderr)
+        # one write: under torchrun every process prints its line into the same stderr, and
+        # print's separate newline let two of them run together
+        sys.stderr.write(f'error: {e}\n')
+        sys.stderr.flush()
         status = 1
     except KeyboardInterrupt:
         if debug:
