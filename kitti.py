@@ -214,13 +214,6 @@ def annotated_path(ann_root, entry):
     return next((p for p in annotated_paths(ann_root, entry) if os.path.isfile(p)), None)
 
 
-def image_size(root, entry):
-    """The frame's (H, W) as stored: the size the ground truth has and predictions are resized to
-    for evaluation (needed where a frame has no ground truth of its own to take it from)."""
-    width, height = read_png(image_path(root, entry), 'a KITTI colour image (PNG)').size
-    return height, width
-
-
 # ----------------------------------------------------------------------------------------------
 # Depth maps: the devkit's projection, and the reduction to the training frame
 
@@ -452,7 +445,9 @@ GROUND_TRUTH = {
 
 
 class _Images(torch.utils.data.Dataset):
-    """The colour frames of split entries at 612x184, as the network sees them (no depth)."""
+    """The colour frames of split entries at 612x184, as the network sees them (no depth), and
+    each one's (H, W) as stored: the size its ground truth must have, and the one predictions are
+    resized to for evaluation (also where a frame has no ground truth to take it from)."""
 
     def __init__(self, root, entries):
         self.root, self.entries = root, entries
@@ -461,7 +456,8 @@ class _Images(torch.utils.data.Dataset):
         return len(self.entries)
 
     def __getitem__(self, i):
-        return resize_rgb(read_image(image_path(self.root, self.entries[i])), KITTI_FRAME_HW)
+        rgb = read_image(image_path(self.root, self.entries[i]))
+        return resize_rgb(rgb, KITTI_FRAME_HW), rgb.shape[:2]
 
 
 def open_test_set(root, ann_root=None, workers=4):
@@ -479,18 +475,19 @@ def open_test_set(root, ann_root=None, workers=4):
         print(f'{ann_root}: {annotated} of the {len(frames)} test frames have annotated depth; '
               f'the others are skipped by --gt annotated')
     loader = util.FrameLoader(_Images(root, frames.entries), batch_size=None, num_workers=workers)
-    images = torch.stack(list(cli.progress(loader, total=len(frames), desc='reading the test images',
-                                           unit='frame')))
+    images, stored_hw = zip(*cli.progress(loader, total=len(frames), desc='reading the test images',
+                                          unit='frame'))
+    images = torch.stack(images)
     kinds = {k: v for k, v in GROUND_TRUTH.items() if k != 'annotated' or ann_root is not None}
 
     def read(kind, positions):
         for p in positions:
             entry = frames.entries[p]
             if kind == 'annotated' and annotated_path(ann_root, entry) is None:
-                yield np.zeros(image_size(root, entry), np.float32)   # no pixel: the image is skipped
+                yield np.zeros(stored_hw[p], np.float32)   # no pixel: the image is skipped
             else:
                 gt = eval_ground_truth(root, entry, kind, ann_root)
-                check_same_size(image_path(root, entry), image_size(root, entry), gt.shape, kind)
+                check_same_size(image_path(root, entry), stored_hw[p], gt.shape, kind)
                 yield gt
 
     return nyu_test.TestSet(f'{root} (Eigen test split)', images.permute(0, 2, 3, 1).numpy(), kinds, read)

@@ -274,8 +274,9 @@ def test_annotated_depth_is_found_in_train_or_val(tree):
 
 
 def test_image_size_is_the_pngs(tree):
-    assert kitti.image_size(tree.root, kitti_tree.ENTRIES[0]) == (375, 1242)
-    assert kitti.image_size(tree.root, kitti_tree.ENTRIES[3]) == (370, 1226)
+    images = kitti._Images(tree.root, [kitti_tree.ENTRIES[0], kitti_tree.ENTRIES[3]])
+    assert images[0][1] == (375, 1242) and images[0][0].shape == (3, 184, 612)
+    assert images[1][1] == (370, 1226)
 
 
 # ----------------------------------------------------------------------------------------------
