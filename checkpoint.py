@@ -5,6 +5,8 @@ and older formats converted where that is safe.
 import glob
 import hashlib
 import os
+import shutil
+import time
 
 import torch
 
@@ -23,8 +25,8 @@ CHECKPOINT_FORMAT = 6
 # fine net; None where its stage has not begun)
 NETS = ('coarse', 'fine', 'refine')
 # What a checkpoint's config must share with the command line that resumes it.
-RESUME_MUST_MATCH = ('dataset', 'batch_size', 'samples', 'lam', 'seed', 'train_depth', 'per_scene',
-                     'lr_scale')   # the dataset first: a run of the other one differs in more
+RESUME_MUST_MATCH = ('dataset', 'data', 'batch_size', 'samples', 'lam', 'seed', 'train_depth',
+                     'per_scene', 'lr_scale')   # the dataset first: a run of the other one differs in more
 
 
 def read_checkpoint(path, args, variant, stages):
@@ -68,15 +70,16 @@ def read_checkpoint(path, args, variant, stages):
 
 
 def check_schedule(path, ckpt, args, converted=False):
-    """Refuse (one line) a resume whose schedule differs from the checkpoint's. The samples of a
-    stage given in epochs are known only once the data is loaded (converted): train.py checks
-    again then."""
+    """Refuse (one line) a resume whose data or schedule differs from the checkpoint's. The
+    samples of a stage given in epochs, and the data of --demo, are known only once the data is
+    loaded (converted): train.py checks again then."""
     unit = 'coarse' if ckpt['stage'] == 'coarse' else 'fine'   # refine: the fine schedule
     pending = getattr(args, f'{unit}_epochs') is not None and not converted
     samples = None if pending else getattr(args, f'{unit}_samples')
     asked = {'batch_size': args.batch_size, 'samples': samples, 'lam': args.lam,
              'seed': args.seed, 'train_depth': args.train_depth, 'per_scene': args.per_scene,
-             'lr_scale': args.lr_scale, 'dataset': args.dataset}
+             'lr_scale': args.lr_scale, 'dataset': args.dataset,
+             'data': os.path.abspath(args.data) if converted else None}   # --demo: known then
     for key in RESUME_MUST_MATCH:
         if key in ckpt['config'] and asked[key] is not None and ckpt['config'][key] != asked[key]:
             option = {'samples': f"--{unit}-samples"}.get(key, '--' + key.replace('_', '-'))
@@ -123,7 +126,7 @@ def resume(ckpt, optimizer, seed, gpus):
 
 def open_run(args, variant, stages):
     """The checkpoint this invocation continues (--resume, or --resume auto when one is there), or
-    None for a fresh start; a fresh start over an unfinished run is refused (nothing overwritten)."""
+    None for a fresh start, which never overwrites a previous run's weights (make_room)."""
     path = os.path.join(args.out, 'checkpoint.pth')
     if DIST.main:
         remove_stale_temporaries(args.out)
@@ -136,12 +139,58 @@ def open_run(args, variant, stages):
         if not os.path.isfile(path):
             raise cli.DataError(f'{path}: no checkpoint to resume from')
         return read_checkpoint(path, args, variant, stages)
+    DIST.together(lambda: make_room(args.out, stages, args.overwrite), main_only=True)
+    return None
+
+
+def stage_files(stage):
+    """What train.py writes for one stage: its net's weights, its history and its loss plot."""
+    return f'{stage}.pth', f'history_{stage}.csv', f'loss_{stage}.png'
+
+
+def make_room(out, stages, overwrite):
+    """A fresh run never overwrites what a user has: the weights of the stages it trains (and of
+    the later ones, trained on the nets it replaces) or an unfinished checkpoint are refused in
+    one line; with --overwrite they are moved into OUT/replaced-<date-time>/ with the histories
+    and figures that belong to them, and the earlier stages' weights this run starts from are
+    linked there too, so that folder holds the whole previous run. (A history without weights,
+    left by a run that stopped before its first checkpoint, is simply written anew.)"""
+    later = NETS[NETS.index(stages[0]):]
+    kept = [f'{s}.pth' for s in later if os.path.isfile(os.path.join(out, f'{s}.pth'))]
+    path = os.path.join(out, 'checkpoint.pth')
     if os.path.isfile(path):
         old = files.load_torch_file(path, 'a checkpoint written by train.py')
         if not (isinstance(old, dict) and old.get('done')):
-            raise cli.DataError(f'{path}: an unfinished run is there; continue it with '
-                                 f'--resume, or choose another --out (nothing was overwritten)')
-    return None
+            kept.insert(0, 'checkpoint.pth (unfinished)')
+    if not kept:
+        return
+    if not overwrite:
+        raise cli.DataError(f'{out}: holds a previous run ({", ".join(kept)}) that this fresh run '
+                             f'would replace; continue it with --resume, choose another --out, or '
+                             f'pass --overwrite to move those files aside (nothing was changed)')
+    stamp, count = time.strftime('replaced-%Y%m%d-%H%M%S'), 1
+    aside = os.path.join(out, stamp)
+    while os.path.exists(aside):   # two runs within a second
+        count += 1
+        aside = os.path.join(out, f'{stamp}-{count}')
+    moved = [n for n in ('checkpoint.pth', 'predictions.png', 'eval.json', 'eval_examples.png',
+                         *(n for s in later for n in stage_files(s)))
+             if os.path.isfile(os.path.join(out, n))]
+    try:
+        os.makedirs(aside)
+        for name in moved:
+            os.replace(os.path.join(out, name), os.path.join(aside, name))
+        for stage in NETS[:NETS.index(stages[0])]:   # the inputs of a later stage stay in place
+            source = os.path.join(out, f'{stage}.pth')
+            if os.path.isfile(source):
+                try:
+                    os.link(source, os.path.join(aside, f'{stage}.pth'))
+                except OSError:   # a filesystem without hard links
+                    shutil.copy2(source, os.path.join(aside, f'{stage}.pth'))
+    except OSError as e:
+        raise cli.UserError(f'{aside}: could not move the previous run there ({e.strerror or e}); '
+                            f'the files not yet moved are still in {out}') from None
+    print(f'--overwrite: moved {", ".join(moved)} into {aside}')
 
 
 def save(path, log, nets, optimizer, args, done=False):
@@ -152,8 +201,7 @@ def save(path, log, nets, optimizer, args, done=False):
     streams = DIST.gather(rng_state(log.gpus))
     if not all_finite(nets[log.stage]):
         raise cli.UserError(f'{log.stage} step {log.step}: the weights hold NaN or inf; not '
-                             f'saved, {log.kept()}. Resume from it with --resume (a lower '
-                             f'learning rate or --skip-nonfinite may help)')
+                             f'saved, {log.kept()}. {log.how_to_go_on("pass --skip-nonfinite")}')
     def write_state():
         finished = log.step == log.total_steps
         upto = NETS[:NETS.index(log.stage) + 1]   # this stage's net and the fixed ones before it
@@ -231,7 +279,8 @@ def write(path, write_to, what, log):
     """Write a file atomically; a full disk or other OSError stops the run with a message."""
     try:
         files.atomic_write(path, write_to)
-    except (OSError, RuntimeError) as e:   # torch.save on a full disk: RuntimeError
+    except (OSError, RuntimeError) as e:   # torch.save on a full disk: a RuntimeError
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else cli.last_line(e)
         raise cli.UserError(f'{path}: could not write the {what} at {log.stage} step '
-                             f'{log.step} ({e.strerror or e}); {log.kept()}. Free some '
-                             f'space, then continue with --resume') from None
+                             f'{log.step} ({reason}); {log.kept()}. '
+                             f'{log.how_to_go_on(fix="free some space")}') from None

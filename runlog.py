@@ -31,8 +31,11 @@ class StageLog:
     GPU step never waits for the host. Long because it holds one state (step, losses, history,
     clocks) behind a dozen small methods, none over 30 lines, that train.train_stage calls."""
 
-    def __init__(self, stage, samples, args, gpus, ckpt=None):
+    def __init__(self, stage, samples, args, gpus, ckpt=None, resumable=False):
         self.stage, self.samples, self.args, self.gpus = stage, samples, args, gpus
+        # whether OUT/checkpoint.pth already continues this run (a resumed stage, or the end of an
+        # earlier stage of it); else only once this stage has saved
+        self.resumable = resumable or ckpt is not None
         self.total_steps = math.ceil(samples / args.batch_size)
         self.val_every = max(1, round((args.val_every or samples / 50) / args.batch_size))
         self.ckpt_path = os.path.join(args.out, 'checkpoint.pth')
@@ -56,7 +59,7 @@ class StageLog:
                                 desc=f'{self.stage} net', unit='step', dynamic_ncols=True)
         self.print_lines = DIST.main and not (sys.stdout.isatty() and sys.stderr.isatty())
         if DIST.main:
-            write_history(self.csv_path, self.history)
+            self._write(lambda: write_history(self.csv_path, self.history), 'write')
         self.t_start = self.t_interval = self.t_read = time.perf_counter()
         self.elapsed_before = self.history[-1]['elapsed_s'] if self.history else 0.0
         self.samples_before = self.step * a.batch_size
@@ -105,8 +108,8 @@ class StageLog:
         bad = [(first + i, v) for i, v in enumerate(losses) if not math.isfinite(v)]
         if bad and not (self.args.skip_nonfinite and all_finite(net)):
             raise cli.UserError(f'{stage} step {bad[0][0]}: the loss is {bad[0][1]}; training '
-                                 f'stopped before it touched the weights, {self.kept()}. Continue '
-                                 f'with --resume, or pass --skip-nonfinite to skip such batches')
+                                 f'stopped before it touched the weights, {self.kept()}. '
+                                 f'{self.how_to_go_on("pass --skip-nonfinite to skip such batches")}')
         for s, v in bad:
             self.skipped += 1
             self.bar.write(f'{stage} step {s}: loss {v}, batch skipped ({self.skipped} so far)')
@@ -149,7 +152,9 @@ class StageLog:
             row.update({f'val_{k}': value for k, value in scores.items()})
             self.bar.write(f"{self.stage} {samples} samples: val loss {scores['loss']:.4f}, sc-inv "
                            f"{scores['si_log']:.3f}, RMSE {scores['rmse']:.3f} m, d<1.25 {scores['d1']:.3f}")
-        DIST.together(lambda: self._append(row), main_only=True)   # a full disk stops every rank
+        DIST.together(lambda: self._write(lambda: append_history(self.csv_path, row),
+                                          f'add the row of {self.stage} step {self.step} to'),
+                      main_only=True)   # a full disk stops every rank
         self.history.append(row)
         if time.monotonic() - self.last_plot >= PLOT_EVERY_S or self.step == self.total_steps:
             if DIST.main:   # drawn from the CSV: what a user can also plot themselves
@@ -160,13 +165,13 @@ class StageLog:
                     self.bar.write(f'{path}: not drawn ({e})')
             self.last_plot = time.monotonic()
 
-    def _append(self, row):
+    def _write(self, write, what):
+        """write() the history; a full disk or an unwritable --out stops the run in one line."""
         try:
-            append_history(self.csv_path, row)
+            write()
         except OSError as e:
-            raise cli.UserError(f'{self.csv_path}: could not add the row of {self.stage} step '
-                                 f'{self.step} ({e.strerror or e}); {self.kept()}. Free some space, '
-                                 f'then continue with --resume') from None
+            raise cli.UserError(f'{self.csv_path}: could not {what} the history ({e.strerror or e}); '
+                                 f'{self.kept()}. {self.how_to_go_on(fix="free some space")}') from None
 
     def saved(self, step):
         self.saved_step, self.last_save = step, time.monotonic()
@@ -175,6 +180,17 @@ class StageLog:
         if self.saved_step is None:
             return 'no checkpoint of this stage had been written yet'
         return f'the last checkpoint ({self.ckpt_path}, {self.stage} step {self.saved_step}) is intact'
+
+    def how_to_go_on(self, other=None, fix=None):
+        """The advice after a failure: continue with --resume where the checkpoint continues this
+        run, else start it again (nothing to resume from); `other`: a second way, `fix`: first."""
+        if self.resumable or self.saved_step is not None:
+            advice = 'continue with --resume'
+        else:
+            advice = 'start the run again (no checkpoint to resume from)'
+        advice = f'{fix}, then {advice}' if fix else advice
+        advice = f'{advice}, or {other}' if other else advice
+        return advice[0].upper() + advice[1:]
 
 
 # The training history, one row per validation point: train.py appends to OUT/history_<stage>.csv

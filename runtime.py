@@ -28,11 +28,15 @@ def add_running_options(p):
     o.add_argument('--resume', nargs='?', const='yes', choices=['yes', 'auto'],
                    help='continue from OUT/checkpoint.pth; `--resume auto`: continue it if it is '
                         'there, else start afresh (one command line a scheduler can rerun)')
+    o.add_argument('--overwrite', action='store_true',
+                   help='a fresh run into an --out that holds the weights or history of the stages '
+                        'it trains is refused; with --overwrite those files are moved into '
+                        'OUT/replaced-<date-time>/ first (never deleted)')
     o.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
                    help="'cuda': every visible GPU (nn.DataParallel when there are several; "
                         "torchrun is the faster way, README); 'cuda:N': GPU N alone; 'cpu' "
                         '(default: %(default)s)')
-    o.add_argument('--val-every', type=int, default=None,
+    o.add_argument('--val-every', type=cli.whole(1), default=None,
                    help='validate every N samples (default: 50 times per stage)')
     o.add_argument('--path', choices=['fast', 'plain'], default='fast',
                    help="'fast': frames held on the device, the paper's augmentations drawn per "
@@ -44,35 +48,28 @@ def add_running_options(p):
                         'default on with --path fast on CUDA, off otherwise. --no-amp: the '
                         "paper's fp32, without TF32")
     o.add_argument('--compile', action='store_true', help='torch.compile the trained net')
-    o.add_argument('--save-minutes', type=float, default=10.0,
+    o.add_argument('--save-minutes', type=cli.real(above=0), default=10.0,
                    help='write the checkpoint every N minutes of training, and always at the end '
                         'of a stage and on a stop (default: %(default)s)')
-    o.add_argument('--save-every', type=int, default=0,
+    o.add_argument('--save-every', type=cli.whole(0), default=0,
                    help='also write it every N steps (default: %(default)s = only by time)')
-    o.add_argument('--log-every', type=int, default=None,
+    o.add_argument('--log-every', type=cli.whole(1), default=None,
                    help='read the loss on the host every N steps (progress, NaN check); in between '
                         'a GPU step never waits for the CPU (default: 50 on CUDA, 1 on the CPU)')
     o.add_argument('--deterministic', action='store_true',
                    help='the same bits on every GPU run (cuDNN autotuning off, deterministic '
                         'kernels; slower). The CPU is deterministic anyway')
-    o.add_argument('--max-steps', type=int, default=None,
+    o.add_argument('--max-steps', type=cli.whole(1), default=None,
                    help='stop this invocation after N steps with a checkpoint (for time-limited '
                         'cluster jobs; continue with --resume)')
     o.add_argument('--skip-nonfinite', action='store_true',
                    help='skip a batch whose loss is NaN or inf and count it, instead of stopping '
                         'the run with the step number (the default)')
-    o.add_argument('--print-every', type=float, default=60.0, metavar='SECONDS',
+    o.add_argument('--print-every', type=cli.real(low=0), default=60.0, metavar='SECONDS',
                    help='where the output is a file or a pipe, not a terminal: a plain progress '
                         'line every N seconds instead of the bar (default: %(default)s)')
-    o.add_argument('--threads', type=int, default=None, help='CPU threads for torch')
+    o.add_argument('--threads', type=cli.whole(1), default=None, help='CPU threads for torch')
     o.add_argument('--debug', action='store_true', help='show the traceback of an error')
-
-
-def check_running_options(p, a):
-    if a.save_minutes <= 0 or (a.log_every is not None and a.log_every <= 0):
-        p.error('--save-minutes and --log-every must be positive')
-    if a.save_every < 0 or a.print_every < 0:
-        p.error('--save-every and --print-every must be 0 or positive')
 
 
 _FUSED_SGD = {}

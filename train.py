@@ -55,7 +55,7 @@ DEMO_COARSE_SAMPLES, DEMO_FINE_SAMPLES, DEMO_BATCH = 3200, 1600, 16
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     t = p.add_argument_group('schedule (Sec. 3.3)')
     t.add_argument('--variant', choices=sorted(VARIANTS), default='paper',
@@ -74,21 +74,23 @@ def parse_args(argv=None):
                    help="fine nets: 1, the paper's; 2, a third stage trains a second fine net on "
                         'the first one\'s output, coarse and fine fixed, with the fine schedule '
                         "(not in the paper: README) (default: %(default)s)")
-    t.add_argument('--coarse-samples', type=int, help=f"default {SAMPLES['nyu']['coarse']}, "
+    t.add_argument('--coarse-samples', type=cli.whole(1), help=f"default {SAMPLES['nyu']['coarse']}, "
                                                        f"KITTI {SAMPLES['kitti']['coarse']} (paper)")
-    t.add_argument('--fine-samples', type=int, help=f"default {SAMPLES['nyu']['fine']}, KITTI "
+    t.add_argument('--fine-samples', type=cli.whole(1), help=f"default {SAMPLES['nyu']['fine']}, KITTI "
                                                      f"{SAMPLES['kitti']['fine']} (paper)")
-    t.add_argument('--coarse-epochs', type=float, metavar='E',
+    t.add_argument('--coarse-epochs', type=cli.real(above=0), metavar='E',
                    help='instead of --coarse-samples: E passes over the training set (with '
                         '--per-scene, over its evened pass), rounded up to whole batches')
-    t.add_argument('--fine-epochs', type=float, metavar='E', help='likewise for the fine stage')
-    t.add_argument('--lr-scale', type=float, default=1.0, metavar='F',
+    t.add_argument('--fine-epochs', type=cli.real(above=0), metavar='E', help='likewise for the fine stage')
+    t.add_argument('--lr-scale', type=cli.real(above=0), default=1.0, metavar='F',
                    help="every layer's learning rate times F, keeping the paper's ratios (Sec. "
                         '3.3: "the global scale of all the rates was tuned") (default: %(default)s, '
                         "the paper's rates)")
-    t.add_argument('--batch-size', type=int, help=f'default {BATCH_SIZE} (paper)')
-    t.add_argument('--lam', type=float, default=TRAIN_LAMBDA,
-                   help='lambda of the scale-invariant loss, Eq. 4 (default: %(default)s)')
+    t.add_argument('--batch-size', type=cli.whole(1), help=f'default {BATCH_SIZE} (paper)')
+    t.add_argument('--lam', type=cli.real(low=0, high=1), default=TRAIN_LAMBDA,
+                   help='lambda of the scale-invariant loss, Eq. 4, in [0, 1]: 0 the plain '
+                        'log-space error, 1 the scale-invariant error of Eq. 1 (default: '
+                        '%(default)s)')
     t.add_argument('--pretrained-conv', metavar='PATH',
                    help='paper / release variants: a state_dict with weights for their coarse1-5 '
                         '(96-256-384-384-256 channels, which no public checkpoint has; else they '
@@ -97,7 +99,7 @@ def parse_args(argv=None):
                    help="the fine net's start, which the paper does not state: 'pass' returns the "
                         "coarse map it is given (the fine net then learns to edit it, Sec. 3.1.2; "
                         "README: why); 'random' as every other layer (default: %(default)s)")
-    t.add_argument('--seed', type=int, default=0, help='(default: %(default)s)')
+    t.add_argument('--seed', type=cli.whole(0), default=0, help='(default: %(default)s)')
     data.add_data_options(p, f'with a short schedule: {DEMO_COARSE_SAMPLES} + {DEMO_FINE_SAMPLES} '
                              f'samples, batch {DEMO_BATCH}, unless set')
     runtime.add_running_options(p)
@@ -106,10 +108,6 @@ def parse_args(argv=None):
         epochs = getattr(a, f'{stage}_epochs')
         if epochs is not None and getattr(a, f'{stage}_samples') is not None:
             p.error(f'--{stage}-samples and --{stage}-epochs: give one of the two')
-        if epochs is not None and epochs <= 0:
-            p.error(f'--{stage}-epochs must be positive')
-    if a.lr_scale <= 0:
-        p.error('--lr-scale must be positive')
     if a.dataset == 'kitti' and a.variant == 'release':
         p.error("--variant release is the authors' NYU code; KITTI trains 'paper' or 'alexnet'")
     if a.coarse_samples is None:
@@ -118,11 +116,7 @@ def parse_args(argv=None):
         a.fine_samples = DEMO_FINE_SAMPLES if a.demo else SAMPLES[a.dataset]['fine']
     if a.batch_size is None:
         a.batch_size = DEMO_BATCH if a.demo else BATCH_SIZE
-    for name in ('coarse_samples', 'fine_samples', 'batch_size'):
-        if getattr(a, name) <= 0:
-            p.error(f'--{name.replace("_", "-")} must be positive')
     data.check_data_options(p, a)
-    runtime.check_running_options(p, a)
     return a
 
 
@@ -246,7 +240,8 @@ def train_stage(stage, nets, sets, args, device, gpus, ckpt, stop):
     net.train()
     optimizer = make_optimizer(net, variant, args.lr_scale)
     samples = args.coarse_samples if stage == 'coarse' else args.fine_samples
-    log = runlog.StageLog(stage, samples, args, gpus, ckpt)   # step, history; resumed from ckpt
+    log = runlog.StageLog(stage, samples, args, gpus, ckpt,   # step, history; resumed from ckpt
+                          resumable=stage != stages_of(args)[0])
     if ckpt is not None:
         checkpoint.resume(ckpt, optimizer, args.seed, gpus)
     order = util.SampleOrder(len(train_set), args.seed + STAGES.index(stage), scenes,

@@ -23,6 +23,7 @@ from PIL import Image
 
 import cli
 import files
+import runlog
 import train
 import util
 from conftest import ROOT, train_args
@@ -289,6 +290,75 @@ def test_truncated_checkpoint(tmp_path, tiny):
     _refused(train_args(tiny, out, *SHORT), path, 'truncated')
 
 
+def _files(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def test_a_fresh_run_never_overwrites_a_previous_one(tmp_path, tiny, capsys):
+    """A finished run's weights are refused by a fresh run of any stage that would replace them
+    (nothing changes); --overwrite moves them aside with their histories and figures, and links
+    the earlier stage's weights there, so the old run stays whole."""
+    out = tmp_path / 'out'
+    assert train.main(train_args(tiny, out, *SHORT)) == 0
+    before = _files(out)
+    assert {'coarse.pth', 'fine.pth', 'checkpoint.pth', 'history_fine.csv'} <= before.keys()
+    for stage in ('both', 'coarse', 'fine'):
+        _refused(train_args(tiny, out, *SHORT, '--stage', stage), out, 'holds a previous run',
+                 'fine.pth', '--resume', '--overwrite', 'nothing was changed')
+    assert _files(out) == before
+    capsys.readouterr()
+    assert train.main(train_args(tiny, out, *SHORT, '--stage', 'fine', '--overwrite')) == 0
+    aside, = out.glob('replaced-*')
+    assert f'into {aside}' in capsys.readouterr().out
+    # the fine stage's files and the run's figures moved; coarse.pth, its input, stays and is linked
+    assert _files(aside) == {k: v for k, v in before.items() if 'coarse' not in k or k == 'coarse.pth'}
+    assert _files(out).keys() == before.keys() and _files(out)['coarse.pth'] == before['coarse.pth']
+
+
+def test_a_fresh_run_over_an_unfinished_one_is_refused_or_moves_it_aside(tmp_path, tiny):
+    out = tmp_path / 'out'
+    assert train.main(train_args(tiny, out, *SHORT, '--max-steps', 1)) == 0
+    checkpoint = (out / 'checkpoint.pth').read_bytes()
+    _refused(train_args(tiny, out, *SHORT), 'checkpoint.pth (unfinished)', '--resume')
+    assert train.main(train_args(tiny, out, *SHORT, '--overwrite', '--max-steps', 1)) == 0
+    aside, = out.glob('replaced-*')
+    assert (aside / 'checkpoint.pth').read_bytes() == checkpoint
+
+
+def test_resume_on_other_data_is_refused(tmp_path, tiny):
+    out, copy = tmp_path / 'out', tmp_path / 'copy.mat'
+    assert train.main(train_args(tiny, out, *SHORT, '--max-steps', 1)) == 0
+    copy.write_bytes(tiny[0].read_bytes())
+    _refused(train_args((copy, tiny[1]), out, *SHORT, '--resume'), '--data', str(tiny[0]),
+             f'asks for {copy}')
+
+
+@pytest.mark.parametrize('option, value', [
+    ('--coarse-epochs', 'nan'), ('--fine-epochs', 'inf'), ('--coarse-samples', '0'),
+    ('--batch-size', '-2'), ('--lr-scale', 'nan'), ('--lr-scale', 'inf'), ('--lr-scale', '0'),
+    ('--lam', 'nan'), ('--lam', '-1'), ('--lam', '1.5'), ('--seed', '-1'), ('--seed', '1.5'),
+    ('--threads', '-1'), ('--threads', '0'), ('--val-every', '0'), ('--save-minutes', 'nan'),
+    ('--save-every', '-1'), ('--log-every', '0'), ('--max-steps', '0'), ('--print-every', '-1'),
+    ('--variant', 'nope'), ('--no-such-option', None)])
+def test_a_bad_number_or_option_is_one_line_before_any_work(tmp_path, tiny, option, value):
+    """Checked where parsed: finite and in range (a nan rate or lambda would train and fail far
+    from its cause, --max-steps 0 ran a step); the message names the option, nothing is written."""
+    out = tmp_path / 'out'
+    _refused(train_args(tiny, out, option, *([value] if value is not None else [])), option, '--help')
+    assert not out.exists()
+
+
+def test_an_unwritable_history_stops_in_one_line_with_the_right_advice(tmp_path, tiny, monkeypatch):
+    """A full disk (or a read-only --out) when the history is first written: one line; with no
+    checkpoint of the run yet, the advice is a new start, not --resume."""
+    def full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(runlog, 'write_history', full)
+    message = _refused(train_args(tiny, tmp_path / 'out', *SHORT), 'history_coarse.csv',
+                       'No space left on device', 'start the run again')
+    assert '--resume' not in message
+
+
 def test_truncated_or_mismatched_weights_for_evaluation(tmp_path, tiny):
     import net
     model = tmp_path / 'model'
@@ -306,21 +376,29 @@ def test_truncated_or_mismatched_weights_for_evaluation(tmp_path, tiny):
 # ---------------------------------------------------------------------------------------------
 # Faults during training
 
-def test_disk_full_during_save(tmp_path, tiny, monkeypatch):
+# torch.save on a full disk raises a RuntimeError of its zip writer, an OSError elsewhere
+TORCH_SAVE_ENOSPC = RuntimeError('[enforce fail at inline_container.cc:858] . PytorchStreamWriter '
+                                 'failed writing file data/3: file write failed')
+
+
+@pytest.mark.parametrize('error, reason', [
+    (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), 'No space left on device'),
+    (TORCH_SAVE_ENOSPC, 'file write failed')])
+def test_disk_full_during_save(tmp_path, tiny, monkeypatch, error, reason):
     out = tmp_path / 'out'
     real_save, calls = torch.save, []
 
     def save_then_fill_the_disk(obj, f, *args, **kwargs):
         calls.append(f)
-        if len(calls) == 2:            # the second checkpoint: half written, then ENOSPC
+        if len(calls) == 2:            # the second checkpoint: half written, then the disk is full
             with open(f, 'wb') as handle:
                 handle.write(b'PK\x03\x04 half a checkpoint')
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            raise error
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, 'save', save_then_fill_the_disk)
-    _refused(train_args(tiny, out, *SHORT), out / 'checkpoint.pth', 'No space left on device',
-             'at coarse step 2', 'coarse step 1) is intact', '--resume')
+    _refused(train_args(tiny, out, *SHORT), out / 'checkpoint.pth', reason,
+             'at coarse step 2', 'coarse step 1) is intact', 'continue with --resume')
     monkeypatch.undo()
     assert torch.load(out / 'checkpoint.pth', weights_only=True)['step'] == 1
     assert not glob.glob(str(out / '*.tmp*'))
@@ -347,6 +425,11 @@ def test_nonfinite_loss_stops_with_the_step_number(tmp_path, tiny, monkeypatch):
     assert ckpt['step'] == 1 and all(torch.isfinite(v).all() for v in ckpt['coarse'].values())
     monkeypatch.undo()
     assert train.main(train_args(tiny, out, *SHORT, '--resume')) == 0
+    # at the first step there is no checkpoint to resume from: the advice says so
+    _nan_at_call(monkeypatch, {1})
+    message = _refused(train_args(tiny, tmp_path / 'new', *SHORT), 'coarse step 1: the loss is nan',
+                       'Start the run again', '--skip-nonfinite')
+    assert '--resume' not in message
 
 
 def test_nonfinite_loss_skipped_and_counted_with_the_option(tmp_path, tiny, monkeypatch, capsys):
