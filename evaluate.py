@@ -83,19 +83,20 @@ GROUND_TRUTH = {'nyu': nyu_test.GROUND_TRUTH, 'kitti': kitti.GROUND_TRUTH}
 PER_IMAGE = ('crop', 'field')        # protocols that average per-image metrics
 CROP = (45, 471, 41, 601)            # rows, columns of the 480x640 frame, 0-based slices
 CROP_RANGE = (1e-3, 10.0)
+SPLITS = os.path.join('nyu', 'splits.mat')
 
 
 def parse_args(argv=None):
     epilog = '\n'.join(f'protocols, {d}:\n' + '\n'.join(f'  {k}: {v}' for k, v in texts.items())
                        for d, texts in PROTOCOL_TEXT.items())
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=epilog)
     p.add_argument('--data',
                    help="the test set: NYU Depth v2's labeled .mat (with --splits), BTS's official "
                         "test folder, DenseDepth's nyu_test.zip or its folder, or nyu_data.zip's "
                         "test pairs (nyu_test.py) (default: nyu/nyu_depth_v2_labeled.mat); KITTI "
                         "weights: the raw KITTI folder (default: kitti)")
-    p.add_argument('--splits', default=os.path.join('nyu', 'splits.mat'),
+    p.add_argument('--splits', default=SPLITS,
                    help='official split, with the labeled .mat (default: %(default)s)')
     p.add_argument('--gt', choices=sorted({k for kinds in GROUND_TRUTH.values() for k in kinds}),
                    help="ground truth for every protocol: NYU 'filled' or 'raw', KITTI 'camera', "
@@ -108,15 +109,16 @@ def parse_args(argv=None):
     p.add_argument('--out', default=None, help='where eval.json and the figure go (default: --model)')
     p.add_argument('--protocol', choices=['both', 'paper', 'crop', 'field'], default='both',
                    help="'crop' is NYU's, 'field' KITTI's (default: %(default)s)")
-    p.add_argument('--batch-size', type=int, default=16, help='(default: %(default)s)')
-    p.add_argument('--workers', type=int, default=min(4, os.cpu_count() or 1),
+    p.add_argument('--batch-size', type=cli.whole(1), default=16, help='(default: %(default)s)')
+    p.add_argument('--workers', type=cli.whole(0), default=min(4, os.cpu_count() or 1),
                    help='KITTI: processes decoding the test images (default: %(default)s)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--debug', action='store_true', help='show the traceback of an error')
     a = p.parse_args(argv)
-    a.out = a.out or a.model
+    a.out = a.model if a.out is None else a.out   # an empty --out is refused, not taken as --model
     if a.demo:
         import data
+        data.refuse_data_with_demo(p, a, SPLITS)
         a.data, a.splits = data.demo_paths()
     return a
 

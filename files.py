@@ -20,8 +20,10 @@ def check_exists(path, what, url=None):
 
 def check_file(path, what, url=None):
     check_exists(path, what, url)
-    if not os.path.isfile(path):
+    if os.path.isdir(path):
         raise DataError(f"{path}: is a directory, not {what}")
+    if not os.path.isfile(path):   # a device (/dev/null), a pipe, a socket
+        raise DataError(f"{path}: is not a regular file, not {what}")
 
 
 def check_folder(path, what):
@@ -32,17 +34,58 @@ def check_folder(path, what):
 
 
 def check_out_folder(path, what='--out'):
-    """A folder for a script's outputs, made when there is something to write: a file at that
-    path is refused now, in one line, not after the work (os.makedirs' traceback)."""
+    """A folder for a script's outputs, made when there is something to write: a path where no
+    folder can be made or written (a file there or above it, a folder without write permission,
+    an empty path) is refused now, in one line, not after the work (os.makedirs' traceback).
+    Nothing is written to find out: the folder and its nearest existing parent are inspected."""
+    if not path:
+        raise DataError(f'{what}: an empty path; {what} names a folder for the outputs')
     if os.path.exists(path) and not os.path.isdir(path):
         raise DataError(f'{path}: is a file; {what} names a folder for the outputs')
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):   # the folders os.makedirs would make go in this one
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise DataError(f'{path}: {parent} is a file, so no folder can be made there; {what} '
+                        f'names a folder for the outputs')
+    if not os.access(parent, os.W_OK | os.X_OK):   # also a read-only file system (EROFS)
+        raise DataError(f'{path}: cannot write in {parent} (no write permission, or a read-only '
+                        f'file system); choose another {what}')
+
+
+# torch.save writes a zip archive; before PyTorch 1.6, a pickle whose first object is this number
+_ZIP_START = b'PK\x03\x04'
+_LEGACY_MAGIC = (0x1950a86a20f9469cfc6c).to_bytes(10, 'little')
+
+
+def _torch_file_kind(path):
+    """'torch' (a zip archive, or a pickle that starts with torch.save's magic number), 'pickle'
+    (some other pickle), 'empty' or 'other' (text, an image, ...), from the file's first bytes."""
+    with open(path, 'rb') as f:
+        head = f.read(64)
+    if not head:
+        return 'empty'
+    if head.startswith(_ZIP_START) or (head[0] == 0x80 and _LEGACY_MAGIC in head):
+        return 'torch'
+    return 'pickle' if head[0] == 0x80 else 'other'
 
 
 def load_torch_file(path, what):
     """torch.load a checkpoint or weights file safely: weights_only=True, so a file holding a
-    pickled program is refused instead of run, and every failure is a one-line DataError."""
+    pickled program is refused instead of run, and every failure is a one-line DataError: a file
+    that is not from torch.save (text, another pickle) says so, apart from a PyTorch file holding
+    Python objects other than tensors."""
     path = os.fspath(path)
     check_file(path, what)
+    kind = _torch_file_kind(path)
+    if kind == 'empty':
+        raise DataError(f'{path}: is empty (a copy or save that was cut short?); expected {what}')
+    if kind == 'pickle':
+        raise DataError(f'{path}: a Python pickle, not a PyTorch file; refused without loading it '
+                        f'(a pickle can run code when loaded); expected {what}')
+    if kind == 'other':
+        raise DataError(f'{path}: not a PyTorch file (neither a zip archive nor a pickle); '
+                        f'expected {what}')
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
@@ -51,7 +94,7 @@ def load_torch_file(path, what):
                             f'could run code when loaded; only files written by this project '
                             f'are read ({what})') from None
         raise DataError(f'{path}: truncated or not a PyTorch file ({what})') from None
-    except (RuntimeError, EOFError, OSError, ValueError):
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError):
         raise DataError(f'{path}: truncated or not a PyTorch file (a copy or save that was cut '
                         f'short?); expected {what}') from None
 

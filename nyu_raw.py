@@ -19,10 +19,14 @@ files (375 KiB a frame: 225 KiB of RGB, 150 KiB of depth) that training memory-m
 """
 import argparse
 import csv
+import errno
 import io
 import json
+import math
 import os
 import re
+import shutil
+import sys
 import zipfile
 
 import numpy as np
@@ -41,6 +45,8 @@ PER_SCENE = 1200   # Sec. 4.1: the scene distribution evened to 1200 frames per 
 FRAME_BYTES_PER_PIXEL = 3 + 2   # uint8 RGB + float16 depth in memory: 375 KiB an NYU frame
 TRAINING_HEADROOM = 4 * 2**30   # kept free for the nets, their gradients and a batch's activations
 LOAD_CHUNK = 512                 # frames read from the memory maps at a time (190 MB)
+DEPTH_CHECK_FRAMES = 32          # convert() checks the depth's unit after this many frames, and at the end
+DEPTH_NOTE_SHARE = 0.01          # depth outside the plausible range above this share: a note
 
 
 def scene_id(name):
@@ -58,6 +64,9 @@ class RawFrames(torch.utils.data.Dataset):
     frame_hw = FRAME_HW
     # convert()'s depth file and unit: millimetres (kitti.KittiFrames: 1/256 m, past 65.5 m)
     cache_depth_file, cache_units_per_m = 'depths_mm.npy', 1000
+    # indoor Kinect depth: NYU's lies between ~0.5 and 10 m, typically ~3 m. Most of a set's depth
+    # outside this range means the depth unit is wrong (convert() refuses; DepthCheck)
+    plausible_depth_m, typical_depth_m = (0.1, 20.0), 3.0
 
     def __init__(self, description, pairs, scenes, depth_units, zip_path=None, root=''):
         self.description = description
@@ -294,7 +303,11 @@ class CachedFrames(torch.utils.data.Dataset):
 
 
 def _size(count):
-    return f'{count / 2**30:.1f} GiB' if count >= 2**30 else f'{count / 2**20:.0f} MiB'
+    if count >= 2**30:
+        return f'{count / 2**30:.1f} GiB'
+    if count >= 2**20:
+        return f'{count / 2**20:.{1 if count < 10 * 2**20 else 0}f} MiB'
+    return f'{math.ceil(count / 2**10)} KiB'
 
 
 def free_memory(device):
@@ -356,63 +369,244 @@ def refuse_test_scenes(frames, forbidden):
 # ----------------------------------------------------------------------------------------------
 # One-time conversion into a memory-mappable cache
 
-def convert(frames, out, workers=4, progress=True):
-    """Decode every frame once (in DataLoader workers) into OUT/images.npy (N, H, W, 3) uint8, the
-    depths as uint16 and OUT/raw_cache.json, written through memory maps (flat RAM) into a
-    temporary folder renamed at the end (an interrupted conversion leaves nothing half-done
-    behind), at the frames' `frame_hw`, in their `cache_depth_file` and `cache_units_per_m` (NYU:
-    240x320, depths_mm.npy in millimetres; KITTI: 184x612, depths.npy in 1/256 m), which
-    raw_cache.json names for CachedFrames."""
-    import shutil
+CACHE_FILES = {'images.npy', RawFrames.cache_depth_file, 'depths.npy', CACHE_META}   # what
+# a conversion writes (depths.npy: KITTI's depth file); nothing else is ever deleted
+
+
+def check_out(out):
+    """The cache folder `out` and the temporary folder beside it that convert() writes into,
+    checked before any work (one line each): a path where no folder can be written (empty, a file
+    at or above it, no permission, a read-only file system) or a folder that is not a cache.
+    Returns both, normalised."""
+    files.check_out_folder(out)
     out = os.path.normpath(out)
-    n = len(frames)
-    (fh, fw), depth_file, units_per_m = frames.frame_hw, frames.cache_depth_file, frames.cache_units_per_m
     tmp = out + '.partial'
-    ours = {'images.npy', depth_file, CACHE_META}   # what a conversion writes; nothing else deleted
     for folder in (out, tmp):
         files.check_out_folder(folder)
-        if os.path.isdir(folder) and not set(os.listdir(folder)) <= ours:
+        if os.path.isdir(folder) and not set(os.listdir(folder)) <= CACHE_FILES:
             raise cli.DataError(f'{folder}: is a folder, but not a cache; --out names a new or '
                                 f'empty folder, or a cache to replace (nothing was deleted)')
-    shutil.rmtree(tmp, ignore_errors=True)   # left by a conversion that was killed
-    os.makedirs(tmp)
-    images = np.lib.format.open_memmap(os.path.join(tmp, 'images.npy'), 'w+', np.uint8, (n, fh, fw, 3))
-    depths = np.lib.format.open_memmap(os.path.join(tmp, depth_file), 'w+', np.uint16, (n, fh, fw))
-    loader = util.FrameLoader(frames, batch_size=None, num_workers=workers)
+    return out, tmp
+
+
+def _existing_folder(path):
+    """The nearest folder at or above `path` that exists: where a folder made there would go."""
+    path = os.path.abspath(path)
+    while not os.path.isdir(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def check_free_space(out, need):
+    """Refuse (one line, nothing written) when the file system `out` would be on has fewer than
+    `need` bytes free for an ordinary user."""
+    where = _existing_folder(os.path.dirname(os.path.abspath(out)))
     try:
+        stat = os.statvfs(where)
+    except (OSError, AttributeError):   # no statvfs (Windows): the writes themselves will tell
+        return
+    free = stat.f_bavail * stat.f_frsize
+    if need > free:
+        raise cli.UserError(f'{out}: the cache needs {_size(need)}, but the file system of {where} '
+                            f'has {_size(free)} free; free space there or choose another --out '
+                            f'(nothing was written)')
+
+
+class _WriteFailed(Exception):
+    """An OSError while writing the cache (disk full, quota, I/O error): convert() removes the
+    partial cache and reports it in one line."""
+
+
+class _NpyFile:
+    """An .npy array written front to back with plain file writes, its whole size reserved on
+    disk first (posix_fallocate). A full disk or quota is then an OSError at the start, or at the
+    latest at a write: never the SIGBUS (no message, the process killed) that a memory map gives
+    when one of its pages cannot be backed by the file system."""
+
+    def __init__(self, path, dtype, shape):
+        self.path, self.dtype = path, np.dtype(dtype)
+        try:
+            self.file = open(path, 'wb')
+        except OSError as e:
+            raise _WriteFailed(path, e) from None
+        try:
+            np.lib.format.write_array_header_1_0(self.file, {
+                'descr': np.lib.format.dtype_to_descr(self.dtype), 'fortran_order': False,
+                'shape': tuple(shape)})
+            self.file.flush()
+            size = self.file.tell() + math.prod(shape) * self.dtype.itemsize
+            try:
+                os.posix_fallocate(self.file.fileno(), 0, size)
+            except AttributeError:   # not on this system (macOS, Windows): the writes will tell
+                pass
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    raise            # ENOSPC, EDQUOT, EIO; the others: no reservation here
+        except OSError as e:
+            self.discard()
+            raise _WriteFailed(path, e) from None
+
+    def write(self, array):
+        assert array.dtype == self.dtype
+        try:
+            self.file.write(np.ascontiguousarray(array).data)
+        except OSError as e:
+            raise _WriteFailed(self.path, e) from None
+
+    def close(self):
+        """Flush and fsync (a file system that reports a full disk only then does so here)."""
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+        except OSError as e:
+            raise _WriteFailed(self.path, e) from None
+
+    def discard(self):
+        try:
+            self.file.close()
+        except OSError:   # its flush fails as the write did
+            pass
+
+
+class DepthCheck:
+    """Watches the depth convert() writes, in metres: when most valid pixels lie outside the
+    frames' plausible range (RawFrames.plausible_depth_m), the depth unit is wrong (a --depth-scale
+    of 1 on millimetre PNGs, ...): a cache of such depth would train on nonsense, so it is refused
+    in one line that says what scale would fit. A small share outside is a one-line note."""
+
+    def __init__(self, frames, units_per_m):
+        self.frames, self.units_per_m = frames, units_per_m
+        self.low, self.high = frames.plausible_depth_m
+        self.valid = self.outside = self.clipped = 0
+        self.medians = []            # of each frame's valid depth
+
+    def add(self, depth_m, clipped):
+        valid = depth_m > 0
+        count = int(valid.sum())
+        if count:
+            d = depth_m[valid]
+            self.valid += count
+            self.outside += int(((d < self.low) | (d > self.high)).sum())
+            self.clipped += clipped
+            self.medians.append(float(np.median(d)))
+
+    def check(self, final):
+        """Refuse a set whose depth is mostly implausible (at the end: also one without any valid
+        depth pixel); at the end, note a small share outside the range."""
+        where = self.frames.description
+        if not self.valid:
+            if final:
+                raise cli.DataError(f'{where}: none of its {len(self.frames)} frames has a valid '
+                                    f'depth pixel (all 0 or missing); check the depth files')
+            return
+        share = self.outside / self.valid
+        clipped = (f', {self.clipped / self.valid:.0%} clipped at {65535 / self.units_per_m:.1f} m'
+                   if self.clipped else '')
+        found = (f'{share:.0%} of the valid depth is outside {self.low:g} to {self.high:g} m '
+                 f'(median {np.median(self.medians):.3g} m{clipped})')
+        if share > 0.5:
+            raise cli.DataError(f'{where}: {found}: the depth unit looks wrong; {self._advice()}; '
+                                f'nothing was kept')
+        if final and share > DEPTH_NOTE_SHARE:
+            print(f'note: {where}: {found}; converted as it is', file=sys.stderr)
+
+    def _advice(self):
+        """The power of ten that brings the median depth nearest the typical one, as the
+        --depth-scale to use where the user states the unit (the folder format)."""
+        median = float(np.median(self.medians))
+        factor = 10.0 ** round(math.log10(self.frames.typical_depth_m / median)) if (
+            math.isfinite(median) and median > 0) else None
+        bits, per_unit = getattr(self.frames, 'depth_units', (0, None))
+        if bits is None and factor is not None:   # read_folder: metres per unit = --depth-scale
+            return (f'--depth-scale {per_unit * factor:g} gives a median of {median * factor:.3g} '
+                    f'm (metres per PNG unit: 0.001 for millimetres)')
+        return 'its depth files are not in the unit this format stores; check them'
+
+
+def convert(frames, out, workers=4, progress=True):
+    """Decode every frame once (in DataLoader workers) into OUT/images.npy (N, H, W, 3) uint8, the
+    depths as uint16 and OUT/raw_cache.json, written front to back with plain file writes (flat
+    RAM) into a temporary folder renamed at the end, at the frames' `frame_hw`, in their
+    `cache_depth_file` and `cache_units_per_m` (NYU: 240x320, depths_mm.npy in millimetres;
+    KITTI: 184x612, depths.npy in 1/256 m), which raw_cache.json names for CachedFrames.
+    Refused in one line, with nothing half-done left behind (the temporary folder removed): an
+    unusable OUT, too little free space (checked first), a write that fails (disk full, quota),
+    a frame that does not decode, depth in an implausible unit (DepthCheck), Ctrl-C."""
+    out, tmp = check_out(out)
+    n = len(frames)
+    (fh, fw), depth_file, units_per_m = frames.frame_hw, frames.cache_depth_file, frames.cache_units_per_m
+    meta = json.dumps({'source': os.fspath(frames.description), 'scenes': frames.scenes,
+                       'frame_hw': [fh, fw], 'depth_file': depth_file,
+                       'depth_units_per_m': units_per_m})
+    header = 2 * 4096   # the two .npy headers, and a file system block each, at most
+    need = n * fh * fw * (3 + 2) + len(meta) + header
+    check_free_space(out, need)
+    shutil.rmtree(tmp, ignore_errors=True)   # left by a conversion that was killed
+    arrays = []
+    try:
+        try:
+            os.makedirs(tmp)
+        except OSError as e:
+            raise _WriteFailed(tmp, e) from None
+        for name, dtype, shape in (('images.npy', np.uint8, (n, fh, fw, 3)),
+                                   (depth_file, np.uint16, (n, fh, fw))):
+            arrays.append(_NpyFile(os.path.join(tmp, name), dtype, shape))
+        images, depths = arrays
+        depth_check = DepthCheck(frames, units_per_m)
+        loader = util.FrameLoader(frames, batch_size=None, num_workers=workers)
         for i, (rgb, depth) in enumerate(cli.progress(loader, progress, total=n, desc='converting',
                                                       unit='frame')):
-            images[i] = rgb.permute(1, 2, 0).numpy()
-            depths[i] = np.round(depth.float().numpy() * units_per_m).clip(0, 65535).astype(np.uint16)
-    except BaseException:   # a frame that does not decode, Ctrl-C, a full disk: nothing half-done
-        del images, depths  # left behind
-        shutil.rmtree(tmp)
+            images.write(rgb.permute(1, 2, 0).numpy())
+            metres = depth.float().numpy()
+            units = np.round(metres * units_per_m)
+            depths.write(units.clip(0, 65535).astype(np.uint16))
+            depth_check.add(metres, int((units > 65535).sum()))
+            if i + 1 == DEPTH_CHECK_FRAMES:
+                depth_check.check(final=False)   # a wrong unit is refused early, not in hours
+        depth_check.check(final=True)
+        for array in arrays:
+            array.close()
+        try:
+            with open(os.path.join(tmp, CACHE_META), 'w') as f:
+                f.write(meta)
+            if os.path.exists(out):
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        except OSError as e:
+            raise _WriteFailed(out, e) from None
+    except BaseException as e:   # nothing half-done left behind
+        for array in arrays:
+            array.discard()
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, _WriteFailed):
+            path, error = e.args
+            raise cli.UserError(f'{out}: could not write {os.path.basename(path)} '
+                                f'({error.strerror or error}); the cache needs {_size(need)}: '
+                                f'free space or choose another --out (the partial cache was '
+                                f'removed)') from None
         raise
-    images.flush()
-    depths.flush()
-    del images, depths
-    with open(os.path.join(tmp, CACHE_META), 'w') as f:
-        json.dump({'source': os.fspath(frames.description), 'scenes': frames.scenes,
-                   'frame_hw': [fh, fw], 'depth_file': depth_file, 'depth_units_per_m': units_per_m}, f)
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.replace(tmp, out)
     return out
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--data', required=True, help='the raw-frame set (list file, zip or folder)')
     p.add_argument('--format', choices=('auto',) + FORMATS[:-1], default='auto',
                    help='(default: %(default)s: by the file name)')
     p.add_argument('--data-root', help='BTS: the folder the list paths are relative to '
                                        '(default: the list file\'s folder)')
-    p.add_argument('--depth-scale', type=float, help='folder: metres per depth PNG unit')
+    p.add_argument('--depth-scale', type=cli.real(above=0),
+                   help='folder: metres per depth PNG unit (0.001 for millimetres)')
     p.add_argument('--out', required=True, help='cache folder to write')
-    p.add_argument('--workers', type=int, default=4, help='decoding processes (default: %(default)s)')
+    p.add_argument('--workers', type=cli.whole(0), default=4,
+                   help='decoding processes (default: %(default)s)')
     p.add_argument('--debug', action='store_true', help='show the traceback of an error')
     args = p.parse_args(argv)
+    check_out(args.out)   # before the frames are listed, which can take a while
     frames = open_raw(args.data, args.format, args.data_root, args.depth_scale)
+    if isinstance(frames, CachedFrames):
+        raise cli.UserError(f'{args.data}: is already a converted cache; train from it as it is')
     convert(frames, args.out, args.workers)
     print(f'{len(frames)} frames of {len(set(frames.scenes))} scenes -> {args.out}')
     return 0

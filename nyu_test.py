@@ -96,8 +96,7 @@ def labeled(mat, splits):
     arrays = util.read_nyu_labeled(mat)
     train_idx, test_idx = util.read_splits(splits, len(arrays['images']))
     names = {'filled': 'depths', 'raw': 'rawDepths'}
-    import h5py
-    with h5py.File(mat, 'r') as f:
+    with util.open_mat(mat) as f:
         kinds = [k for k, name in names.items() if name in f]
 
     def read(kind, positions):

@@ -321,6 +321,9 @@ def resolve_device(name):
         device = torch.device(name)
     except RuntimeError:
         raise cli.UserError(f'--device {name}: not a device; use cpu, cuda or cuda:N') from None
+    if device.type not in ('cpu', 'cuda'):   # meta, mps, xpu, ...: the nets never ran there
+        raise cli.UserError(f'--device {name}: not a device these scripts run on; use cpu, cuda '
+                            f'or cuda:N')
     if device.type != 'cuda':
         return device, []
     if not torch.cuda.is_available():

@@ -8,8 +8,7 @@ import numpy as np
 
 import cli
 from files import atomic_write
-from util import NYU_HW
-
+from util import DEMO_MAT_HEADER, NYU_HW
 
 def _min3(a):
     """a.min(-1) and a.argmin(-1) (the first of equal ones) of an (..., 3) array, component by
@@ -106,7 +105,8 @@ def render_room(room_rng, view_rng, hw=NYU_HW):
 
 def write_nyu_labeled_mat(path, frames, scenes, progress=True):
     """Write frames in exactly the layout of nyu_depth_v2_labeled.mat (MATLAB v7.3 = HDF5 with a
-    512-byte user block): datasets named and shaped as MATLAB stores them, axes reversed.
+    512-byte user block holding a MATLAB header, ours util.DEMO_MAT_HEADER): datasets named and shaped as
+    MATLAB stores them, axes reversed.
 
     frames: a sized iterable of (rgb (480, 640, 3) uint8, depth, raw depth, labels, instances).
     scenes: one scene name per frame (the `scenes` cellstr)."""
@@ -144,6 +144,8 @@ def write_nyu_labeled_mat(path, frames, scenes, progress=True):
                     chars.attrs['MATLAB_class'] = np.bytes_('char')
                     ds[0, i] = chars.ref
                 ds.attrs['MATLAB_class'] = np.bytes_('cell')
+        with open(tmp, 'r+b') as f:   # MATLAB's header: 116 bytes of text, then version 2, 'IM'
+            f.write(DEMO_MAT_HEADER.ljust(116) + bytes(8) + b'\x00\x02IM')
     atomic_write(path, write)
 
 

@@ -267,8 +267,11 @@ def train_stage(stage, nets, sets, args, device, gpus, ckpt, stop):
             # A logging point: the host reads the losses of the steps since the last one.
             mean_loss = log.read_losses(net)
             if log.validation_due():
-                scores = validate(coarse, scored, val, device, args.batch_size,
-                                  args.lam) if DIST.main and len(val) else {}
+                try:
+                    scores = validate(coarse, scored, val, device, args.batch_size,
+                                      args.lam) if DIST.main and len(val) else {}
+                except cli.DataError as e:   # say which data: the message of metrics.py cannot
+                    raise cli.DataError(f'{args.data}: its {len(val)} validation frames: {e}') from None
                 log.add_row(mean_loss, scores)   # history CSV and loss plot
             signalled, time_due = DIST.agree(stop.signalled, log.save_due())
             if log.step == log.total_steps:      # the stage's weights and its last checkpoint

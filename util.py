@@ -7,6 +7,7 @@ images[i].transpose(2, 1, 0) -> (480, 640, 3) and depth i is depths[i].T -> (480
 import contextlib
 import json
 import os
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,8 +86,11 @@ def read_nyu_labeled(mat_path, use_cache=True, progress=True):
                     return {'images': z['images'], 'depths': z['depths'],
                             'raw_depths': z['raw_depths'], 'scenes': json.loads(str(z['scenes'])),
                             'invalid': json.loads(str(z['invalid']))}
-        except (OSError, ValueError, KeyError):
-            pass   # stale or broken cache: rebuild it below
+            # stale (the .mat changed since): rebuilt below
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            # cut short (a copy, a full disk) or otherwise damaged: it is only a copy of the .mat
+            print(f'note: {cache}: damaged ({type(e).__name__}); reading {mat_path} again to '
+                  f'rebuild it')
     data = _read_mat(mat_path, progress)
     if use_cache:
         def write(tmp):
@@ -101,13 +105,46 @@ def read_nyu_labeled(mat_path, use_cache=True, progress=True):
     return data
 
 
-def _open_mat(mat_path):
+# The start of the synthetic demo's .mat (the 512-byte user block where MATLAB writes its header
+# text; synthetic.py writes it): it names the file as the demo's, so that a damaged one is made
+# anew rather than downloaded
+DEMO_MAT_HEADER = b'MATLAB 7.3 MAT-file, synthetic rooms of train.py --demo, not NYU Depth v2'
+
+
+def _is_demo_file(mat_path):
+    """Whether a labeled file is the synthetic demo's (its MATLAB header says so): one that is cut
+    short or damaged is deleted and made anew, not downloaded."""
+    try:
+        with open(mat_path, 'rb') as f:
+            return f.read(len(DEMO_MAT_HEADER)) == DEMO_MAT_HEADER
+    except OSError:
+        return False
+
+
+DEMO_AGAIN = 'it is the synthetic demo data: delete it, and train.py --demo makes it again'
+
+
+@contextlib.contextmanager
+def open_mat(mat_path):
+    """The labeled file open with h5py, its read errors as one line naming it: HDF5 opens a file
+    whose middle is damaged (a block zeroed or overwritten) and fails only when that part is
+    read, with an OSError, RuntimeError or KeyError of its own."""
     import h5py
     try:
-        return h5py.File(mat_path, 'r')
+        f = h5py.File(mat_path, 'r')
     except OSError:
+        if _is_demo_file(mat_path):
+            raise DataError(f'{mat_path}: not a complete HDF5 file (cut short?); {DEMO_AGAIN}') from None
         raise DataError(f"{mat_path}: not an HDF5 (MATLAB v7.3) file; the labeled NYU file is "
-                        f"saved with -v7.3. (A MATLAB v5 .mat or a partial download?)") from None
+                        f"saved with -v7.3. (A MATLAB v5 .mat, or a partial download? Then "
+                        f"download it again.)") from None
+    with f:
+        try:
+            yield f
+        except (OSError, RuntimeError, KeyError) as e:
+            reason = ' '.join(str(e.args[0] if e.args else type(e).__name__).split())
+            again = DEMO_AGAIN if _is_demo_file(mat_path) else f'download it again ({NYU_URL})'
+            raise DataError(f'{mat_path}: damaged: HDF5 cannot read it ({reason}); {again}') from None
 
 
 def read_scene_names(mat_path):
@@ -115,7 +152,7 @@ def read_scene_names(mat_path):
     where read_nyu_labeled takes minutes the first time)."""
     mat_path = os.fspath(mat_path)
     check_file(mat_path, 'the labeled NYU Depth v2 file', NYU_URL)
-    with _open_mat(mat_path) as f:
+    with open_mat(mat_path) as f:
         scenes = _decode_cell_strings(f, 'scenes')
     if scenes is None:
         raise DataError(f"{mat_path}: has no 'scenes'; not the labeled NYU file")
@@ -123,7 +160,7 @@ def read_scene_names(mat_path):
 
 
 def _read_mat(mat_path, progress):
-    with _open_mat(mat_path) as f:
+    with open_mat(mat_path) as f:
         for name in ('images', 'depths'):
             if name not in f:
                 raise DataError(f"{mat_path}: has no '{name}' dataset; not the labeled NYU file")
@@ -213,12 +250,11 @@ def read_splits(splits_path, num_frames):
     for name in ('trainNdxs', 'testNdxs'):
         if name not in m:
             raise DataError(f"{splits_path}: has no '{name}'; not NYU's splits.mat")
-        # scipy reads MATLAB double as uint16 here: widen before subtracting 1 (1-based indices).
-        idx = np.asarray(m[name]).astype(np.int64).ravel()
-        if idx.size and idx.min() == 0:
+        idx = _frame_numbers(m[name], f"{splits_path}: '{name}'")
+        if idx.min() == 0:
             raise DataError(f"{splits_path}: '{name}' contains index 0: these indices look 0-based, "
                             f"but NYU's splits.mat is MATLAB's 1-based (1..{num_frames})")
-        if idx.size and (idx.min() < 1 or idx.max() > num_frames):
+        if idx.min() < 1 or idx.max() > num_frames:
             raise DataError(f"{splits_path}: '{name}' holds {idx.min()}..{idx.max()}, outside the "
                             f"1-based range 1..{num_frames} of the dataset")
         out.append(idx - 1)
@@ -226,6 +262,33 @@ def read_splits(splits_path, num_frames):
     if np.intersect1d(train, test).size:
         raise DataError(f"{splits_path}: train and test indices overlap")
     return train, test
+
+
+def _frame_numbers(array, where):
+    """A splits.mat variable as int64 frame numbers, or a one-line DataError (`where` names the
+    file and the variable): each frame a whole number, listed once; never empty."""
+    array = np.asarray(array)
+    kinds = {'U': 'text', 'S': 'text', 'O': 'cells', 'V': 'a struct', 'c': 'complex numbers'}
+    if array.dtype.kind not in 'iuf':
+        raise DataError(f"{where} holds {kinds.get(array.dtype.kind, array.dtype)}, not frame "
+                        f"numbers; use NYU's splits.mat")
+    values = array.ravel()
+    if not values.size:
+        raise DataError(f"{where} is empty; NYU's splits.mat lists 795 training and 654 test frames")
+    if not np.isfinite(values).all():
+        raise DataError(f"{where} holds NaN or inf, not frame numbers; use NYU's splits.mat")
+    fractional = values[values != np.round(values)]
+    if fractional.size:
+        raise DataError(f"{where} holds {fractional[0]:g}, not a whole frame number; use NYU's "
+                        f"splits.mat")
+    # scipy reads MATLAB double as uint16 here: widen before subtracting 1 (1-based indices).
+    idx = values.astype(np.int64)
+    unique, counts = np.unique(idx, return_counts=True)
+    if (counts > 1).any():
+        k = int(np.argmax(counts > 1))
+        raise DataError(f"{where} lists frame {unique[k]} {counts[k]} times, and a split lists "
+                        f"each frame once; use NYU's splits.mat")
+    return idx
 
 
 def split_train_val(train_idx, scenes=None, val_fraction=0.1, seed=0):
@@ -290,14 +353,55 @@ class FrameLoader(torch.utils.data.DataLoader):
 
     def __init__(self, dataset, **kwargs):
         if kwargs.get('num_workers'):
-            kwargs.setdefault('worker_init_fn', StopControl.ignore_signals)
+            kwargs.setdefault('worker_init_fn', FrameLoader.start_worker)
             StopControl.end_workers_at_exit()
             batched = kwargs.get('batch_sampler') is not None or kwargs.get('batch_size', 1) is not None
             dataset, kwargs['collate_fn'] = _ErrorsAsMessages(dataset), _batch_or_message if batched else None
         super().__init__(dataset, **kwargs)
 
+    @staticmethod
+    def start_worker(_worker_id=None):
+        """worker_init_fn: the worker leaves the stop signals to the main process
+        (StopControl.ignore_signals), then unblocks them (__iter__ starts workers with them
+        blocked). It stays silent about a connection the main process dropped (multiprocessing's
+        thread that hands a frame's shared memory over reports it through sys.excepthook, other
+        threads through threading.excepthook): that happens only when the main process was
+        stopped while receiving a frame from this worker, and it reports that itself, in one line."""
+        import signal
+        import sys
+        import threading
+        StopControl.ignore_signals()
+        if hasattr(signal, 'pthread_sigmask'):
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, StopControl.SIGNALS)
+        report, report_thread = sys.excepthook, threading.excepthook
+
+        def unless_dropped(kind, value, traceback):
+            if not issubclass(kind, ConnectionError):
+                report(kind, value, traceback)
+
+        def thread_unless_dropped(args):
+            if not issubclass(args.exc_type, ConnectionError):
+                report_thread(args)
+        sys.excepthook, threading.excepthook = unless_dropped, thread_unless_dropped
+
+    def _start(self):
+        """DataLoader.__iter__, its workers started with the stop signals blocked: a Ctrl-C while
+        they start waits until each ignores it (start_worker); otherwise it would end a worker
+        before then, with its traceback, and the loader with 'worker exited unexpectedly'. In the
+        main process the signal arrives once all have started."""
+        import signal
+        if not (self.num_workers and hasattr(signal, 'pthread_sigmask')):
+            return super().__iter__()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, StopControl.SIGNALS)
+        try:
+            return super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
     def __iter__(self):
-        for item in super().__iter__():
+        # the workers' iterator is never a local variable: an error leaves it to be collected
+        # (and its workers ended) at once, not when the error's traceback is
+        for item in self._start():
             if isinstance(item, str):
                 raise DataError(item)
             yield item
@@ -391,6 +495,14 @@ def balanced_pass(scene_of_frame, per_scene, generator):
         chosen.append(order[:per_scene])
     chosen = torch.cat(chosen)
     return chosen[torch.randperm(len(chosen), generator=generator)]
+
+
+def spread(indices, count):
+    """At most `count` of `indices`, spread evenly over them, the first and the last kept
+    (validation frames held in memory; kitti.paper_entries: the frames of a drive)."""
+    if len(indices) <= count:
+        return indices
+    return np.asarray(indices)[np.linspace(0, len(indices) - 1, count).astype(int)]
 
 
 class SampleOrder:
@@ -593,9 +705,8 @@ def prepare_image(rgb, geometry=NYU):
 def read_full_depths(mat_path, indices, name='depths', chunk=READ_CHUNK):
     """Yield (index, upright 480x640 float32 depth) from the labeled .mat for the given frames, a
     chunk at a time (evaluation compares against the full-resolution ground truth)."""
-    import h5py
     indices = [int(i) for i in indices]
-    with h5py.File(mat_path, 'r') as f:
+    with open_mat(mat_path) as f:
         d = f[name]
         for start in range(0, len(indices), chunk):
             part = indices[start:start + chunk]

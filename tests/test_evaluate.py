@@ -97,3 +97,53 @@ def test_missing_weights_message(tmp_path, synthetic):
     mat, splits = synthetic
     with pytest.raises(cli.DataError, match='run train.py'):
         evaluate.main(['--data', str(mat), '--splits', str(splits), '--model', str(tmp_path)])
+
+
+READ_ONLY = 'read-only'   # a folder without write permission (as root, os.access is told so)
+
+
+@pytest.mark.parametrize('script, argv, expected', [
+    ('evaluate', ['--batch-size', '0'], 'argument --batch-size: 0 is below 1'),
+    ('evaluate', ['--workers', '-1'], 'argument --workers: -1 is below 0'),   # KITTI's decoding
+    ('evaluate', ['--demo', '--data', '{tmp}/x.mat'], '--data: --demo uses its synthetic rooms'),
+    ('evaluate', ['--out', ''], '--out: an empty path'),
+    ('evaluate', ['--out', '{tmp}/file/sub'], '{tmp}/file is a file, so no folder can be made'),
+    ('evaluate', ['--out', f'{{tmp}}/{READ_ONLY}/out'], f'cannot write in {{tmp}}/{READ_ONLY}'),
+    ('evaluate', ['--model', '{tmp}/text'], 'coarse.pth: not a PyTorch file'),
+    ('evaluate', ['--model', '{tmp}/pickle'], 'coarse.pth: a Python pickle, not a PyTorch file'),
+    ('train', ['--demo', '--data', '{tmp}/x.mat'], '--data: --demo uses its synthetic rooms'),
+    ('train', ['--demo', '--splits', '{tmp}/s.mat'], '--splits: --demo uses its synthetic rooms'),
+    ('train', ['--data', '/dev/null', '--data-format', 'labeled'], '/dev/null: is not a regular file'),
+    ('train', ['--workers', '-1'], 'argument --workers: -1 is below 0'),
+    ('train', ['--per-scene', 'nan'], "argument --per-scene: 'nan' is not a whole number"),
+    ('train', ['--val-fraction', 'inf'], 'argument --val-fraction: inf is not a finite number'),
+    ('train', ['--val-fraction', '1'], 'argument --val-fraction: 1 must be below 1'),
+    ('train', ['--depth-scale', '-0.001'], 'argument --depth-scale: -0.001 must be above 0'),
+])
+def test_bad_options_and_files_are_refused_in_one_line_before_any_work(tmp_path, monkeypatch,
+                                                                        script, argv, expected):
+    """evaluate.py's (and train.py's data options) refusals: one line, before any test image is
+    read (the --out cases: before the weights are even looked for, so nothing is lost)."""
+    import os
+    import pickle
+    import train
+    (tmp_path / 'file').write_text('a file where a folder would be made')
+    (tmp_path / READ_ONLY).mkdir()
+    (tmp_path / READ_ONLY).chmod(0o555)
+    if os.access(tmp_path / READ_ONLY, os.W_OK):   # root writes anywhere: have os.access say no
+        real_access = os.access
+        monkeypatch.setattr(os, 'access', lambda path, mode: os.path.abspath(path) != str(
+            tmp_path / READ_ONLY) and real_access(path, mode))
+    for name, write in (('text', lambda f: f.write_text('coarse1.weight 0.1 0.2\n')),
+                        ('pickle', lambda f: f.write_bytes(pickle.dumps({'coarse1.weight': [0.1]})))):
+        (tmp_path / name).mkdir()
+        write(tmp_path / name / 'coarse.pth')
+    argv = [a.replace('{tmp}', str(tmp_path)) for a in argv]
+    if script == 'evaluate':
+        argv = ['--data', str(tmp_path / 'file'), '--model', str(tmp_path / 'no_model'), *argv]
+    else:
+        argv = ['--out', str(tmp_path / 'out'), *argv]
+    with pytest.raises(cli.UserError) as e:
+        {'evaluate': evaluate, 'train': train}[script].main(argv + ['--device', 'cpu'])
+    assert expected.replace('{tmp}', str(tmp_path)) in str(e.value) and '\n' not in str(e.value)
+    (tmp_path / READ_ONLY).chmod(0o755)

@@ -206,3 +206,83 @@ def test_synthetic_writer_produces_nyu_layout(tmp_path):
     # floor at the bottom of an upright frame is nearer than the top (wall or ceiling far away)
     assert np.median(d[:, -20:]) < np.median(d[:, 100:140])
     assert (data['raw_depths'] == 0).any() and (data['depths'] > 0).all()
+
+
+@pytest.mark.parametrize('damage', ['empty', 'cut short'])
+def test_a_damaged_cache_is_rebuilt_with_a_note(tiny_mat, capsys, damage):
+    """A cache cut short (a copy, a full disk) is only a copy of the .mat: read the .mat again."""
+    path = tiny_mat[0]
+    first = util.read_nyu_labeled(path, progress=False)
+    cache = util.cache_path_for(path)
+    whole = open(cache, 'rb').read()
+    open(cache, 'wb').write(b'' if damage == 'empty' else whole[:len(whole) // 2])
+    capsys.readouterr()
+    again = util.read_nyu_labeled(path, progress=False)
+    np.testing.assert_array_equal(again['images'], first['images'])
+    notes = capsys.readouterr().out.splitlines()
+    assert len(notes) == 1 and notes[0].startswith(f'note: {cache}: damaged')
+    assert open(cache, 'rb').read() == whole          # rebuilt, the same arrays
+
+
+def _chunked_mat(path, n=3):
+    """A labeled file written as MATLAB -v7.3 writes it (one gzip chunk per frame)."""
+    zeros = np.zeros((H, W), np.uint16)
+    frames = [(*_pattern_frame(i), zeros, zeros.astype(np.uint8)) for i in range(n)]
+    synthetic.write_nyu_labeled_mat(path, frames, [f'room_{i}' for i in range(n)], progress=False)
+
+
+@pytest.mark.parametrize('whose', ['NYU', 'demo'])
+def test_a_damaged_mat_is_one_line_naming_it(tmp_path, whose):
+    """A block zeroed in the middle (the depths of frame 1): HDF5 opens the file and fails only
+    when reading that part; training's read and evaluation's full-resolution one both say so in
+    one line. The synthetic demo's file (its MATLAB header names it) is made anew, not downloaded."""
+    mat = tmp_path / 'labeled.mat'
+    _chunked_mat(mat)
+    with h5py.File(mat, 'r') as f:
+        chunk = f['depths'].id.get_chunk_info(1)
+    with open(mat, 'r+b') as f:
+        if whose == 'NYU':
+            f.write(bytes(128))                          # no header: not the demo's file
+        f.seek(chunk.byte_offset + chunk.size // 4)
+        f.write(bytes(chunk.size // 2))
+    remedy = 'download it again' if whose == 'NYU' else 'train.py --demo makes it again'
+    with pytest.raises(cli.DataError) as train_read:
+        util.read_nyu_labeled(mat, use_cache=False, progress=False)
+    with pytest.raises(cli.DataError) as eval_read:
+        list(util.read_full_depths(mat, [0, 1]))
+    for e in (train_read, eval_read):
+        message = str(e.value)
+        assert message.startswith(f'{mat}: damaged') and remedy in message and '\n' not in message
+
+
+@pytest.mark.parametrize('name, value, expected', [
+    ('trainNdxs', np.zeros((0, 1)), 'is empty'),
+    ('testNdxs', np.zeros((0, 1)), 'is empty'),
+    ('trainNdxs', np.array([[1.0], [2.5]]), 'holds 2.5, not a whole frame number'),
+    ('testNdxs', np.array([[3.0], [5.0], [3.0]]), 'lists frame 3 2 times'),
+    ('trainNdxs', '1 2 4', 'holds text, not frame numbers'),
+    ('testNdxs', np.array([[np.nan]]), 'holds NaN or inf'),
+])
+def test_splits_that_are_not_a_split_are_refused_in_one_line(tmp_path, name, value, expected):
+    """An empty side, fractional or repeated frame numbers, text: never scored silently."""
+    splits = tmp_path / 'splits.mat'
+    variables = {'trainNdxs': np.array([[1.0], [2.0], [4.0]]), 'testNdxs': np.array([[3.0], [5.0]])}
+    variables[name] = value
+    scipy.io.savemat(splits, variables)
+    with pytest.raises(cli.DataError) as e:
+        util.read_splits(splits, 5)
+    assert str(e.value).startswith(f"{splits}: '{name}' {expected}") and '\n' not in str(e.value)
+
+
+def test_the_demo_makes_its_data_again_when_it_is_cut_short(tmp_path, monkeypatch, capsys):
+    import data
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(data, 'DEMO_SCENES', 2)
+    monkeypatch.setattr(data, 'DEMO_VIEWS', 1)
+    mat, splits = data.demo_paths()
+    whole = open(mat, 'rb').read()
+    open(mat, 'wb').write(whole[:len(whole) // 2])
+    capsys.readouterr()
+    assert data.demo_paths() == (mat, splits)
+    assert 'making the synthetic demo data again' in capsys.readouterr().out
+    assert os.path.getsize(mat) == len(whole) and len(util.read_scene_names(mat)) == 2

@@ -1,10 +1,15 @@
 """Raw-frame training sets (issue #6): each layout built tiny in its exact on-disk form (real PNG
 and JPEG encodings, 16-bit depth, CSV, list file), checked value by value; scene balancing; the
 test-scene refusal; streaming in flat memory."""
+import errno
+import io
 import json
 import os
+import re
 import subprocess
 import sys
+import threading
+import types
 import zipfile
 
 import numpy as np
@@ -195,6 +200,180 @@ def test_conversion_to_the_memory_mapped_cache(bts_tree, tmp_path):
     assert (tmp_path / 'new.partial' / 'notes.txt').read_text() == 'mine'
 
 
+def one_line(error):
+    message = str(error.value)
+    assert message and '\n' not in message
+    return message
+
+
+def _no_space(*_args):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _disk_with_room(room):
+    """An `open` for nyu_raw whose binary files share `room` bytes, as a small disk without
+    posix_fallocate: a write past it fails with ENOSPC."""
+    used = [0]
+
+    class File(io.FileIO):
+        def write(self, data):
+            size = memoryview(data).nbytes
+            if used[0] + size > room:
+                _no_space()
+            used[0] += size
+            return super().write(data)
+
+    return lambda path, mode='r', **kw: File(path, mode) if 'b' in mode else open(path, mode, **kw)
+
+
+@pytest.mark.parametrize('full', ['free space checked first', 'space reserved first',
+                                  'a write fails midway'])
+def test_a_full_disk_is_one_line_and_leaves_nothing(bts_tree, tmp_path, monkeypatch, full):
+    """The cache used to be written through memory maps: on a full disk the process died of
+    SIGBUS, with no message, its partial cache left holding the space."""
+    listing, root, _ = bts_tree
+    out = tmp_path / 'cache'
+    if full == 'free space checked first':    # 1 MiB free; 3 frames of 320x240 x 5 bytes: 1.1 MiB
+        monkeypatch.setattr(os, 'statvfs', lambda path: types.SimpleNamespace(f_bavail=256, f_frsize=4096))
+    elif full == 'space reserved first':
+        monkeypatch.setattr(os, 'posix_fallocate', _no_space)
+    else:                                      # room for the first frame's RGB (225 KiB) only
+        monkeypatch.delattr(os, 'posix_fallocate')
+        monkeypatch.setattr(nyu_raw, 'open', _disk_with_room(300_000), raising=False)
+    with pytest.raises(cli.UserError) as e:
+        nyu_raw.main(['--data', str(listing), '--data-root', str(root), '--out', str(out),
+                      '--workers', '0'])
+    message = one_line(e)
+    if full == 'free space checked first':
+        assert message.startswith(f'{out}: the cache needs 1.1 MiB, but the file system of '
+                                  f'{tmp_path} has 1.0 MiB free')
+    else:
+        assert message.startswith(f'{out}: could not write ') and '(No space left on device)' in message
+    assert sorted(os.listdir(tmp_path)) == ['nyudepthv2_train_files_with_gt.txt', 'sync']
+
+
+def _mm_folder(folder, count=2, zero=False):
+    """rgb_<k>.png / depth_<k>.png pairs, the depth 16-bit millimetres (0.7 to 9 m), or all 0."""
+    folder.mkdir()
+    for k in range(count):
+        rgb, depth = _frame(k)
+        Image.fromarray(rgb).save(folder / f'rgb_{k}.png')
+        _save_png16(folder / f'depth_{k}.png', depth * 0 if zero else depth)
+    return folder
+
+
+@pytest.mark.parametrize('scale, found', [
+    ('1', r'100% of the valid depth is outside 0.1 to 20 m \(median [\d.e+]+ m, 100% clipped at 65.5 m\)'),
+    ('1e-06', r'100% of the valid depth is outside 0.1 to 20 m \(median 0.00[45]\d* m\)')],
+    ids=['read as metres', 'read as micrometres'])
+def test_a_wrong_depth_scale_is_refused_with_the_likely_one(tmp_path, scale, found):
+    """Millimetre PNGs read as metres (clipped at the cache's 65.5 m) or as micrometres."""
+    folder = _mm_folder(tmp_path / 'mine')
+    with pytest.raises(cli.DataError) as e:
+        nyu_raw.main(['--data', str(folder), '--depth-scale', scale, '--out', str(tmp_path / 'c'),
+                      '--workers', '0'])
+    message = one_line(e)
+    assert re.match(f'{folder}: {found}: the depth unit looks wrong; --depth-scale 0.001 gives a '
+                    f'median of 4', message), message
+    assert sorted(os.listdir(tmp_path)) == ['mine']
+
+
+def test_the_depth_unit_is_checked_on_the_first_frames_and_no_depth_is_refused(tmp_path, monkeypatch):
+    folder = _mm_folder(tmp_path / 'mine', count=3)
+    (folder / 'rgb_2.png').write_bytes(b'not a png')   # never reached: refused after 2 frames
+    monkeypatch.setattr(nyu_raw, 'DEPTH_CHECK_FRAMES', 2)
+    with pytest.raises(cli.DataError, match='the depth unit looks wrong; --depth-scale 0.001 '):
+        nyu_raw.main(['--data', str(folder), '--depth-scale', '1', '--out', str(tmp_path / 'c'),
+                      '--workers', '0'])
+    empty = _mm_folder(tmp_path / 'zeros', zero=True)
+    with pytest.raises(cli.DataError, match=f'{empty}: none of its 2 frames has a valid depth pixel'):
+        nyu_raw.main(['--data', str(empty), '--depth-scale', '0.001', '--out', str(tmp_path / 'c'),
+                      '--workers', '0'])
+    assert sorted(os.listdir(tmp_path)) == ['mine', 'zeros']
+
+
+@pytest.mark.parametrize('option, value, refusal', [
+    ('--depth-scale', 'nan', 'argument --depth-scale: nan is not a finite number'),
+    ('--depth-scale', 'inf', 'argument --depth-scale: inf is not a finite number'),
+    ('--depth-scale', '0', 'argument --depth-scale: 0 must be above 0'),
+    ('--depth-scale', '-0.001', 'argument --depth-scale: -0.001 must be above 0'),
+    ('--workers', '-1', 'argument --workers: -1 is below 0'),
+    ('--out', '', '--out: an empty path'),
+    ('--out', '{file}/cache', '{file}/cache: {file} is a file, so no folder can be made there'),
+    ('--data', '{cache}', '{cache}: is already a converted cache')])
+def test_bad_options_are_one_line_before_any_work(tmp_path, option, value, refusal):
+    file, cache = tmp_path / 'a_file', _generated_cache(tmp_path / 'cache', n=2)
+    file.write_text('mine')
+    argv = {'--data': str(tmp_path / 'missing'), '--depth-scale': '0.001',   # --data: read last
+            '--out': str(tmp_path / 'out'), '--workers': '0'}
+    argv[option] = value.format(file=file, cache=cache)
+    with pytest.raises(cli.UserError) as e:
+        nyu_raw.main([text for pair in argv.items() for text in pair])
+    assert one_line(e).startswith(refusal.format(file=file, cache=cache))
+    assert sorted(os.listdir(tmp_path)) == ['a_file', 'cache']
+
+
+class _ThreadErrors(torch.utils.data.Dataset):
+    """Item 0 reports a dropped connection from a thread as multiprocessing's resource sharer
+    does (sys.excepthook), item 1 one from a plain thread, item 2 another error."""
+
+    def __len__(self):
+        return 3
+
+    def __getitem__(self, i):
+        def fail():
+            if i == 0:
+                try:
+                    raise ConnectionResetError('dropped')
+                except ConnectionResetError:
+                    sys.excepthook(*sys.exc_info())
+            else:
+                raise BrokenPipeError('dropped') if i == 1 else ValueError('a real error')
+        thread = threading.Thread(target=fail)
+        thread.start()
+        thread.join()
+        return i
+
+
+def test_loader_workers_keep_quiet_about_a_connection_the_main_process_dropped(capfd, monkeypatch):
+    """A Ctrl-C in the main process while it receives a frame drops the worker's connection; the
+    worker's traceback of it came after the `interrupted` line."""
+    monkeypatch.setattr(threading, 'excepthook', threading.__excepthook__)   # not pytest's
+    assert list(util.FrameLoader(_ThreadErrors(), batch_size=None, num_workers=1)) == [0, 1, 2]
+    err = capfd.readouterr().err
+    assert 'ValueError: a real error' in err
+    assert 'Error: dropped' not in err                 # the line ending each dropped one's traceback
+
+
+CTRL_C = r"""
+import os, signal, sys, threading, time
+sys.path.insert(0, sys.argv[1])
+signal.signal(signal.SIGINT, signal.default_int_handler)   # whatever the test runner had
+# a terminal's Ctrl-C reaches the whole process group, once, while the workers start: each one
+# takes a second to start (at fork, where logging's own hooks run too)
+pressed = []
+def ctrl_c_soon():
+    if not pressed:
+        pressed.append(threading.Timer(0.3, os.killpg, (0, signal.SIGINT)))
+        pressed[0].start()
+os.register_at_fork(after_in_child=lambda: time.sleep(1), after_in_parent=ctrl_c_soon)
+import cli, nyu_raw
+sys.argv[1:] = sys.argv[2:]
+cli.run_cli(nyu_raw.main)
+"""
+
+
+def test_ctrl_c_while_workers_start_is_one_line(bts_tree, tmp_path):
+    listing, root, _ = bts_tree
+    out = tmp_path / 'cache'
+    r = subprocess.run([sys.executable, '-W', 'ignore::UserWarning', '-c', CTRL_C, ROOT,
+                        '--data', str(listing), '--data-root', str(root), '--out', str(out),
+                        '--workers', '2'], capture_output=True, text=True, timeout=120,
+                       start_new_session=True)
+    assert (r.returncode, r.stderr) == (130, 'interrupted\n')
+    assert sorted(os.listdir(tmp_path)) == ['nyudepthv2_train_files_with_gt.txt', 'sync']
+
+
 @pytest.mark.parametrize('damage', ['images.npy cut short', 'no depths file', 'json cut short',
                                     'json without scenes', 'images.npy not an array'])
 def test_a_damaged_cache_is_one_line(tmp_path, damage):
@@ -374,5 +553,5 @@ def test_a_cache_larger_than_the_free_memory_is_refused(tmp_path, monkeypatch):
                               '--val-fraction', 0.25))
     message = str(e.value)
     assert '\n' not in message and str(cache) in message and '--path plain' in message
-    assert '12 training frames need 4 MiB' in message and '3.0 GiB free' in message
+    assert '12 training frames need 4.4 MiB' in message and '3.0 GiB free' in message
     assert not out.exists()                     # nothing written
