@@ -25,8 +25,8 @@ CHECKPOINT_FORMAT = 6
 # fine net; None where its stage has not begun)
 NETS = ('coarse', 'fine', 'refine')
 # What a checkpoint's config must share with the command line that resumes it.
-RESUME_MUST_MATCH = ('dataset', 'data', 'batch_size', 'samples', 'lam', 'seed', 'train_depth',
-                     'per_scene', 'lr_scale')   # the dataset first: a run of the other one differs in more
+RESUME_MUST_MATCH = ('dataset', 'data', 'kitti_list', 'batch_size', 'samples', 'lam', 'seed',
+                     'train_depth', 'per_scene', 'lr_scale')   # the dataset first: a run of the other one differs in more
 
 
 def read_checkpoint(path, args, variant, stages):
@@ -79,6 +79,7 @@ def check_schedule(path, ckpt, args, converted=False):
     asked = {'batch_size': args.batch_size, 'samples': samples, 'lam': args.lam,
              'seed': args.seed, 'train_depth': args.train_depth, 'per_scene': args.per_scene,
              'lr_scale': args.lr_scale, 'dataset': args.dataset,
+             'kitti_list': getattr(args, 'kitti_list', None),   # None for NYU: not compared
              'data': os.path.abspath(args.data) if converted else None}   # --demo: known then
     for key in RESUME_MUST_MATCH:
         if key in ckpt['config'] and asked[key] is not None and ckpt['config'][key] != asked[key]:
@@ -217,6 +218,7 @@ def save(path, log, nets, optimizer, args, done=False):
                             'seed': args.seed, 'train_depth': args.train_depth,
                             'per_scene': args.per_scene, 'lr_scale': args.lr_scale,
                             'dataset': args.dataset, 'data': os.path.abspath(args.data),
+                            'kitti_list': getattr(args, 'kitti_list', None),
                             'processes': DIST.world}}
         write(path, lambda tmp: torch.save(state, tmp), 'checkpoint', log)
     DIST.together(write_state, main_only=True)   # rank 0 writes; its failure stops every rank
@@ -227,7 +229,7 @@ def weights_hash(state):
     """sha256 of a state_dict's tensors (names, dtypes, shapes and values), as stored on the CPU."""
     h = hashlib.sha256()
     for name, t in state.items():
-        t = t.detach().cpu().contiguous()
+        t = t.detach().cpu().contiguous().reshape(-1)   # 0-dim tensors too
         h.update(f'{name} {t.dtype} {tuple(t.shape)};'.encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b'')
     return h.hexdigest()

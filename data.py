@@ -27,8 +27,9 @@ def add_data_options(p, demo_help):
     """train.py's data options (the training set, its validation share, scene balancing)."""
     d = p.add_argument_group('data')
     d.add_argument('--dataset', choices=DATASETS, default='nyu',
-                   help="'nyu': NYU Depth v2 (Sec. 4.1); 'kitti': raw KITTI's Eigen split "
-                        '(Sec. 4.2: 576x172 crops, LIDAR depth, its own schedule; README, KITTI) '
+                   help="'nyu': NYU Depth v2 (Sec. 4.1); 'kitti': raw KITTI, tested on the Eigen "
+                        'split (Sec. 4.2: 576x172 crops, LIDAR depth, its own schedule; README, '
+                        'KITTI) '
                         '(default: %(default)s)')
     d.add_argument('--data',
                    help=f'training set: the NYU Depth v2 labeled .mat (MATLAB v7.3), or raw frames '
@@ -40,18 +41,25 @@ def add_data_options(p, demo_help):
                    help='(default: %(default)s: by the name of --data)')
     d.add_argument('--data-root', help="BTS: the folder the list's paths are relative to "
                                        "(default: the list file's folder)")
-    d.add_argument('--depth-scale', type=float,
+    d.add_argument('--depth-scale', type=cli.real(above=0),
                    help='a plain folder: metres per depth PNG unit (0.001 for millimetres)')
     d.add_argument('--labeled', default=LABELED,
                    help='with raw frames: the labeled .mat whose test scenes (with --splits) are '
                         'refused in training (default: %(default)s)')
     d.add_argument('--splits', default=SPLITS,
                    help="NYU's official train/test split (default: %(default)s)")
-    d.add_argument('--per-scene', type=int, default=None,
+    d.add_argument('--per-scene', type=cli.whole(0), default=None,
                    help=f'draw N frames of every scene per pass (Sec. 4.1: the distribution '
                         f'evened to {nyu_raw.PER_SCENE} per scene); 0 = every frame once per pass '
-                        f'(default: {nyu_raw.PER_SCENE} for raw frames, 0 for the labeled set)')
-    d.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1),
+                        f'(default: {nyu_raw.PER_SCENE} for raw frames, 0 for the labeled set; '
+                        f'KITTI: {kitti.PER_SCENE} with --kitti-list paper, 0 with eigen)')
+    d.add_argument('--kitti-list', choices=tuple(kitti.LIST_NAMES),
+                   help="--dataset kitti's training frames: 'paper' = Sec. 4.2's list (frames where "
+                        f'the car moves, at most {kitti.PER_DRIVE} a drive, left and right images, '
+                        f'the drives evened to a list of {kitti.PAPER_LIST_LENGTH // 1000}K); '
+                        "'eigen' = the field's Eigen training list (monodepth2's, 22,600 frames x "
+                        "2), shuffled (default: paper)")
+    d.add_argument('--workers', type=cli.whole(0), default=min(8, os.cpu_count() or 1),
                    help='DataLoader processes: decoding raw frames, and augmenting with '
                         '--path plain (default: %(default)s)')
     d.add_argument('--demo', action='store_true',
@@ -61,11 +69,16 @@ def add_data_options(p, demo_help):
                    help="training targets: 'raw' Kinect depth with holes masked, as the paper "
                         "(Sec. 4.1: missing values not filled), or the labeled set's inpainted "
                         "'filled' depths (default: %(default)s). Validation always uses filled.")
-    d.add_argument('--val-fraction', type=float, default=0.1,
+    d.add_argument('--val-fraction', type=cli.real(low=0), default=0.1,
                    help='share of the training images (whole scenes) held out for validation; '
-                        'the test split is never used here (default: %(default)s)')
+                        "the test split is never used here. 0: no validation, every training "
+                        "scene trains, as the paper's final models (its validation set was "
+                        '"folded back into the training set for our final evaluations") '
+                        '(default: %(default)s)')
 
 def check_data_options(p, a):
+    if a.demo:
+        refuse_data_with_demo(p, a, SPLITS)
     if a.dataset == 'kitti':
         nyu_only = [o for o, given in (('--demo', a.demo), ('--train-depth filled', a.train_depth == 'filled'),
                                        ('--data-format', a.data_format != 'auto')) if given]
@@ -73,26 +86,45 @@ def check_data_options(p, a):
             p.error(f'{", ".join(nyu_only)}: NYU\'s, not KITTI\'s (README, KITTI)')
         a.data = a.data or kitti.ROOT
         a.data_format = 'kitti'
-        a.per_scene = a.per_scene or 0   # (?) Sec. 4.2 shuffles its frames, no scene balancing
+        a.kitti_list = a.kitti_list or 'paper'
+        if a.per_scene is None:   # Sec. 4.2: the 40K list "after evening the scene distribution"
+            a.per_scene = kitti.PER_SCENE if a.kitti_list == 'paper' else 0
     else:
+        if a.kitti_list:
+            p.error('--kitti-list: the KITTI training list; give it with --dataset kitti')
         a.data = a.data or LABELED
         if a.data_format == 'auto':
             a.data_format = 'labeled' if a.demo else nyu_raw.detect_format(a.data)
         if a.per_scene is None:
             a.per_scene = 0 if a.data_format == 'labeled' else nyu_raw.PER_SCENE
-    if a.per_scene < 0:
-        p.error('--per-scene must be 0 or positive')
-    if not 0 <= a.val_fraction < 1:
-        p.error('--val-fraction must be in [0, 1)')
+    if not a.val_fraction < 1:
+        p.error(f'argument --val-fraction: {a.val_fraction:g} must be below 1 (a share of the '
+                f'training images)')
+
+
+def refuse_data_with_demo(p, a, default_splits):
+    """--demo brings its own data: a --data or --splits beside it is refused, not ignored."""
+    given = [option for option, is_given in (('--data', a.data is not None),
+                                             ('--splits', a.splits != default_splits)) if is_given]
+    if given:
+        p.error(f'{" and ".join(given)}: --demo uses its synthetic rooms ({DEMO_FOLDER}/); give '
+                f'either --demo or {" and ".join(given)}')
 
 
 def demo_paths():
-    """The synthetic demo's .mat and splits.mat, rendered on first use."""
+    """The synthetic demo's .mat and splits.mat, rendered on first use, and again when they do not
+    read (cut short: a copy, a full disk; the checks take milliseconds: the frames are not read)."""
     data, splits = (os.path.join(DEMO_FOLDER, 'synthetic_labeled.mat'),
                     os.path.join(DEMO_FOLDER, 'synthetic_splits.mat'))
     if not (os.path.isfile(data) and os.path.isfile(splits)):
         print(f'making the synthetic demo data in {DEMO_FOLDER}/ (once)')
-        synthetic.make_synthetic_nyu(DEMO_FOLDER, DEMO_SCENES, DEMO_VIEWS, seed=0)
+    else:
+        try:
+            util.read_splits(splits, len(util.read_scene_names(data)))
+            return data, splits
+        except cli.DataError as e:   # "<file>: <what is wrong>; <what to do>": the first two
+            print(f'note: {str(e).split(";")[0]}; making the synthetic demo data again')
+    synthetic.make_synthetic_nyu(DEMO_FOLDER, DEMO_SCENES, DEMO_VIEWS, seed=0)
     return data, splits
 
 
@@ -101,6 +133,9 @@ def load_data(args, device):
     in-memory training frames are moved to `device` (uint8 on the GPU: 0.4 MB a frame, 0.3 GB for
     the labeled set)."""
     train, val, scenes = _load(args, device)
+    if not len(val):
+        print('no validation: every training scene trains (--val-fraction 0), as the paper\'s final '
+              'models; the history has no validation columns filled')
     if args.path == 'fast' and isinstance(train, util.Frames):
         train.to(device)
     return train, val, scenes
@@ -133,7 +168,7 @@ def _hold_out_scenes(frames, args, device):
     decoding, no workers), else decoded as drawn."""
     train_idx, val_idx = util.split_train_val(np.arange(len(frames)), frames.scenes,
                                               args.val_fraction, args.seed)
-    val = util.Frames.from_dataset(frames, spread(val_idx, RAW_VAL_FRAMES), min(args.workers, 4),
+    val = util.Frames.from_dataset(frames, util.spread(val_idx, RAW_VAL_FRAMES), min(args.workers, 4),
                                    frames.frame_hw)
     if args.path == 'fast' and isinstance(frames, nyu_raw.CachedFrames):
         train = frames.to_frames(train_idx, device)
@@ -142,29 +177,29 @@ def _hold_out_scenes(frames, args, device):
     return train, val, [frames.scenes[i] for i in train_idx], {frames.scenes[i] for i in val_idx}
 
 
-def spread(indices, count):
-    """At most `count` of `indices`, spread evenly over them (validation frames held in memory)."""
-    if len(indices) <= count:
-        return indices
-    return np.asarray(indices)[np.linspace(0, len(indices) - 1, count).astype(int)]
-
-
 def load_kitti(args, device):
-    """KITTI, Sec. 4.2: the Eigen split's training frames (left and right images as separate
-    shots), a frame of a test drive refused. Validation: whole training drives held out
-    (--val-fraction), RAW_VAL_FRAMES of their frames in memory. Not the Eigen validation list:
-    its 1,776 frames lie one frame (0.1 s) from a training frame, so they score like training
-    frames. --data: the raw KITTI folder, or a cache from `python kitti.py`."""
+    """KITTI, Sec. 4.2: the training frames of --kitti-list (the paper's list, or the field's
+    Eigen training list; left and right images as separate shots), a frame of a test drive
+    refused; the paper's list is evened across drives by the training order (--per-scene).
+    Validation: whole training drives held out (--val-fraction), RAW_VAL_FRAMES of their frames in
+    memory. Not the Eigen validation list: its 1,776 frames lie one frame (0.1 s) from a training
+    frame, so they score like training frames. --data: the raw KITTI folder, or a cache from
+    `python kitti.py` (converted from the same --kitti-list)."""
     if nyu_raw.is_cache(args.data):
         frames = nyu_raw.CachedFrames(args.data)
         check_frame_size(frames, KITTI.frame_hw, 'train.py --dataset kitti takes a cache of KITTI '
                                                  'frames (python kitti.py)')
+        kitti.check_cache_list(frames, args.kitti_list)
     else:
-        frames = kitti.open_kitti(args.data, 'train')
+        frames = kitti.open_training_list(args.data, args.kitti_list)
     nyu_raw.refuse_test_scenes(frames, kitti.test_drives())
     train, val, scenes, held_out = _hold_out_scenes(frames, args, device)
-    print(f'{frames.description}: {len(train)} training frames of {len(set(scenes))} drives, '
-          f'{len(val)} validation frames of {len(held_out)} held-out drives; none of the test drives')
+    drives = len(set(scenes))
+    evened = (f'; evened to {args.per_scene} a drive: a list of {args.per_scene * drives} a pass'
+              if args.per_scene else '; shuffled')
+    print(f'{frames.description}: {len(train)} training frames of {drives} drives, '
+          f'{len(val)} validation frames of {len(held_out)} held-out drives; none of the test '
+          f'drives{evened}')
     return train, val, scenes
 
 

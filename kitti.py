@@ -1,10 +1,12 @@
-"""Raw KITTI for the paper's second dataset (Sec. 4.2): the Eigen split's frames as a torch Dataset
-(RGB at half resolution, LIDAR depth projected into the camera), the ground truth the field
-evaluates against, and a one-time conversion into a memory-mapped cache.
+"""Raw KITTI for the paper's second dataset (Sec. 4.2): the training frames (the paper's list, built
+from the drives on disk, or the field's Eigen training list) and the Eigen split's test frames as
+a torch Dataset (RGB at half resolution, LIDAR depth projected into the camera), the ground truth
+the field evaluates against, and a one-time conversion into a memory-mapped cache.
 
 Facts and file layouts: ../shared/kitti.md. In short, under the raw KITTI root:
   <date>/<date>_drive_<NNNN>_sync/image_02|image_03/data/<frame:010d>.png   left / right colour
   <date>/<date>_drive_<NNNN>_sync/velodyne_points/data/<frame:010d>.bin     float32 x, y, z, refl.
+  <date>/<date>_drive_<NNNN>_sync/oxts/data/<frame:010d>.txt                GPS/IMU: 30 numbers
   <date>/calib_cam_to_cam.txt, <date>/calib_velo_to_cam.txt                 `KEY: v1 v2 ...` lines
 and, optionally, KITTI's annotated depth (data_depth_annotated) under its own root:
   train|val/<drive>/proj_depth/groundtruth/image_02|image_03/<frame:010d>.png   uint16, m = v / 256
@@ -31,7 +33,6 @@ sqrt(mean((gt - p)^2)), RMSE log = sqrt(mean((log gt - log p)^2)), delta_k = mea
 p / gt) < 1.25^k); the prediction is resized to the ground truth's full size, then clamped to
 FIELD_CLAMP; the mask is field_mask below. The paper's scale-invariant error is not among them.
 """
-import argparse
 import os
 
 import numpy as np
@@ -349,6 +350,9 @@ class KittiFrames(torch.utils.data.Dataset):
         # nyu_raw.convert stores depth as uint16 in KITTI's own unit, 1/256 m (that of the annotated
         # PNGs, held exactly): NYU's millimetres would stop at 65.5 m; LIDAR reaches 80 m and more
         self.cache_depth_file, self.cache_units_per_m = 'depths.npy', 256
+        # LIDAR depth: the Velodyne HDL-64E measures up to ~120 m, typically ~15 m in the frame;
+        # most of it outside this range means a wrong scan or calibration (nyu_raw.DepthCheck)
+        self.plausible_depth_m, self.typical_depth_m = (0.1, 200.0), 15.0
 
     def __len__(self):
         return len(self.entries)
@@ -387,21 +391,26 @@ def test_drives():
 
 
 def open_kitti(root, split='train', ann_root=None, depth=None):
-    """The frames of a split ('train', 'val', 'test' or a list file's path) that are on disk under
-    the raw KITTI `root`, as KittiFrames. Depth: annotated PNGs when ann_root is given, else the
-    Velodyne scans with camera z (or `depth` as KittiFrames takes it). Missing frames are reported
-    in one printed line and left out; none at all is a DataError."""
+    """The frames of a split ('train', 'val', 'test', 'paper': the paper's training list built by
+    paper_entries, or a list file's path) that are on disk under the raw KITTI `root`, as
+    KittiFrames. Depth: annotated PNGs when ann_root is given, else the Velodyne scans with camera
+    z (or `depth` as KittiFrames takes it). Missing frames are reported in one printed line and
+    left out; none at all is a DataError."""
     files.check_folder(root, 'the raw KITTI folder (holding 2011_09_26/ ...)')
     depth = depth or ('annotated' if ann_root is not None else 'camera')
     if depth == 'annotated' and ann_root is None:
         raise cli.UserError('annotated depth needs the data_depth_annotated folder (ann_root)')
     if ann_root is not None:
         files.check_folder(ann_root, ANNOTATED_FOLDER)
-    if split not in SPLIT_FILES:
-        files.check_file(split, f'a KITTI split list, or one of {", ".join(SPLIT_FILES)}')
-    list_path = SPLIT_FILES.get(split, split)
-    entries = read_split(list_path)
-    name = f'Eigen {split} split' if split in SPLIT_FILES else list_path
+    if split == 'paper':
+        entries, counts = paper_entries(root)
+        name, details = LIST_NAMES['paper'], f'{LIST_NAMES["paper"]} (Sec. 4.2): {counts}'
+    else:
+        if split not in SPLIT_FILES:
+            files.check_file(split, f'a KITTI split list, or one of {", ".join(SPLIT_FILES)}, paper')
+        list_path = SPLIT_FILES.get(split, split)
+        entries = read_split(list_path)
+        name = details = f'Eigen {split} split' if split in SPLIT_FILES else list_path
 
     calib_found = {}
 
@@ -430,7 +439,132 @@ def open_kitti(root, split='train', ann_root=None, depth=None):
               f'{named}; using the other {len(present)}')
     source = {'camera': 'Velodyne, camera depth', 'velodyne': 'Velodyne, Velodyne x',
               'annotated': f'annotated depth from {ann_root}'}[depth]
-    return KittiFrames(root, present, f'{root} ({name}, {source})', depth, ann_root)
+    return KittiFrames(root, present, f'{root} ({details}, {source})', depth, ann_root)
+
+
+# ----------------------------------------------------------------------------------------------
+# The training list: the paper's (Sec. 4.2), or the field's Eigen training list
+
+# --kitti-list of train.py and of this script: 'paper' = the list Sec. 4.2 describes, built from
+# the drives on disk (paper_entries); 'eigen' = the field's (kitti/splits/eigen_train_files.txt,
+# monodepth2's: 33 drives, 22,600 frames x 2 cameras). Each name is also how a frames'
+# description, and so a cache's, says which list it holds.
+LIST_NAMES = {'paper': "paper's training list", 'eigen': 'Eigen train split'}
+LIST_SPLITS = {'paper': 'paper', 'eigen': 'train'}   # open_kitti's name of each
+PER_DRIVE = 800   # Sec. 4.2: "about 800 images per scene", spread evenly over a longer drive
+# Sec. 4.2 drops the frames "where the car is stationary (acceleration below a threshold)". (?) We
+# drop by speed, not acceleration: a car standing and a car cruising at a steady speed both have an
+# acceleration near 0, and only the first is stationary. (?) The threshold is ours: 0.5 m/s (1.8
+# km/h), far above the OXTS unit's velocity noise (centimetres a second), below any driving.
+STATIONARY_SPEED = 0.5    # m/s, the speed over ground: hypot(vf, vl)
+# An OXTS record (raw KITTI's devkit readme, dataformat.txt): one line of 30 numbers, lat lon alt
+# roll pitch yaw vn ve vf vl vu ax ay az af al au wx wy wz wf wl wu posacc velacc navstat numsats
+# posmode velmode orimode; vf, vl: the forward and leftward velocity parallel to the ground, m/s.
+OXTS_NUMBERS, OXTS_VF, OXTS_VL = 30, 8, 9
+# Sec. 4.2: 20K unique images of 28 training scenes shuffled into a list of 40K. A list of
+# duplicates changes training only if images repeat unequally: (?) the scenes are evened, as NYU's
+# list of the same form is "after evening the scene distribution" (Sec. 4.1). Every drive gives
+# PER_SCENE images a pass (util.SampleOrder's per_scene, --per-scene; a short drive's images
+# repeat more), a pass of 40K on 28 drives, PER_SCENE x drives on ours.
+PAPER_LIST_LENGTH, PAPER_TRAIN_SCENES = 40000, 28
+PER_SCENE = round(PAPER_LIST_LENGTH / PAPER_TRAIN_SCENES)   # 1429
+
+
+def training_drives():
+    """The folders ('<date>/<drive>') of the drives the paper trains on: raw KITTI's city,
+    residential and road drives that are not test drives. No file of a drive says its category;
+    the Eigen lists name exactly those 61 drives (raw KITTI's download page: 28 city, 21
+    residential, 12 road), 28 of them the test drives, so the other 33, the Eigen training list's,
+    are taken. (?) The paper trains on 28 scenes it does not name: which 5 of the 33 it left out
+    cannot be told."""
+    test = test_drives()
+    return sorted({folder for folder, _, _ in read_split(SPLIT_FILES['train'])
+                   if drive_name(folder) not in test})
+
+
+def oxts_path(root, folder, frame):
+    return os.path.join(root, folder, 'oxts', 'data', f'{frame:010d}.txt')
+
+
+def read_speed(path):
+    """The car's speed over ground (m/s) in an OXTS record: hypot(vf, vl)."""
+    files.check_file(path, 'a KITTI OXTS record (one line of 30 numbers)')
+    with open(path, errors='replace') as f:
+        text = f.read()
+    try:
+        numbers = np.array([float(v) for v in text.split()])
+    except ValueError:
+        numbers = np.array([])
+    if len(numbers) != OXTS_NUMBERS or not np.isfinite(numbers[[OXTS_VF, OXTS_VL]]).all():
+        raise cli.DataError(f'{path}: expected one line of {OXTS_NUMBERS} numbers (lat lon alt roll '
+                            f'pitch yaw vn ve vf vl ...), found {text.strip()[:60]!r}')
+    return float(np.hypot(numbers[OXTS_VF], numbers[OXTS_VL]))
+
+
+def drive_frames(root, folder):
+    """The frame indices of a drive's left images on disk (image_02/data/<frame>.png), sorted."""
+    folder_path = os.path.join(root, folder, CAMERA_FOLDERS['l'], 'data')
+    if not os.path.isdir(folder_path):
+        return []
+    return sorted(int(name[:-4]) for name in os.listdir(folder_path)
+                  if name.endswith('.png') and name[:-4].isdigit())
+
+
+def paper_entries(root, per_drive=PER_DRIVE, min_speed=STATIONARY_SPEED):
+    """The paper's training list (Sec. 4.2) from the drives under `root`: of every training drive
+    on disk (training_drives), the frames where the car moves (its OXTS speed at least
+    `min_speed`), at most `per_drive` of them spread evenly over the drive, each as two entries, the
+    left and the right image ("unassociated shots"). Returns (entries, a line of the counts).
+    Frames without an OXTS record are left out and counted; the evening of the drives is the
+    training order's (PER_SCENE)."""
+    folders = training_drives()
+    entries, drives, frames, stationary, no_record = [], 0, 0, 0, 0
+    for folder in folders:
+        indices = drive_frames(root, folder)
+        drives, frames, moving = drives + bool(indices), frames + len(indices), []
+        for frame in indices:
+            path = oxts_path(root, folder, frame)
+            if not os.path.isfile(path):
+                no_record += 1
+            elif read_speed(path) >= min_speed:
+                moving.append(frame)
+            else:
+                stationary += 1
+        entries += [(folder, int(frame), camera) for frame in util.spread(moving, per_drive)
+                    for camera in CAMERA_FOLDERS]
+    if not drives:
+        example = os.path.join(root, folders[0], CAMERA_FOLDERS['l'], 'data')
+        raise cli.DataError(f'{root}: none of the {len(folders)} training drives of the paper\'s '
+                            f'list found (e.g. {example}); expected raw KITTI\'s '
+                            f'<date>/<date>_drive_*_sync folders')
+    if no_record == frames:
+        raise cli.DataError(f'{os.path.join(root, folders[0], "oxts", "data")} and the like: none of '
+                            f'the {frames} frames of {drives} drives has an OXTS record, which the '
+                            f"paper's list needs to drop stationary frames (raw KITTI's synced drive "
+                            f'downloads hold oxts/); add them, or train on --kitti-list eigen')
+    counts = (f'{drives} drives, {frames} frames, {stationary} stationary (speed < {min_speed:g} m/s) '
+              f'dropped' + (f', {no_record} without an OXTS record left out' if no_record else '')
+              + f', at most {per_drive} a drive: {len(entries) // 2} frames x 2 cameras')
+    if not entries:
+        raise cli.DataError(f'{root}: every frame of the paper\'s list is stationary ({counts})')
+    return entries, counts
+
+
+def open_training_list(root, kitti_list):
+    """The training frames of --kitti-list 'paper' or 'eigen' under the raw KITTI `root`."""
+    return open_kitti(root, LIST_SPLITS[kitti_list])
+
+
+def check_cache_list(frames, kitti_list):
+    """A cache converted from the other training list (its description names the list): one
+    line."""
+    if LIST_NAMES[kitti_list] not in frames.description:
+        held = next((k for k, name in LIST_NAMES.items() if name in frames.description), None)
+        what = f'the {LIST_NAMES[held]}' if held else 'another list'
+        hint = f'train with --kitti-list {held}, or ' if held else ''
+        raise cli.DataError(f'{frames.folder}: holds {what}, not the {LIST_NAMES[kitti_list]} '
+                            f'(--kitti-list {kitti_list}); {hint}convert it with python kitti.py '
+                            f'--kitti-list {kitti_list}')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -497,16 +631,24 @@ def open_test_set(root, ann_root=None, workers=4):
 # One-time conversion into a memory-mappable cache (nyu_raw.convert, in KITTI's depth unit)
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description='Convert the training frames of the Eigen split of raw '
-                                'KITTI once into the memory-mapped cache train.py --dataset kitti '
-                                'reads fastest: RGB at 612x184 and LIDAR depth (camera z), 0.56 MB a '
-                                'frame (25 GB for the 45,200 training frames).')
+    p = cli.ArgumentParser(description='Convert the training frames of raw KITTI once into the '
+                                'memory-mapped cache train.py --dataset kitti reads fastest: RGB at '
+                                '612x184 and LIDAR depth (camera z), 0.56 MB a frame (the paper\'s '
+                                'list: about 13K frames x 2 cameras, 15 GB; the Eigen list: '
+                                '45,200, 25 GB).')
     p.add_argument('--data', default=ROOT, help='the raw KITTI folder (default: %(default)s)')
     p.add_argument('--out', default=os.path.join(ROOT, 'cache'), help='(default: %(default)s)')
-    p.add_argument('--workers', type=int, default=4, help='decoding processes (default: %(default)s)')
+    p.add_argument('--kitti-list', choices=tuple(LIST_NAMES), default='paper',
+                   help="the training frames: 'paper' = Sec. 4.2's list (moving frames, at most "
+                        f"{PER_DRIVE} a drive, both cameras), 'eigen' = the field's Eigen training "
+                        'list; train.py --kitti-list must name the same (default: %(default)s)')
+    p.add_argument('--workers', type=cli.whole(0), default=4,
+                   help='decoding processes (default: %(default)s)')
     p.add_argument('--debug', action='store_true', help='show the traceback of an error')
     args = p.parse_args(argv)
-    frames = open_kitti(args.data, 'train')
+    nyu_raw.check_out(args.out)   # before the frames are looked for, which can take a while
+    frames = open_training_list(args.data, args.kitti_list)
+    print(frames.description)
     nyu_raw.convert(frames, args.out, args.workers)
     print(f'{len(frames)} frames of {len(set(frames.scenes))} drives -> {args.out}')
     return 0

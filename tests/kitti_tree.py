@@ -3,6 +3,7 @@
   <root>/<date>/calib_cam_to_cam.txt, calib_velo_to_cam.txt        the real text formats
   <root>/<date>/<drive>/image_02|image_03/data/<frame:010d>.png    8-bit RGB, the date's real size
   <root>/<date>/<drive>/velodyne_points/data/<frame:010d>.bin      float32 x, y, z, reflectance
+  <root>/<date>/<drive>/oxts/data/<frame:010d>.txt                  30 numbers (GPS/IMU), one line
   <ann_root>/train|val/<drive>/proj_depth/groundtruth/image_02|image_03/<frame:010d>.png  uint16
 
 The scene is learnable: a flat road (camera 1.65 m above it) ending at a wall whose distance
@@ -37,6 +38,7 @@ ENTRIES = [
 VELO_TO_CAM_R = np.array([[0., -1., 0.], [0., 0., -1.], [1., 0., 0.]])
 VELO_TO_CAM_T = np.array([-4.069766e-03, -7.631618e-02, -2.717806e-01])   # 2011_09_26's
 CAMERA_HEIGHT = 1.65     # metres above the road (KITTI's rig)
+DRIVING_SPEED = 8.0      # m/s, every frame's OXTS speed unless write_tree is given another
 WALL_HEIGHT = 4.0        # metres above the road
 SKY = (150, 190, 235)
 
@@ -116,6 +118,21 @@ def write_velodyne(path, points):
     np.asarray(points, dtype=np.float32).tofile(path)
 
 
+def write_oxts(path, speed, heading=0.6):
+    """An OXTS record as raw KITTI writes it: one line of 30 numbers in the devkit readme's order
+    (lat lon alt roll pitch yaw vn ve vf vl vu ax ay az af al au wx wy wz wf wl wu posacc velacc
+    navstat numsats posmode velmode orimode), the car driving at `speed` m/s towards `heading`
+    (rad, 0 = east): vf = speed, vl = 0. The accelerations are a steady car's whatever the speed
+    (ax, ay near 0; az, au near 9.8 m/s^2, gravity, which raw KITTI's records hold)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    ve, vn = speed * np.cos(heading), speed * np.sin(heading)
+    numbers = [49.011212804408, 8.4228850417969, 112.83492279053, 0.022447, 1e-05, heading,
+               vn, ve, speed, 0.0, 0.017, 0.05, -0.02, 9.81, 0.05, -0.02, 9.81, 0.001, -0.002, 0.003,
+               0.001, -0.002, 0.003, 0.45, 0.02, 4, 10, 4, 4, 0]
+    with open(path, 'w') as f:
+        f.write(' '.join(f'{v:.12g}' for v in numbers) + '\n')
+
+
 def write_png(path, array):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     Image.fromarray(array).save(path, compress_level=1)
@@ -178,11 +195,12 @@ def velodyne_scan(calib, depth, ray_x, ray_y, rng, every=(3, 4)):
 
 
 def write_tree(root, entries=ENTRIES, ann_root=None, unannotated=(), calibs=CALIBS, seed=0,
-               split_file=None):
-    """Write every frame of `entries` (both cameras, the scan, the day's calibration) under `root`,
-    annotated depth for both cameras under `ann_root` (if given; the first drive of each day in
-    train/, the others in val/, except the (folder, frame) pairs in `unannotated`) and the entries
-    as a split list (default <root>/split.txt). Returns a Tree of what was written."""
+               split_file=None, speeds=None):
+    """Write every frame of `entries` (both cameras, the scan, the OXTS record, the day's
+    calibration) under `root`, annotated depth for both cameras under `ann_root` (if given; the
+    first drive of each day in train/, the others in val/, except the (folder, frame) pairs in
+    `unannotated`) and the entries as a split list (default <root>/split.txt). `speeds`: (folder,
+    frame) -> the car's speed in m/s (default DRIVING_SPEED). Returns a Tree of what was written."""
     root = os.fspath(root)
     rng = np.random.default_rng(seed)
     frames = {}
@@ -211,6 +229,8 @@ def write_tree(root, entries=ENTRIES, ann_root=None, unannotated=(), calibs=CALI
                                        'groundtruth', image, f'{frame:010d}.png'), ann)
         write_velodyne(os.path.join(root, folder, 'velodyne_points', 'data', f'{frame:010d}.bin'),
                        points)
+        write_oxts(os.path.join(root, folder, 'oxts', 'data', f'{frame:010d}.txt'),
+                   (speeds or {}).get((folder, frame), DRIVING_SPEED))
         frames[(folder, frame)] = Frame(points, depth, wall)
     split_file = os.fspath(split_file or os.path.join(root, 'split.txt'))
     write_split(split_file, entries)

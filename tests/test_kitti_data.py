@@ -447,3 +447,133 @@ def test_a_frame_that_fails_during_conversion_is_one_line(tree, tmp_path):
         nyu_raw.convert(frames, str(tmp_path / 'cache'), workers=1, progress=False)
     assert one_line(e).startswith(kitti.image_path(tree.root, missing) + ': not found')
     assert not os.listdir(tmp_path)                  # nothing half-written left
+
+
+@pytest.mark.parametrize('option, value, refusal', [
+    ('--workers', '-1', 'argument --workers: -1 is below 0'),
+    ('--workers', 'two', "argument --workers: 'two' is not a whole number"),
+    ('--kitti-list', 'mine', "argument --kitti-list: invalid choice: 'mine'"),
+    ('--out', '', '--out: an empty path'),
+    ('--out', '{file}/cache', '{file}/cache: {file} is a file, so no folder can be made there'),
+    ('--out', '{raw}', '{raw}: is a folder, but not a cache')])
+def test_bad_conversion_options_are_one_line_before_any_work(tree, tmp_path, option, value, refusal):
+    file = tmp_path / 'a_file'
+    file.write_text('mine')
+    # --data: the test tree holds no training drive, which would be the next error
+    argv = {'--data': tree.root, '--out': str(tmp_path / 'cache'), '--workers': '0'}
+    argv[option] = value.format(file=file, raw=tree.root)
+    with pytest.raises(cli.UserError) as e:
+        kitti.main([text for pair in argv.items() for text in pair])
+    assert one_line(e).startswith(refusal.format(file=file, raw=tree.root))
+    assert os.listdir(tmp_path) == ['a_file']
+
+
+# ----------------------------------------------------------------------------------------------
+# The paper's training list (Sec. 4.2): moving frames, at most PER_DRIVE a drive, both cameras,
+# the drives evened by the training order
+
+DRIVE_A = '2011_09_26/2011_09_26_drive_0061_sync'   # residential, on the Eigen training list
+DRIVE_B = '2011_09_30/2011_09_30_drive_0020_sync'   # residential, on the Eigen training list
+CAMPUS = '2011_09_28/2011_09_28_drive_0016_sync'    # a campus drive: not a category Sec. 4.2 uses
+# Drive A: frames 0-6, the car standing at frame 2 and creeping at 0.3 m/s at frame 3 (below our
+# 0.5 m/s), driving at 8 m/s (kitti_tree.DRIVING_SPEED) otherwise; drive B: frames 0-1, driving.
+# Also on disk: a frame of a test drive and one of the campus drive, which the list must leave out.
+PAPER_TREE = ([(DRIVE_A, i, 'l') for i in range(7)] + [(DRIVE_B, i, 'l') for i in range(2)]
+              + [kitti_tree.ENTRIES[0], (CAMPUS, 0, 'l')])
+STATIONARY = {(DRIVE_A, 2): 0.0, (DRIVE_A, 3): 0.3}
+
+
+@pytest.fixture(scope='module')
+def paper_tree(tmp_path_factory):
+    calibs = {**kitti_tree.CALIBS, '2011_09_28': kitti_tree.CALIBS['2011_09_26']}
+    return kitti_tree.write_tree(tmp_path_factory.mktemp('kitti') / 'raw', PAPER_TREE,
+                                 calibs=calibs, speeds=STATIONARY)
+
+
+def both_cameras(folder, frames):
+    return [(folder, frame, camera) for frame in frames for camera in ('l', 'r')]
+
+
+def test_papers_list_drops_stationary_frames_caps_each_drive_and_takes_both_cameras(paper_tree):
+    entries, counts = kitti.paper_entries(paper_tree.root)
+    # drive A's 5 moving frames and B's 2, each as a left and a right image; no test or campus drive
+    assert entries == both_cameras(DRIVE_A, [0, 1, 4, 5, 6]) + both_cameras(DRIVE_B, [0, 1])
+    assert counts == ('2 drives, 9 frames, 2 stationary (speed < 0.5 m/s) dropped, at most 800 a '
+                      'drive: 7 frames x 2 cameras')
+    # at most 3 a drive: A's 5 moving frames spread evenly, the first and the last kept
+    entries, counts = kitti.paper_entries(paper_tree.root, per_drive=3)
+    assert entries == both_cameras(DRIVE_A, [0, 4, 6]) + both_cameras(DRIVE_B, [0, 1])
+    assert counts.endswith('at most 3 a drive: 5 frames x 2 cameras')
+    assert kitti.PER_DRIVE == 800 and len(kitti.training_drives()) == 33   # Sec. 4.2; 61 - 28
+
+
+def test_papers_list_trains_evened_across_drives_to_the_40k_list(paper_tree, capsys):
+    import data
+    import train
+    import util
+    args = train.parse_args(['--dataset', 'kitti', '--data', paper_tree.root, '--workers', '0'])
+    assert args.kitti_list == 'paper' and args.per_scene == 1429   # 40K / 28 scenes = 1428.6
+    train_set, val, scenes = data.load_data(args, torch.device('cpu'))
+    out = capsys.readouterr().out.splitlines()
+    # one line: drives, frames before and after the stationary filter, the cap, the list length
+    # (the validation share, 10% of 14 images, holds out one of the two drives)
+    assert out == [f"{paper_tree.root} (paper's training list (Sec. 4.2): 2 drives, 9 frames, 2 "
+                   f"stationary (speed < 0.5 m/s) dropped, at most 800 a drive: 7 frames x 2 "
+                   f"cameras, Velodyne, camera depth): {len(train_set)} training frames of 1 "
+                   f"drives, {len(val)} validation frames of 1 held-out drives; none of the test "
+                   f"drives; evened to 1429 a drive: a list of 1429 a pass"]
+    # the evening, over both drives: a pass draws every drive 1429 times, B's 4 images as often
+    # as A's 10, each of them 357 or 358 times
+    frames = kitti.open_kitti(paper_tree.root, 'paper')
+    order = util.SampleOrder(len(frames), 0, frames.scenes, args.per_scene)
+    drawn = np.bincount(order.indices(0, 2 * 1429), minlength=len(frames))
+    by_drive = {drive: drawn[[s == drive for s in frames.scenes]] for drive in set(frames.scenes)}
+    assert {d: int(n.sum()) for d, n in by_drive.items()} == {kitti.drive_name(DRIVE_A): 1429,
+                                                              kitti.drive_name(DRIVE_B): 1429}
+    assert set(by_drive[kitti.drive_name(DRIVE_B)]) <= {357, 358}
+
+
+@pytest.mark.parametrize('argv, kitti_list, per_scene', [
+    (['--dataset', 'kitti'], 'paper', 1429),
+    (['--dataset', 'kitti', '--kitti-list', 'eigen'], 'eigen', 0),       # the field's: shuffled
+    (['--dataset', 'kitti', '--kitti-list', 'eigen', '--per-scene', '700'], 'eigen', 700),
+    (['--dataset', 'kitti', '--per-scene', '0'], 'paper', 0)])
+def test_kitti_list_sets_the_evening(argv, kitti_list, per_scene):
+    import train
+    args = train.parse_args(argv)
+    assert (args.kitti_list, args.per_scene) == (kitti_list, per_scene)
+
+
+def test_kitti_list_without_kitti_and_bad_oxts_records_are_one_line(tmp_path, capsys):
+    import train
+    with pytest.raises(cli.UserError) as e:
+        train.parse_args(['--kitti-list', 'paper'])
+    assert one_line(e).startswith('--kitti-list: the KITTI training list; give it with --dataset kitti')
+    with pytest.raises(cli.UserError) as e:
+        train.parse_args(['--dataset', 'kitti', '--kitti-list', 'mine'])
+    assert 'argument --kitti-list' in one_line(e)
+    record = tmp_path / 'oxts.txt'
+    for text in ('', '1 2 3\n', ' '.join(['0'] * 29 + ['x'])):
+        record.write_text(text)
+        with pytest.raises(cli.DataError) as e:
+            kitti.read_speed(str(record))
+        assert one_line(e).startswith(f'{record}: expected one line of 30 numbers')
+    kitti_tree.write_oxts(str(record), 3.0)
+    assert kitti.read_speed(str(record)) == pytest.approx(3.0)
+
+
+def test_frames_without_oxts_records_are_counted_and_none_at_all_is_one_line(tmp_path):
+    tree = kitti_tree.write_tree(tmp_path / 'raw', [(DRIVE_B, 0, 'l'), (DRIVE_B, 1, 'l')])
+    os.remove(kitti.oxts_path(tree.root, DRIVE_B, 1))
+    entries, counts = kitti.paper_entries(tree.root)
+    assert entries == both_cameras(DRIVE_B, [0])
+    assert counts == ('1 drives, 2 frames, 0 stationary (speed < 0.5 m/s) dropped, 1 without an OXTS '
+                      'record left out, at most 800 a drive: 1 frames x 2 cameras')
+    os.remove(kitti.oxts_path(tree.root, DRIVE_B, 0))
+    with pytest.raises(cli.DataError) as e:
+        kitti.paper_entries(tree.root)
+    assert 'none of the 2 frames of 1 drives has an OXTS record' in one_line(e)
+    assert one_line(e).endswith('or train on --kitti-list eigen')
+    with pytest.raises(cli.DataError) as e:
+        kitti.paper_entries(str(tmp_path))
+    assert "none of the 33 training drives of the paper's list found" in one_line(e)

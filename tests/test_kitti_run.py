@@ -1,13 +1,16 @@
 """KITTI end to end on a tiny raw-KITTI tree (tests/kitti_tree.py): train.py --dataset kitti trains
-both stages (the coarse from the raw tree, the fine from kitti.py's cache), evaluate.py scores the
-Eigen test frames on both protocols, predict.py writes full-size depth."""
+both stages on the paper's list (the coarse from the raw tree, the fine from kitti.py's cache), the
+Eigen training list on request, evaluate.py scores the Eigen test frames on both protocols,
+predict.py writes full-size depth."""
 import os
 
 import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import cli
+import data
 import evaluate
 import kitti
 import kitti_tree
@@ -32,15 +35,20 @@ def tree(tmp_path_factory):
                                  unannotated=[kitti_tree.ENTRIES[-1][:2]])
 
 
-def _train(tree, out, *extra):
-    return train.main(list(map(str, [
+def _argv(tree, out, *extra):
+    return list(map(str, [
         '--dataset', 'kitti', '--data', tree.root, '--out', out, '--device', 'cpu', '--batch-size', 2,
-        '--coarse-samples', 4, '--fine-samples', 4, '--workers', 0, '--log-every', 1, *extra])))
+        '--coarse-samples', 4, '--fine-samples', 4, '--workers', 0, '--log-every', 1, *extra]))
+
+
+def _train(tree, out, *extra):
+    return train.main(_argv(tree, out, *extra))
 
 
 @pytest.fixture(scope='module')
 def trained(tree, tmp_path_factory):
-    """Both stages: the coarse from the raw tree, then the fine from the cache kitti.py writes."""
+    """Both stages on the paper's list (the default): the coarse from the raw tree, then the fine
+    from the cache kitti.py writes."""
     out = tmp_path_factory.mktemp('model_kitti')
     assert _train(tree, out, '--stage', 'coarse') == 0
     cache = os.path.join(tree.root, 'cache')
@@ -73,19 +81,40 @@ def test_a_fine_stage_on_an_nyu_coarse_net_is_refused_naming_both(tree, tmp_path
 
 
 def test_the_training_data_is_the_eigen_split_without_test_drives(tree, capsys, tmp_path):
-    assert _train(tree, tmp_path, '--stage', 'coarse', '--coarse-samples', 2) == 0
+    assert _train(tree, tmp_path, '--stage', 'coarse', '--coarse-samples', 2, '--kitti-list', 'eigen') == 0
     out = capsys.readouterr().out
     # the shipped train list, of which the tree holds 6 frames: one line, no traceback
     # 6 frames of the list, each with both cameras, which the list names as separate shots
     assert '45188 of the 45200 frames of the Eigen train split are missing' in out
     # validation: whole drives held out (10% of the frames: one drive of two frames here)
     assert '10 training frames of 4 drives, 2 validation frames of 1 held-out drives' in out
+    assert out.count('Eigen train split') == 2 and "paper's" not in out
     leaked = os.path.join(tree.root, 'leak.txt')
     with open(leaked, 'w') as f:   # a list naming a test drive's frame: refused
         f.write(f'{kitti_tree.ENTRIES[0][0]} {kitti_tree.ENTRIES[0][1]:010d} l\n')
     frames = kitti.open_kitti(tree.root, leaked)
     with pytest.raises(cli.DataError, match='official test split'):
         nyu_raw.refuse_test_scenes(frames, kitti.test_drives())
+
+
+def test_a_cache_or_a_run_of_the_other_list_is_refused(trained, tree):
+    # the cache kitti.py converted from the paper's list (its default), asked for as the Eigen list
+    cache = os.path.join(tree.root, 'cache')
+    args = train.parse_args(['--dataset', 'kitti', '--data', cache, '--kitti-list', 'eigen'])
+    with pytest.raises(cli.DataError, match=r"cache: holds the paper's training list, not the Eigen "
+                                            r"train split \(--kitti-list eigen\); train with "
+                                            r"--kitti-list paper, or convert"):
+        data.load_data(args, torch.device('cpu'))
+    # the run trained on the paper's list, resumed on the Eigen list: refused, with the paper's
+    # evening given as well
+    path = os.path.join(trained, 'checkpoint.pth')
+    ckpt = torch.load(path, weights_only=False)
+    assert ckpt['config']['per_scene'] == kitti.PER_SCENE
+    for same_evening in ([], ['--per-scene', kitti.PER_SCENE]):
+        args = train.parse_args(_argv(tree, trained, '--stage', 'fine', '--kitti-list', 'eigen',
+                                      *map(str, same_evening)))
+        with pytest.raises(cli.DataError, match='was started with --kitti-list paper, this run asks for eigen'):
+            checkpoint.check_schedule(path, ckpt, args)
 
 
 def test_evaluate_scores_the_test_frames_under_table_2(trained, tree, capsys):

@@ -325,6 +325,18 @@ def test_a_fresh_run_over_an_unfinished_one_is_refused_or_moves_it_aside(tmp_pat
     assert (aside / 'checkpoint.pth').read_bytes() == checkpoint
 
 
+def test_the_validation_scenes_folded_back_train_and_the_run_says_so(tmp_path, tiny, capsys):
+    """--val-fraction 0, the paper's final models: every training frame trains (3 of the tiny
+    set's 5; 2 are test frames), one line says there is no validation, the history has none."""
+    out = tmp_path / 'out'
+    assert train.main(train_args(tiny, out, *SHORT, '--stage', 'coarse')) == 0
+    printed = capsys.readouterr().out
+    assert '3 training, 0 validation frames' in printed
+    assert printed.count('no validation: every training scene trains (--val-fraction 0)') == 1
+    rows = runlog.read_history(out / 'history_coarse.csv')
+    assert rows and all(r['val_loss'] is None and r['train_loss'] is not None for r in rows)
+
+
 def test_resume_on_other_data_is_refused(tmp_path, tiny):
     out, copy = tmp_path / 'out', tmp_path / 'copy.mat'
     assert train.main(train_args(tiny, out, *SHORT, '--max-steps', 1)) == 0
