@@ -65,6 +65,8 @@ def read_checkpoint(path, args, variant, stages):
                              f"both or {ckpt['stage']}")
     ckpt['config'].setdefault('lr_scale', 1.0)   # written before --lr-scale existed: the paper's
     ckpt['config'].setdefault('dataset', 'nyu')  # written before KITTI
+    # written before --kitti-list: KITTI runs trained on the Eigen list
+    ckpt['config'].setdefault('kitti_list', 'eigen' if ckpt['config']['dataset'] == 'kitti' else None)
     check_schedule(path, ckpt, args)
     return ckpt
 
@@ -81,6 +83,12 @@ def check_schedule(path, ckpt, args, converted=False):
              'lr_scale': args.lr_scale, 'dataset': args.dataset,
              'kitti_list': getattr(args, 'kitti_list', None),   # None for NYU: not compared
              'data': os.path.abspath(args.data) if converted else None}   # --demo: known then
+    started_on = ckpt['config'].get('data')
+    if asked['data'] and started_on and started_on != asked['data'] and \
+            os.path.basename(started_on) == os.path.basename(asked['data']):
+        # a copy of the same data elsewhere (a cluster job's scratch disk): the same run
+        print(f'note: {path}: started on {started_on}; continuing on {asked["data"]}')
+        asked['data'] = started_on
     for key in RESUME_MUST_MATCH:
         if key in ckpt['config'] and asked[key] is not None and ckpt['config'][key] != asked[key]:
             option = {'samples': f"--{unit}-samples"}.get(key, '--' + key.replace('_', '-'))
@@ -127,20 +135,27 @@ def resume(ckpt, optimizer, seed, gpus):
 
 def open_run(args, variant, stages):
     """The checkpoint this invocation continues (--resume, or --resume auto when one is there), or
-    None for a fresh start, which never overwrites a previous run's weights (make_room)."""
+    None for a fresh start, which may not overwrite a previous run's weights (previous_run). A
+    finished checkpoint of an earlier stage (--stage coarse before this --stage fine) is not this
+    run's: --resume auto starts the stage afresh on it, --resume is refused."""
     path = os.path.join(args.out, 'checkpoint.pth')
     if DIST.main:
         remove_stale_temporaries(args.out)
-    if args.resume == 'auto':
-        found = os.path.isfile(path)
-        print(f'--resume auto: continuing {path}' if found else
-              f'--resume auto: no checkpoint in {args.out}, starting afresh')
-        args.resume = 'yes' if found else None
-    if args.resume:
+    auto = args.resume == 'auto'
+    if args.resume and (os.path.isfile(path) or not auto):
         if not os.path.isfile(path):
             raise cli.DataError(f'{path}: no checkpoint to resume from')
-        return read_checkpoint(path, args, variant, stages)
-    DIST.together(lambda: make_room(args.out, stages, args.overwrite), main_only=True)
+        ckpt = read_checkpoint(path, args, variant, stages)
+        if not (ckpt['done'] and NETS.index(ckpt['stage']) < NETS.index(stages[0])):
+            if auto:
+                print(f'--resume auto: continuing {path}')
+            return ckpt
+        if not auto:
+            raise cli.DataError(f"{path}: holds the finished {ckpt['stage']} stage, which this "
+                                 f"--stage {stages[0]} run starts from; start it without --resume")
+    if auto:
+        print(f'--resume auto: no checkpoint of this run in {args.out}, starting afresh')
+    DIST.together(lambda: previous_run(args.out, stages, args.overwrite), main_only=True)
     return None
 
 
@@ -149,26 +164,40 @@ def stage_files(stage):
     return f'{stage}.pth', f'history_{stage}.csv', f'loss_{stage}.png'
 
 
-def make_room(out, stages, overwrite):
-    """A fresh run never overwrites what a user has: the weights of the stages it trains (and of
-    the later ones, trained on the nets it replaces) or an unfinished checkpoint are refused in
-    one line; with --overwrite they are moved into OUT/replaced-<date-time>/ with the histories
-    and figures that belong to them, and the earlier stages' weights this run starts from are
-    linked there too, so that folder holds the whole previous run. (A history without weights,
-    left by a run that stopped before its first checkpoint, is simply written anew.)"""
+def previous_run(out, stages, overwrite):
+    """What of a previous run a fresh one would replace, refused in one line unless --overwrite:
+    the weights of the stages it trains (and of the later ones, trained on the nets it replaces)
+    and an unfinished (or unreadable) checkpoint. A history without weights, left by a run that
+    stopped before its first checkpoint, is simply written anew. Returns the files' names."""
     later = NETS[NETS.index(stages[0]):]
     kept = [f'{s}.pth' for s in later if os.path.isfile(os.path.join(out, f'{s}.pth'))]
-    path = os.path.join(out, 'checkpoint.pth')
+    path, unfinished = os.path.join(out, 'checkpoint.pth'), False
     if os.path.isfile(path):
-        old = files.load_torch_file(path, 'a checkpoint written by train.py')
-        if not (isinstance(old, dict) and old.get('done')):
-            kept.insert(0, 'checkpoint.pth (unfinished)')
-    if not kept:
-        return
-    if not overwrite:
+        try:
+            old = files.load_torch_file(path, 'a checkpoint written by train.py')
+            unfinished = not (isinstance(old, dict) and old.get('done'))
+        except cli.DataError:
+            if not overwrite:
+                raise
+            unfinished = True   # --overwrite: moved aside with the rest
+    if unfinished:
+        kept.insert(0, 'checkpoint.pth (unfinished)')
+    if kept and not overwrite:
+        go_on = 'continue it with --resume, ' if unfinished else ''
         raise cli.DataError(f'{out}: holds a previous run ({", ".join(kept)}) that this fresh run '
-                             f'would replace; continue it with --resume, choose another --out, or '
-                             f'pass --overwrite to move those files aside (nothing was changed)')
+                             f'would replace; {go_on}choose another --out, or pass --overwrite to '
+                             f'move those files aside (nothing was changed)')
+    return kept
+
+
+def move_aside(out, stages):
+    """--overwrite, once the new run's data and weights have been read: the previous run's files
+    that it replaces go into OUT/replaced-<date-time>/ with the histories and figures that belong
+    to them, and the earlier stages' weights this run starts from are linked there too, so that
+    folder holds the whole previous run. Nothing is deleted."""
+    if not previous_run(out, stages, overwrite=True):
+        return
+    later = NETS[NETS.index(stages[0]):]
     stamp, count = time.strftime('replaced-%Y%m%d-%H%M%S'), 1
     aside = os.path.join(out, stamp)
     while os.path.exists(aside):   # two runs within a second

@@ -135,7 +135,9 @@ def load_data(args, device):
     train, val, scenes = _load(args, device)
     if not len(val):
         print('no validation: every training scene trains (--val-fraction 0), as the paper\'s final '
-              'models; the history has no validation columns filled')
+              'models; the history has no validation columns filled' if args.val_fraction == 0 else
+              f'no validation: no scene could be held out for --val-fraction {args.val_fraction:g} '
+              f'(one training scene?); the history has no validation columns filled')
     if args.path == 'fast' and isinstance(train, util.Frames):
         train.to(device)
     return train, val, scenes

@@ -33,6 +33,14 @@ def check_folder(path, what):
         raise DataError(f'{path}: is a file, not {what}')
 
 
+def nearest_existing(path):
+    """The nearest path at or above `path` that exists (where a folder made at `path` would go)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
 def check_out_folder(path, what='--out'):
     """A folder for a script's outputs, made when there is something to write: a path where no
     folder can be made or written (a file there or above it, a folder without write permission,
@@ -42,9 +50,7 @@ def check_out_folder(path, what='--out'):
         raise DataError(f'{what}: an empty path; {what} names a folder for the outputs')
     if os.path.exists(path) and not os.path.isdir(path):
         raise DataError(f'{path}: is a file; {what} names a folder for the outputs')
-    parent = os.path.abspath(path)
-    while not os.path.exists(parent):   # the folders os.makedirs would make go in this one
-        parent = os.path.dirname(parent)
+    parent = nearest_existing(path)   # the folders os.makedirs would make go in this one
     if not os.path.isdir(parent):
         raise DataError(f'{path}: {parent} is a file, so no folder can be made there; {what} '
                         f'names a folder for the outputs')

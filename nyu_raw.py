@@ -389,18 +389,10 @@ def check_out(out):
     return out, tmp
 
 
-def _existing_folder(path):
-    """The nearest folder at or above `path` that exists: where a folder made there would go."""
-    path = os.path.abspath(path)
-    while not os.path.isdir(path):
-        path = os.path.dirname(path)
-    return path
-
-
 def check_free_space(out, need):
     """Refuse (one line, nothing written) when the file system `out` would be on has fewer than
     `need` bytes free for an ordinary user."""
-    where = _existing_folder(os.path.dirname(os.path.abspath(out)))
+    where = files.nearest_existing(os.path.dirname(os.path.abspath(out)))
     try:
         stat = os.statvfs(where)
     except (OSError, AttributeError):   # no statvfs (Windows): the writes themselves will tell

@@ -58,8 +58,8 @@ class StageLog:
         self.bar = cli.progress(total=self.total_steps, initial=self.step, enabled=DIST.main,
                                 desc=f'{self.stage} net', unit='step', dynamic_ncols=True)
         self.print_lines = DIST.main and not (sys.stdout.isatty() and sys.stderr.isatty())
-        if DIST.main:
-            self._write(lambda: write_history(self.csv_path, self.history), 'write')
+        DIST.together(lambda: self._write(lambda: write_history(self.csv_path, self.history), 'write'),
+                      main_only=True)   # a full disk stops every rank
         self.t_start = self.t_interval = self.t_read = time.perf_counter()
         self.elapsed_before = self.history[-1]['elapsed_s'] if self.history else 0.0
         self.samples_before = self.step * a.batch_size
@@ -186,6 +186,8 @@ class StageLog:
         run, else start it again (nothing to resume from); `other`: a second way, `fix`: first."""
         if self.resumable or self.saved_step is not None:
             advice = 'continue with --resume'
+        elif os.path.isfile(os.path.join(self.args.out, f'{self.stage}.pth')):   # written, then
+            advice = 'start the run again with --overwrite (no checkpoint to resume from)'   # failed
         else:
             advice = 'start the run again (no checkpoint to resume from)'
         advice = f'{fix}, then {advice}' if fix else advice

@@ -29,9 +29,10 @@ def add_running_options(p):
                    help='continue from OUT/checkpoint.pth; `--resume auto`: continue it if it is '
                         'there, else start afresh (one command line a scheduler can rerun)')
     o.add_argument('--overwrite', action='store_true',
-                   help='a fresh run into an --out that holds the weights or history of the stages '
-                        'it trains is refused; with --overwrite those files are moved into '
-                        'OUT/replaced-<date-time>/ first (never deleted)')
+                   help='a fresh run into an --out that holds the weights of the stages it trains '
+                        '(or of later ones) or an unfinished checkpoint is refused; with --overwrite '
+                        'those files, with their histories and plots, are moved into '
+                        'OUT/replaced-<date-time>/ (never deleted)')
     o.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
                    help="'cuda': every visible GPU (nn.DataParallel when there are several; "
                         "torchrun is the faster way, README); 'cuda:N': GPU N alone; 'cpu' "

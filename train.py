@@ -211,6 +211,17 @@ def validate(coarse, fine, frames, device, batch, lam):
     return {'loss': float(loss_sum) / count, **found.result()}
 
 
+def validate_or_say(coarse, fine, val, device, args):
+    """validate on the held-out frames ({} without any); a set without a single valid depth pixel
+    is refused naming the data (metrics.py's message cannot)."""
+    if not len(val):
+        return {}
+    try:
+        return validate(coarse, fine, val, device, args.batch_size, args.lam)
+    except cli.DataError as e:
+        raise cli.DataError(f'{args.data}: its {len(val)} validation frames: {e}') from None
+
+
 def refining_nets(nets, stage):
     """What refines the coarse prediction up to `stage`: nothing (None), the fine net, or both fine
     nets (--refine 2), as predict_log_depth takes it."""
@@ -267,11 +278,8 @@ def train_stage(stage, nets, sets, args, device, gpus, ckpt, stop):
             # A logging point: the host reads the losses of the steps since the last one.
             mean_loss = log.read_losses(net)
             if log.validation_due():
-                try:
-                    scores = validate(coarse, scored, val, device, args.batch_size,
-                                      args.lam) if DIST.main and len(val) else {}
-                except cli.DataError as e:   # say which data: the message of metrics.py cannot
-                    raise cli.DataError(f'{args.data}: its {len(val)} validation frames: {e}') from None
+                scores = DIST.together(lambda: validate_or_say(coarse, scored, val, device, args),
+                                       main_only=True) or {}   # rank 0's refusal stops all
                 log.add_row(mean_loss, scores)   # history CSV and loss plot
             signalled, time_due = DIST.agree(stop.signalled, log.save_due())
             if log.step == log.total_steps:      # the stage's weights and its last checkpoint
@@ -355,6 +363,8 @@ def main(argv=None):
             if not os.path.isfile(path):
                 raise cli.DataError(f'{path}: the {stages[0]} stage needs the {stage} net trained before it')
             load_weights(nets[stage], path, f'the {stage} net written by the {stage} stage')
+    if ckpt is None and args.overwrite:   # only now: refused data or weights leave all in place
+        DIST.together(lambda: checkpoint.move_aside(args.out, stages), main_only=True)
     os.makedirs(args.out, exist_ok=True)   # only now: refused data or weights leave nothing behind
     with StopControl(args.max_steps) as stop:
         for stage in stages:

@@ -229,8 +229,9 @@ def _disk_with_room(room):
 @pytest.mark.parametrize('full', ['free space checked first', 'space reserved first',
                                   'a write fails midway'])
 def test_a_full_disk_is_one_line_and_leaves_nothing(bts_tree, tmp_path, monkeypatch, full):
-    """The cache used to be written through memory maps: on a full disk the process died of
-    SIGBUS, with no message, its partial cache left holding the space."""
+    """A full disk is one line and no partial cache is left holding the space: the free space is
+    checked first, the files are reserved before writing, and a write that fails midway is an
+    error, not a SIGBUS (the cache is written without a memory map)."""
     listing, root, _ = bts_tree
     out = tmp_path / 'cache'
     if full == 'free space checked first':    # 1 MiB free; 3 frames of 320x240 x 5 bytes: 1.1 MiB

@@ -303,9 +303,12 @@ def test_a_fresh_run_never_overwrites_a_previous_one(tmp_path, tiny, capsys):
     before = _files(out)
     assert {'coarse.pth', 'fine.pth', 'checkpoint.pth', 'history_fine.csv'} <= before.keys()
     for stage in ('both', 'coarse', 'fine'):
-        _refused(train_args(tiny, out, *SHORT, '--stage', stage), out, 'holds a previous run',
-                 'fine.pth', '--resume', '--overwrite', 'nothing was changed')
-    assert _files(out) == before
+        message = _refused(train_args(tiny, out, *SHORT, '--stage', stage), out,
+                           'holds a previous run', 'fine.pth', '--overwrite', 'nothing was changed')
+        assert '--resume' not in message   # a finished run has nothing to resume
+    # --overwrite moves nothing before the new run's data has been read
+    _refused(train_args((tmp_path / 'missing.mat', tiny[1]), out, *SHORT, '--overwrite'), 'not found')
+    assert _files(out) == before and not list(out.glob('replaced-*'))
     capsys.readouterr()
     assert train.main(train_args(tiny, out, *SHORT, '--stage', 'fine', '--overwrite')) == 0
     aside, = out.glob('replaced-*')
@@ -313,6 +316,19 @@ def test_a_fresh_run_never_overwrites_a_previous_one(tmp_path, tiny, capsys):
     # the fine stage's files and the run's figures moved; coarse.pth, its input, stays and is linked
     assert _files(aside) == {k: v for k, v in before.items() if 'coarse' not in k or k == 'coarse.pth'}
     assert _files(out).keys() == before.keys() and _files(out)['coarse.pth'] == before['coarse.pth']
+
+
+def test_resume_auto_after_a_finished_earlier_stage_trains_the_next_one(tmp_path, tiny, capsys):
+    """--stage coarse, then --stage fine with --resume auto (a requeued job's command line): the
+    finished coarse checkpoint is not the fine run's, so the fine stage starts; plain --resume is
+    refused in one line rather than ending at once with nothing trained."""
+    out = tmp_path / 'out'
+    assert train.main(train_args(tiny, out, *SHORT, '--stage', 'coarse')) == 0
+    _refused(train_args(tiny, out, *SHORT, '--stage', 'fine', '--resume'),
+             'holds the finished coarse stage', 'without --resume')
+    capsys.readouterr()
+    assert train.main(train_args(tiny, out, *SHORT, '--stage', 'fine', '--resume', 'auto')) == 0
+    assert 'no checkpoint of this run' in capsys.readouterr().out and (out / 'fine.pth').exists()
 
 
 def test_a_fresh_run_over_an_unfinished_one_is_refused_or_moves_it_aside(tmp_path, tiny):
@@ -337,12 +353,19 @@ def test_the_validation_scenes_folded_back_train_and_the_run_says_so(tmp_path, t
     assert rows and all(r['val_loss'] is None and r['train_loss'] is not None for r in rows)
 
 
-def test_resume_on_other_data_is_refused(tmp_path, tiny):
+def test_resume_on_other_data_is_refused(tmp_path, tiny, capsys):
     out, copy = tmp_path / 'out', tmp_path / 'copy.mat'
     assert train.main(train_args(tiny, out, *SHORT, '--max-steps', 1)) == 0
     copy.write_bytes(tiny[0].read_bytes())
     _refused(train_args((copy, tiny[1]), out, *SHORT, '--resume'), '--data', str(tiny[0]),
              f'asks for {copy}')
+    # the same file name elsewhere (a cluster job's scratch copy) is the same data: a note
+    scratch = tmp_path / 'scratch' / tiny[0].name
+    scratch.parent.mkdir()
+    scratch.write_bytes(tiny[0].read_bytes())
+    capsys.readouterr()
+    assert train.main(train_args((scratch, tiny[1]), out, *SHORT, '--resume', '--max-steps', 1)) == 0
+    assert f'started on {tiny[0]}; continuing on {scratch}' in capsys.readouterr().out
 
 
 @pytest.mark.parametrize('option, value', [
