@@ -214,7 +214,7 @@ def check_frame_size(frames, frame_hw, what):
 
 def load_labeled(args):
     arrays = util.read_nyu_labeled(args.data)
-    train_idx, test_idx = util.read_splits(args.splits, len(arrays['images']))
+    train_idx, test_idx = util.read_splits(args.splits, len(arrays['images']), test_may_be_empty=True)
     train_idx, val_idx = util.split_train_val(train_idx, arrays['scenes'], args.val_fraction, args.seed)
     depth_key = 'raw_depths' if args.train_depth == 'raw' else 'depths'
     train = util.Frames(arrays['images'][train_idx], arrays[depth_key][train_idx])

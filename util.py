@@ -237,8 +237,9 @@ def describe_invalid(counts):
     return '; '.join(parts) + ' (all masked as invalid)'
 
 
-def read_splits(splits_path, num_frames):
-    """The official split (splits.mat, MATLAB v5): 0-based train and test indices (int64)."""
+def read_splits(splits_path, num_frames, test_may_be_empty=False):
+    """The official split (splits.mat, MATLAB v5): 0-based train and test indices (int64).
+    test_may_be_empty: for training, which never reads the test frames (a benchmark's split)."""
     import scipy.io
     splits_path = os.fspath(splits_path)
     check_file(splits_path, "NYU's official split file", SPLITS_URL)
@@ -250,7 +251,11 @@ def read_splits(splits_path, num_frames):
     for name in ('trainNdxs', 'testNdxs'):
         if name not in m:
             raise DataError(f"{splits_path}: has no '{name}'; not NYU's splits.mat")
-        idx = _frame_numbers(m[name], f"{splits_path}: '{name}'")
+        idx = _frame_numbers(m[name], f"{splits_path}: '{name}'",
+                             may_be_empty=test_may_be_empty and name == 'testNdxs')
+        if not idx.size:
+            out.append(idx)
+            continue
         if idx.min() == 0:
             raise DataError(f"{splits_path}: '{name}' contains index 0: these indices look 0-based, "
                             f"but NYU's splits.mat is MATLAB's 1-based (1..{num_frames})")
@@ -264,15 +269,17 @@ def read_splits(splits_path, num_frames):
     return train, test
 
 
-def _frame_numbers(array, where):
+def _frame_numbers(array, where, may_be_empty=False):
     """A splits.mat variable as int64 frame numbers, or a one-line DataError (`where` names the
-    file and the variable): each frame a whole number, listed once; never empty."""
+    file and the variable): each frame a whole number, listed once; empty only if may_be_empty."""
     array = np.asarray(array)
     kinds = {'U': 'text', 'S': 'text', 'O': 'cells', 'V': 'a struct', 'c': 'complex numbers'}
     if array.dtype.kind not in 'iuf':
         raise DataError(f"{where} holds {kinds.get(array.dtype.kind, array.dtype)}, not frame "
                         f"numbers; use NYU's splits.mat")
     values = array.ravel()
+    if not values.size and may_be_empty:
+        return np.zeros(0, np.int64)
     if not values.size:
         raise DataError(f"{where} is empty; NYU's splits.mat lists 795 training and 654 test frames")
     if not np.isfinite(values).all():

@@ -89,7 +89,7 @@ def test_history_csv_after_a_run_and_after_an_interrupted_one(synthetic, straigh
 def test_resume_auto_starts_afresh_then_continues(synthetic, straight, tmp_path, capsys):
     auto = tmp_path / 'auto'
     assert train.main(train_args(synthetic, auto, *SCHEDULE, '--resume', 'auto', '--max-steps', 4)) == 0
-    assert f'--resume auto: no checkpoint in {auto}, starting afresh' in capsys.readouterr().out
+    assert f'--resume auto: no checkpoint of this run in {auto}, starting afresh' in capsys.readouterr().out
     assert torch.load(auto / 'checkpoint.pth', weights_only=True)['step'] == 4
     assert train.main(train_args(synthetic, auto, *SCHEDULE, '--resume', 'auto')) == 0
     assert f"--resume auto: continuing {auto / 'checkpoint.pth'}" in capsys.readouterr().out
