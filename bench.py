@@ -162,7 +162,7 @@ def inference(variant, device, path, batch, repeats, warmup):
 
 def main(argv=None):
     """The command line and the one table. Long because the table is: one measurement a row."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--quick', action='store_true', help='CPU, tiny data, a few steps')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
                    help='cpu or cuda[:N] (default: %(default)s; cuda means cuda:0 here)')

@@ -12,14 +12,17 @@ import torch
 
 import cli
 import files
+from net import AUTHORS_UNITS, STD_UNITS, from_std_units
 from runtime import DIST, all_finite, rng_state, seed_streams, set_rng_state
 
-# 3: every process's CPU and GPU random streams ('rng'); 4: the paper and alexnet variants'
-# feature and target scaling of issue #11 (a format-3 run of theirs would go on with other nets);
-# 5: the history's val_loss in Eq. 4's units, as train_loss (format 4's was divided by 0.457^2:
-# converted on resume, issue #18); 6: the fixed nets of a later stage (the coarse net in the fine
-# stage) as references to their weights files, not copies (issue #21; format 5 still read)
-CHECKPOINT_FORMAT = 6
+# What each format added: 3, every process's CPU and GPU random streams ('rng'); 4, the paper
+# and alexnet variants' feature and target scaling; 5, the history's val_loss in Eq. 4's units, as
+# train_loss (format 4's was divided by 0.457^2: converted on resume); 6, the fixed nets of a later
+# stage (the coarse net in the fine stage) as references to their weights files, not copies; 7,
+# coarse1-5 in the authors' units (net.AUTHORS_UNITS). Formats 5 and 6 are still read: their fixed
+# coarse net is converted (net.from_std_units), an unfinished coarse stage of the paper or alexnet
+# variant refused (its bias steps were not the authors').
+CHECKPOINT_FORMAT = 7
 
 # The nets of the stages in order, each a key of the checkpoint ('refine': --refine 2's second
 # fine net; None where its stage has not begun)
@@ -43,13 +46,20 @@ def read_checkpoint(path, args, variant, stages):
                 row['val_loss'] *= variant.log_depth_std ** 2
         ckpt['format'] = 5
         print(f'{path}: format 4, its validation losses converted to Eq. 4 in (log m)^2')
-    if ckpt['format'] not in (5, CHECKPOINT_FORMAT):   # 5: every net's weights inline
+    if ckpt['format'] not in (5, 6, CHECKPOINT_FORMAT):   # 5: every net's weights inline
         raise cli.DataError(f"{path}: checkpoint format {ckpt['format']}, this train.py reads "
                              f"format {CHECKPOINT_FORMAT} (an older train.py wrote it: start "
                              f"afresh, or finish it with that version)")
     if ckpt['variant'] != variant.name:
         raise cli.DataError(f"{path}: is a checkpoint of the '{ckpt['variant']}' variant, this "
                              f"run is '{variant.name}'; resume it with --variant {ckpt['variant']}")
+    if ckpt['format'] < 7 and STD_UNITS[variant.name] != 1.0 and ckpt['stage'] == 'coarse' \
+            and ckpt['optimizer'] is not None:   # its stage unfinished
+        raise cli.DataError(f"{path}: an unfinished coarse stage written while coarse1-5 worked in "
+                             f"units of the input's std, where each bias step was "
+                             f"{STD_UNITS[variant.name] ** 2:,.0f} times the authors'; this "
+                             f"train.py takes the authors' steps: start afresh (--overwrite), or "
+                             f"finish it with the train.py that wrote it")
     if ckpt['done']:
         return ckpt
     if args.stage == 'coarse' and ckpt['stage'] == 'fine':
@@ -293,6 +303,8 @@ def load_nets(ckpt, nets, folder):
                 raise cli.DataError(f'{path}: not the {name} net the checkpoint\'s {ckpt["stage"]} '
                                      f'stage runs on (its weights changed since): {again}')
             entry = state
+        if name == 'coarse' and AUTHORS_UNITS not in entry:   # formats 5 and 6: the same net
+            entry = from_std_units(entry, STD_UNITS[ckpt['variant']])
         nets[name].load_state_dict(entry)
 
 

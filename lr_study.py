@@ -6,18 +6,25 @@ variant on the demo's synthetic rooms with train.py's own step (train.train_step
 the paper's rates, momentum 0.9) at the paper's batch of 32, and records at every step the training loss (Eq. 4), the batch's mean log error
 (prediction - target, over valid pixels) and the size of the coarse6 and coarse7 weight updates
 relative to the weights; every --val-every samples the sc-inv error on held-out rooms. It prints a
-table and draws one plot (the README's figures), then the effective per-layer rates of the step in
-plain units (outputs in log metres, features unscaled), measured by gradient (effective_rates).
+table and draws one plot (the README's figures), then the rate tables of --rates.
 
-    python lr_study.py                            # the README's figures (~30 min on 2 CPU cores)
+    python lr_study.py                            # the README's figures (~55 min on 2 CPU cores)
     python lr_study.py --samples 320 --runs paper # a quick look
-    python lr_study.py --rates                    # the effective-rate table alone (seconds)
+    python lr_study.py --rates                    # the two rate tables alone (about a minute)
 
-The runs: each variant as train.py builds it; 'paper-unscaled', the paper variant before this
-study (features and targets unscaled); '*-release-factors', the release's factors taken as they
-are (features x 0.01, targets / 0.457) on inputs normalised by their std; 'alexnet-features-x0.44',
-the alexnet variant with the feature scale at which its first coarse7 step is the paper variant's
-(a step's share scales with the square of the features: 0.576 x sqrt(5.5% / 9.4%)).
+--rates: the effective per-layer rates of the step in plain units (outputs in log metres,
+features unscaled), measured by gradient (effective_rates); and for every tensor, biases
+included, how far one step at the paper's rate moves the output against the same step in the same
+net written in the authors' units (authors_ratios; 1: the authors' step).
+
+The runs: each variant as train.py builds it (coarse1-5 in the authors' units: 0..255 inputs,
+features x 0.01); '*-std-units', the paper and alexnet variants as they were before (coarse input
+divided by its std, features x 0.01 x that std: the same net, but each coarse1-5 bias stepping
+std^2 times as far); 'paper-unscaled', the paper variant without the release's factors (std units, features and
+targets unscaled); '*-release-factors', the release's factors taken as they are (features x 0.01,
+targets / 0.457) on inputs divided by their std; 'alexnet-features-x0.44', std units with the
+feature scale at which the alexnet variant's first coarse7 step was the paper variant's (a step's
+share scales with the square of the features: 0.576 x sqrt(5.5% / 9.4%)).
 """
 import argparse
 import copy
@@ -43,15 +50,29 @@ def scaled(variant, name, **scaling):
     return dataclasses.replace(variant, name=name, **scaling)
 
 
+def std_units(variant, name, std, **scaling):
+    """The variant with its coarse input divided by its std (coarse1-5 in units of the std, not
+    the authors'), the features x 0.01 x std unless said otherwise: the same net at the start
+    (zero biases), other steps on coarse1-5's biases."""
+    mean_std = sum(std) / len(std) if isinstance(std, tuple) else std
+    return scaled(variant, name, coarse_std=std, **{'feature_scale': 0.01 * mean_std, **scaling})
+
+
 RUNS = {
     'paper': PAPER,
-    'paper-unscaled': scaled(PAPER, 'paper-unscaled', feature_scale=1.0, log_depth_std=1.0),
-    'paper-release-factors': scaled(PAPER, 'paper-release-factors', feature_scale=0.01),
+    'paper-std-units': std_units(PAPER, 'paper-std-units', net.IMAGES_STD),
+    'paper-unscaled': std_units(PAPER, 'paper-unscaled', net.IMAGES_STD, feature_scale=1.0,
+                                log_depth_std=1.0),
+    'paper-release-factors': std_units(PAPER, 'paper-release-factors', net.IMAGES_STD, feature_scale=0.01),
     'release': RELEASE,
     'alexnet': ALEXNET,
-    'alexnet-release-factors': scaled(ALEXNET, 'alexnet-release-factors', feature_scale=0.01),
-    'alexnet-features-x0.44': scaled(ALEXNET, 'alexnet-features-x0.44', feature_scale=0.44),
+    'alexnet-std-units': std_units(ALEXNET, 'alexnet-std-units', net.IMAGENET_STD),
+    'alexnet-release-factors': std_units(ALEXNET, 'alexnet-release-factors', net.IMAGENET_STD,
+                                         feature_scale=0.01),
+    'alexnet-features-x0.44': std_units(ALEXNET, 'alexnet-features-x0.44', net.IMAGENET_STD,
+                                        feature_scale=0.44),
 }
+COARSE_CONVS = [f'coarse{i}' for i in range(1, 6)]
 SMOOTH = 10   # steps averaged in the plotted training loss (one batch is noisy)
 
 
@@ -69,6 +90,10 @@ def study(variant, train_frames, val_frames, samples, batch, val_every, seed, sh
     if variant.coarse_convs == 'alexnet' and os.path.isfile(net.imagenet_weights()[1]):
         net.load_imagenet_convs(coarse)   # only from the cache: this script never downloads
         conv_weights = 'ImageNet'
+        if variant.coarse_std == net.IMAGENET_STD:   # input in torchvision's units: so the biases
+            with torch.no_grad():
+                for layer in COARSE_CONVS:
+                    getattr(coarse, layer)[0].bias /= net.IMAGENET_UNIT
     optimizer = train.make_optimizer(coarse, variant)
     steps = samples // batch
     order = util.SampleOrder(len(train_frames), seed)
@@ -200,14 +225,129 @@ def effective_rate_table(variants=(PAPER, RELEASE, ALEXNET)):
     return '\n'.join(lines)
 
 
+def authors_variant(variant):
+    """The same nets in the authors' units ([R]): coarse1 sees pixel values in 0..255 units less a
+    mean, coarse5's features are x 0.01 before coarse6, the fine net sees (x - 109.31) / 76.18 and
+    the outputs are in units of log depth's std (0.457). Returns (variant, k): our coarse1-5
+    activations x k are the authors' (k = feature_scale / 0.01: ReLU convs and max pools scale
+    with their input), so the authors' net is ours with its coarse input divided by coarse_std / k
+    and its coarse1-5 biases x k (authors_state); k = 1 for a variant in the authors' units."""
+    if variant.log_depth_std != RELEASE.log_depth_std:
+        raise ValueError(f'{variant.name}: outputs not in units of log depth / 0.457')
+    k = variant.feature_scale / RELEASE.feature_scale
+    std = variant.coarse_std
+    std = tuple(s / k for s in std) if isinstance(std, tuple) else std / k
+    return dataclasses.replace(variant, name=variant.name + '-authors', coarse_std=std,
+                               feature_scale=RELEASE.feature_scale, fine_mean=net.IMAGES_MEAN,
+                               fine_std=net.IMAGES_STD), k
+
+
+def authors_state(state, k):
+    return {key: t * k if key.split('.')[0] in COARSE_CONVS and key.endswith('bias') else t.clone()
+            for key, t in state.items()}
+
+
+
+# The smallest input that every variant's nets take (coarse5 1x1, output 15x15): a step's ratio
+# between two units is one of units, not of sizes, and float64 steps on it take seconds.
+SMALL = net.Geometry('small', frame_hw=(68, 68), input_hw=(68, 68), output_hw=(15, 15))
+
+
+def authors_ratios(variant, seed=0, geometry=SMALL):
+    """For every tensor: one step of train.py's step (train_step, the optimizer of make_optimizer:
+    the layer's paper rate, momentum's first step; weight decay 0 for the measurement) on that
+    tensor alone, in our net and in the same net in the authors' units (authors_variant); returns
+    {(layer, tensor): (|change of our output| / |change of theirs|, |their difference| / |change
+    of theirs|)}, the coarse net's output for coarse1-7, the fine net's for fine1-3. (1, ~0): the
+    step the authors' rates made. tests/test_authors_step.py pins it against a net written out."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # tiny float64 tensors: more threads only wait on each other
+    try:
+        return _authors_ratios(variant, seed, geometry)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _authors_ratios(variant, seed, geometry):
+    torch.manual_seed(seed)
+    theirs_variant, k = authors_variant(variant)
+    nets = {}
+    for name, v in (('ours', variant), ('theirs', theirs_variant)):
+        torch.manual_seed(seed)
+        nets[name] = {'coarse': GlobalCoarseNet(v, geometry).double().eval(),
+                      'fine': LocalFineNet(v, pass_through=False, geometry=geometry).double().eval()}
+    with torch.no_grad():   # nonzero biases everywhere, so that their units matter
+        for stage_net in nets['ours'].values():
+            for p in (p for n, p in stage_net.named_parameters() if n.endswith('bias')):
+                p.copy_(0.1 * torch.randn_like(p))
+    for stage in ('coarse', 'fine'):
+        state = nets['ours'][stage].state_dict()
+        nets['theirs'][stage].load_state_dict(authors_state(state, k) if stage == 'coarse' else state)
+    x = torch.rand(2, 3, *geometry.input_hw, dtype=torch.float64) * 255
+    y = torch.exp(0.8 + 0.4 * torch.randn(2, 1, *geometry.output_hw, dtype=torch.float64))
+    m = torch.ones_like(y, dtype=torch.bool)
+
+    coarse_maps = {}   # the fixed coarse net's output, the fine net's input
+
+    def output(name, stage):
+        with torch.no_grad():
+            if stage == 'coarse':
+                return nets[name]['coarse'](x)
+            if name not in coarse_maps:
+                coarse_maps[name] = nets[name]['coarse'](x)
+            return nets[name]['fine'](x, coarse_maps[name])
+
+    ratios = {}
+    for stage in ('coarse', 'fine'):   # the fine stage's coarse net is fixed: coarse last
+        before = {name: output(name, stage) for name in nets}
+        # the same function (to the float32 input statistics): the one a step changes
+        torch.testing.assert_close(before['ours'], before['theirs'], rtol=1e-6, atol=1e-6)
+        for tensor in [n for n, _ in nets['ours'][stage].named_parameters()]:
+            change = {}
+            for name, v in (('ours', variant), ('theirs', theirs_variant)):
+                trained = nets[name][stage]
+                saved = {n: p.detach().clone() for n, p in trained.named_parameters()}
+                for n, p in trained.named_parameters():
+                    p.requires_grad_(n == tensor)
+                optimizer = train.make_optimizer(trained, v)
+                for group in optimizer.param_groups:
+                    group['weight_decay'] = 0.0
+                fixed = None if stage == 'coarse' else (lambda images, c=coarse_maps[name]: c)
+                train.train_step(trained, fixed, optimizer, (x, y, m), TRAIN_LAMBDA, v)
+                change[name] = output(name, stage) - before[name]
+                with torch.no_grad():
+                    for n, p in trained.named_parameters():
+                        p.copy_(saved[n])
+                        p.requires_grad_(True)
+            ratio = float(change['ours'].norm() / change['theirs'].norm())
+            differs = float((change['ours'] - change['theirs']).norm() / change['theirs'].norm())
+            ratios[(tensor.split('.')[0], tensor.split('.')[-1])] = (ratio, differs)
+    return ratios
+
+
+def authors_ratio_table(variants=(PAPER, RUNS['paper-std-units'], RELEASE, ALEXNET,
+                                   RUNS['alexnet-std-units'])):
+    """Per tensor, the change of the output that one step at the paper's rate makes in each
+    variant, over the change it makes in the same net in the authors' units (authors_ratios)."""
+    measured = {v.name: authors_ratios(v) for v in variants}
+    lines = ['| layer | tensor | paper\'s rate | ' + ' | '.join(measured) + ' |',
+             '|---|---|---|' + '---|' * len(measured)]
+    for layer, kind in measured[variants[0].name]:
+        cells = [f'{m[(layer, kind)][0]:.4g}' for m in measured.values()]
+        lines.append(f'| {layer} | {kind} | {PAPER.lr[layer]:g} | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
 def summary(name, variant, result):
-    """One table line: parametrisation, the loss and |mean error| early and late, the median
+    """One table line: parametrisation (the coarse input's unit: 1 = 0..255, the authors'), the loss and |mean error| early and late, the median
     relative update of coarse6 / coarse7 over the last half, the final validation sc-inv."""
     rows = result['rows']
     half = rows[len(rows) // 2:]
     tenth = max(1, len(rows) // 10)
     med = lambda key, rs: float(np.median([r[key] for r in rs]))
-    return (f"| {name} | {variant.feature_scale:.3g} | {variant.log_depth_std:.3f} | {result['conv_weights']} "
+    std = variant.coarse_std
+    unit = sum(std) / len(std) if isinstance(std, tuple) else std
+    return (f"| {name} | {unit:.3g} | {variant.feature_scale:.3g} | {variant.log_depth_std:.3f} | {result['conv_weights']} "
             f"| {med('loss', rows[:tenth]):.3f} -> {med('loss', rows[-tenth:]):.3f} "
             f"| {float(np.median([abs(r['mean_error']) for r in rows[-tenth:]])):.3f} "
             f"| {med('coarse6', half):.1e} | {med('coarse7', half):.1e} "
@@ -236,8 +376,17 @@ def plot(results, path):
     plt.close(fig)
 
 
+def print_rate_tables():
+    print("The rates of train.py's step in plain units (outputs in log metres, coarse5 features "
+          "unscaled):")
+    print(effective_rate_table())
+    print("\nOne step of each tensor at the paper's rate: the change of the output, over the change "
+          "the same step makes in the same net in the authors' units (1: the authors' step):")
+    print(authors_ratio_table())
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--runs', nargs='+', choices=list(RUNS), default=list(RUNS),
                    help='(default: all)')
     p.add_argument('--samples', type=int, default=4000, help='per run (default: %(default)s)')
@@ -247,10 +396,11 @@ def main(argv=None):
     p.add_argument('--plot', default=os.path.join('model', 'lr_study.png'),
                    help='(default: %(default)s)')
     p.add_argument('--rates', action='store_true',
-                   help="print only the effective per-layer rates in plain units (seconds)")
+                   help="print only the rate tables: plain units, and against the authors' "
+                        "units for every tensor (about a minute)")
     args = p.parse_args(argv)
     if args.rates:
-        print(effective_rate_table())
+        print_rate_tables()
         return 0
     if args.samples < args.batch_size or args.batch_size <= 0 or args.val_every <= 0:
         p.error('--samples must be at least --batch-size, both and --val-every positive')
@@ -267,15 +417,14 @@ def main(argv=None):
         results[name] = study(RUNS[name], *frames, args.samples, args.batch_size, args.val_every,
                               args.seed, show=True)
         print(f'{name}: {time.perf_counter() - t0:.0f} s')
-    print('| run | feature scale | log depth std | coarse1-5 | loss, first -> last tenth '
+    print('| run | coarse input / | feature scale | log depth std | coarse1-5 | loss, first -> last tenth '
           '| abs(mean log error), last tenth | coarse6 update | coarse7 update | val sc-inv '
           '| one coarse7 step removes |')
-    print('|---|---|---|---|---|---|---|---|---|---|')
+    print('|---|---|---|---|---|---|---|---|---|---|---|')
     for name, result in results.items():
         print(summary(name, RUNS[name], result))
-    print('\nThe rates of train.py\'s step in plain units (outputs in log metres, coarse5 features '
-          'unscaled):')
-    print(effective_rate_table())
+    print()
+    print_rate_tables()
     os.makedirs(os.path.dirname(args.plot) or '.', exist_ok=True)
     plot(results, args.plot)
     with open(os.path.splitext(args.plot)[0] + '.json', 'w') as f:

@@ -95,7 +95,7 @@ class Variant:
     fine1_filters: int              # 63 + coarse map = 64 ([P]); 64 with channel 0 replaced ([R])
     feature_scale: float            # factor on coarse5 features before coarse6 ([R]: 0.01)
     coarse_mean: float              # subtracted from 0..255 RGB before coarse1
-    coarse_std: float               # divides it afterwards
+    coarse_std: float               # divides it afterwards (1: coarse1-5 in the authors' units)
     fine_mean: float                # subtracted from 0..255 RGB before fine1
     fine_std: float
     log_depth_std: float            # net output x this = log depth ([R]: targets are logd / 0.457)
@@ -121,13 +121,18 @@ LOGDEPTHS_MEAN, LOGDEPTHS_STD = 0.82473954, 0.45723134
 
 PAPER = Variant(
     name='paper', pool='paper', lrn=False, fine1_filters=63,
-    # (?) [P] gives no input normalisation nor init. A random-init net (no ImageNet weights here)
-    # trains only on normalised inputs, so both nets use [R]'s image statistics. The paper's
-    # learning rates were tuned for [R]'s parametrisation, which these two factors carry over
-    # (README, "The learning rates"; lr_study.py): features x 0.01 per 0..255 unit of the input
-    # (ours is in units of the images' std; ReLU convs with zero biases scale with their input),
-    # and targets as log depth / its std.
-    feature_scale=0.01 * IMAGES_STD, coarse_mean=IMAGES_MEAN, coarse_std=IMAGES_STD,
+    # (?) [P] gives no input normalisation. Its learning rates were tuned for the authors'
+    # parametrisation ([R]), so both nets work in it: coarse1 sees 0..255 pixel values less the
+    # images' mean (the release: x - 128), coarse5's features are x 0.01 before coarse6, fine1
+    # sees (x - mean) / std, and the targets are log depth / its std (train.train_step). Then
+    # every tensor's gradient, momentum and weight decay are the authors', and one SGD step at
+    # the paper's rate moves the net as it moved theirs (tests/test_authors_step.py; README, "The
+    # learning rates"). Not the input / its std with features x 0.762: the same net, and the same
+    # steps on the weights, but each coarse1-5 bias, 76.18 times smaller against its activations
+    # with a 76.18 times larger gradient, would move the output 76.18^2 = 5,804 times as far per
+    # step. Nor rates per tensor (bias rates / 5,804): weight decay pulls a bias alike in both
+    # units and would need rescaling too, and the rates would no longer be the paper's.
+    feature_scale=0.01, coarse_mean=IMAGES_MEAN, coarse_std=1.0,
     fine_mean=IMAGES_MEAN, fine_std=IMAGES_STD, log_depth_std=LOGDEPTHS_STD, dropout=0.5,
     lr=PAPER_LR,
     weight_decay={k: 0.0 for k in PAPER_LR})   # (?) not stated in [P]
@@ -144,14 +149,27 @@ RELEASE = Variant(
 # transforms); in our 0..255 units:
 IMAGENET_MEAN = tuple(255 * m for m in (0.485, 0.456, 0.406))
 IMAGENET_STD = tuple(255 * s for s in (0.229, 0.224, 0.225))
+IMAGENET_UNIT = sum(IMAGENET_STD) / 3   # 57.6
 
 ALEXNET = replace(
     PAPER, name='alexnet', coarse_convs='alexnet',
-    # [R]'s parametrisation as in PAPER: features x 0.01 per 0..255 unit of the input (here in
-    # units of ImageNet's std, 57.6 on average) and targets as log depth / its std
-    feature_scale=0.01 * sum(IMAGENET_STD) / 3, coarse_mean=IMAGENET_MEAN, coarse_std=IMAGENET_STD)
+    # The authors' units as in PAPER, so that the paper's rates act as they did on the authors'
+    # ImageNet convs, which saw 0..255 pixel values: coarse1 sees torchvision's normalised input
+    # x 57.6 (each channel less ImageNet's mean, x 57.6 / its std: 0..255 units within 1.4%, with
+    # the channel balance torchvision's weights were trained on), so the maps of coarse1-5 are
+    # torchvision's x 57.6, its ImageNet biases are loaded x 57.6 (load_imagenet_convs: the same
+    # net), and the features are x 0.01. In torchvision's units a step at the paper's rate would
+    # move each coarse1-5 bias's output 57.6^2 = 3,321 times as far (lr_study.py --rates).
+    feature_scale=0.01, coarse_mean=IMAGENET_MEAN,
+    coarse_std=tuple(s / IMAGENET_UNIT for s in IMAGENET_STD))
 
 VARIANTS = {v.name: v for v in (PAPER, RELEASE, ALEXNET)}
+
+# A coarse net's weights file holds this (a constant 1): its coarse1-5 work in the authors' units.
+AUTHORS_UNITS = 'authors_units'
+# Files without it were written while coarse1-5 worked in units of the input's std: one unit of
+# their activations was this many of the authors' (the release's were the authors' already).
+STD_UNITS = {'paper': IMAGES_STD, 'alexnet': IMAGENET_UNIT, 'release': 1.0}
 
 
 def get_variant(name):
@@ -197,6 +215,9 @@ class GlobalCoarseNet(nn.Module):
             # in W x H): (?) a 3x3/2 pool, as [R] has, is the only symmetric pool giving exactly 6x8.
             pool5 = _pool(v) if v.pool == 'release' else nn.MaxPool2d(3, stride=2)
             self.coarse5 = nn.Sequential(nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(inplace=True), pool5)
+        # Saved with the weights: coarse1-5 work in the authors' units (PAPER). Files written
+        # before, in units of the input's std, lack it; load_weights converts them.
+        self.register_buffer(AUTHORS_UNITS, torch.ones(1))
         h5, w5 = conv_output_hw(
             [self.coarse1, self.coarse2, self.coarse3, self.coarse4, self.coarse5], geometry.input_hw)
         # coarse6: fully connected, ReLU, dropout -> 4096
@@ -209,7 +230,7 @@ class GlobalCoarseNet(nn.Module):
     def forward(self, image):
         """image: (B, 3, 228, 304) RGB 0..255 -> (B, 1, 55, 74) log depth."""
         v = self.variant
-        x = (image - self.coarse_mean) / self.coarse_std
+        x = (image - self.coarse_mean) / self.coarse_std   # [R]: image - 128
         x = self.coarse5(self.coarse4(self.coarse3(self.coarse2(self.coarse1(x)))))
         x = self.coarse7(self.coarse6(x * v.feature_scale))
         return x.view(-1, 1, *self.geometry.output_hw) * v.log_depth_std
@@ -320,8 +341,10 @@ def load_imagenet_convs(net):
                             f'({reason}); download {url} and put it at {path} (the torch hub cache, '
                             f'TORCH_HOME), or train from random weights with --no-pretrained') from None
     state = load_torch_file(path, "torchvision's AlexNet IMAGENET1K_V1 weights")
-    mapped = {f'{ALEXNET_CONVS[int(k.split(".")[1])]}.0.{k.split(".")[2]}': v for k, v in state.items()
-              if k.startswith('features.')}
+    # in the authors' units (ALEXNET): the biases x 57.6, the maps of coarse1-5 torchvision's x 57.6
+    mapped = {f'{ALEXNET_CONVS[int(k.split(".")[1])]}.0.{k.split(".")[2]}':
+              v * IMAGENET_UNIT if k.endswith('bias') else v
+              for k, v in state.items() if k.startswith('features.') and isinstance(v, torch.Tensor)}
     try:
         net.load_state_dict(mapped, strict=False)
     except RuntimeError as e:
@@ -411,7 +434,11 @@ def load_pretrained_conv(net, path):
     """Load user-supplied ImageNet weights for coarse1..coarse5 ([P]: "pretrained on the ImageNet
     classification task"). `path` holds a state_dict with keys coarseK.0.weight / coarseK.0.bias."""
     state = load_torch_file(path, 'a state_dict with coarse1..coarse5 weights')
-    wanted = {k: v for k, v in state.items() if k.split('.')[0] in {f'coarse{i}' for i in range(1, 6)}}
+    if not isinstance(state, dict):
+        raise DataError(f'{path}: holds a {type(state).__name__}, not a state_dict (a dict of '
+                        f'named tensors such as coarse1.0.weight)')
+    wanted = {k: v for k, v in state.items() if isinstance(k, str) and
+              k.split('.')[0] in {f'coarse{i}' for i in range(1, 6)}}
     if not wanted:
         raise DataError(f"{path}: no coarse1..coarse5 weights in this file")
     try:
@@ -423,10 +450,19 @@ def load_pretrained_conv(net, path):
 
 def load_weights(net, path, what, state=None):
     """Load a state_dict file into `net` (or `state`, already read from `path`), refusing (one
-    line) weights of another layer layout."""
+    line) weights of another layer layout. A coarse net written in units of the input's std is
+    converted (from_std_units)."""
     state = load_torch_file(path, what) if state is None else state
+    unit = None
+    if isinstance(net, GlobalCoarseNet) and isinstance(state, dict) and AUTHORS_UNITS not in state \
+            and net.variant.name in STD_UNITS:   # another layout is refused below, as ever
+        unit = STD_UNITS[net.variant.name]
+        state = from_std_units(state, unit)
     try:
         net.load_state_dict(state)
+        if unit not in (None, 1.0):
+            print(f"{path}: written while coarse1-5 worked in units of the input's std; its "
+                  f"coarse1-5 biases converted to the authors' units (x {unit:.2f}): the same net")
     except (RuntimeError, TypeError, AttributeError) as e:
         found = variant_of(state) if isinstance(net, GlobalCoarseNet) else None
         if found is not None:   # a coarse net of another variant or dataset: say which
@@ -438,17 +474,31 @@ def load_weights(net, path, what, state=None):
     return net
 
 
+def from_std_units(state, unit):
+    """The weights of a coarse net whose coarse1-5 worked in units of the input's std (one unit =
+    `unit` of the authors'), for the same net in the authors' units: each coarse1-5 bias x unit,
+    everything else as it is. Exact: ReLU convs and max pools scale with their input, and the
+    features' factor (then unit x 0.01, now 0.01) takes the rest."""
+    state = {k: v * unit if isinstance(v, torch.Tensor) and k.endswith('.bias') and
+             k.split('.')[0] in {f'coarse{i}' for i in range(1, 6)} else v for k, v in state.items()}
+    state[AUTHORS_UNITS] = torch.ones(1)
+    return state
+
+
 def variant_of(coarse_state):
     """(variant, geometry) whose GlobalCoarseNet has exactly these tensor shapes, or None (the
     shapes are read off nets built on the meta device: no memory, no initialisation). The
-    geometry tells NYU weights from KITTI's: coarse6 and coarse7 differ."""
+    geometry tells NYU weights from KITTI's: coarse6 and coarse7 differ. Files with or without
+    the authors' units mark alike (load_weights converts the latter)."""
     if not isinstance(coarse_state, dict):
         return None
-    got = {k: tuple(v.shape) for k, v in coarse_state.items() if isinstance(v, torch.Tensor)}
+    got = {k: tuple(v.shape) for k, v in coarse_state.items()
+           if isinstance(v, torch.Tensor) and k != AUTHORS_UNITS}
     for v in VARIANTS.values():
         for g in GEOMETRIES.values():
             with torch.device('meta'):
-                want = {k: tuple(t.shape) for k, t in GlobalCoarseNet(v, g).state_dict().items()}
+                want = {k: tuple(t.shape) for k, t in GlobalCoarseNet(v, g).state_dict().items()
+                        if k != AUTHORS_UNITS}
             if got == want:
                 return v, g
     return None
@@ -461,25 +511,46 @@ def load_pretrained(folder='model', device='cpu'):
     fine.pth; with refine.pth beside it (train.py --refine 2) it is the RefinedFine of both fine
     nets, used as the fine net.
     Files are read with weights_only=True; a bad one raises DataError saying what is wrong."""
+    def read(path, what):
+        """A weights file, refused if a weight is NaN or inf (a diverged run's: its depth maps
+        would be NaN)."""
+        state = load_torch_file(path, what)
+        if isinstance(state, dict):
+            # the sum first, one fast pass: NaN and inf carry through it (so does an overflow,
+            # which the exact look after it tells apart)
+            bad = next((k for k, v in state.items() if isinstance(v, torch.Tensor)
+                        and v.is_floating_point() and not v.sum().isfinite()
+                        and not v.isfinite().all()), None)
+            if bad is not None:
+                raise DataError(f'{path}: {bad} holds NaN or inf (saved by a run that diverged?); '
+                                f'use weights of a run that did not')
+        return state
+
     path = os.path.join(folder, 'coarse.pth')
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise DataError(f'{path}: no trained coarse net; run train.py (or train.py --demo) '
                              f'first, or point at the folder it wrote')
-    state = load_torch_file(path, 'coarse net weights written by train.py')
+    state = read(path, 'coarse net weights written by train.py')
     found = variant_of(state)
     if found is None:
         raise DataError(f'{path}: weights of no coarse net here ({", ".join(VARIANTS)} variants, '
                         f'{" or ".join(GEOMETRIES)})')
+    # every file is read before a net is built: a bad one is refused at once. A fine.pth or
+    # refine.pth that is there but no file (a folder) is refused by read, not passed over: that
+    # would give the coarse net's depth maps without a word
+    fine_path, refine_path = os.path.join(folder, 'fine.pth'), os.path.join(folder, 'refine.pth')
+    fine_state = read(fine_path, 'fine net weights') if os.path.lexists(fine_path) else None
+    refine_state = (read(refine_path, 'second fine net weights')
+                    if fine_state is not None and os.path.lexists(refine_path) else None)
     variant, geometry = found
     coarse = load_weights(GlobalCoarseNet(variant, geometry), path, 'coarse net weights', state).to(device)
     fine = None
-    fine_path, refine_path = os.path.join(folder, 'fine.pth'), os.path.join(folder, 'refine.pth')
-    if os.path.isfile(fine_path):
-        fine = load_weights(LocalFineNet(variant, geometry=geometry), fine_path,
-                            'fine net weights').to(device)
-        if os.path.isfile(refine_path):   # --refine 2: the second fine net after the first
+    if fine_state is not None:
+        fine = load_weights(LocalFineNet(variant, geometry=geometry), fine_path, 'fine net weights',
+                            fine_state).to(device)
+        if refine_state is not None:   # --refine 2: the second fine net after the first
             refine = load_weights(LocalFineNet(variant, geometry=geometry), refine_path,
-                                  'second fine net weights')
+                                  'second fine net weights', refine_state)
             fine = RefinedFine(fine, refine.to(device))
         fine.eval()
     return coarse.eval(), fine

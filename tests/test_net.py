@@ -1,8 +1,11 @@
 """Layer output sizes of Fig. 1 ([P]) and of the authors' release ([R])."""
+from dataclasses import replace
+
 import pytest
 import torch
 
-from net import PAPER, RELEASE, GlobalCoarseNet, LocalFineNet, layer_names
+from net import (ALEXNET, PAPER, RELEASE, Geometry, GlobalCoarseNet, LocalFineNet, layer_names,
+                 load_weights)
 
 # Fig. 1 gives W x H x C; here (C, H, W).
 PAPER_SIZES = {
@@ -123,3 +126,38 @@ def test_outputs_are_linear(variant):
         c = coarse(x)
         assert (c < -1).all()
         assert (fine(x, c) < -1).all()
+
+
+# The coarse nets' units before they worked in the authors': coarse input / its std, features
+# x 0.01 x that std (the release's were the authors' already)
+IMAGES_STD = 76.18328376
+IMAGENET_STD = tuple(255 * s for s in (0.229, 0.224, 0.225))
+STD_UNITS = {'paper': (IMAGES_STD, 0.01 * IMAGES_STD),
+             'alexnet': (IMAGENET_STD, 0.01 * sum(IMAGENET_STD) / 3),
+             'release': (1.0, 0.01)}
+
+
+@pytest.mark.parametrize('variant', [PAPER, ALEXNET, RELEASE], ids=lambda v: v.name)
+def test_weights_written_in_the_std_units_load_as_the_same_net(variant, tmp_path, capsys):
+    """A coarse.pth written while coarse1-5 worked in units of the input's std (no authors_units
+    entry) is converted on loading: the net predicts what the old one did."""
+    tiny = Geometry('tiny', frame_hw=(68, 68), input_hw=(68, 68), output_hw=(15, 15))
+    std, feature_scale = STD_UNITS[variant.name]
+    torch.manual_seed(0)
+    old = GlobalCoarseNet(replace(variant, coarse_std=std, feature_scale=feature_scale), tiny).eval()
+    with torch.no_grad():
+        for name, p in old.named_parameters():
+            if name.endswith('bias'):
+                p.copy_(0.1 * torch.randn_like(p))
+    state = {k: v for k, v in old.state_dict().items() if k != 'authors_units'}
+    torch.save(state, tmp_path / 'coarse.pth')
+    new = load_weights(GlobalCoarseNet(variant, tiny), str(tmp_path / 'coarse.pth'), 'coarse net').eval()
+    x = torch.rand(2, 3, 68, 68) * 255
+    with torch.no_grad():
+        torch.testing.assert_close(new(x), old(x), rtol=1e-5, atol=1e-5)
+    said = capsys.readouterr().out
+    assert ('converted' in said) == (variant is not RELEASE)
+    torch.save(new.state_dict(), tmp_path / 'again.pth')   # written now: loaded as it is
+    again = load_weights(GlobalCoarseNet(variant, tiny), str(tmp_path / 'again.pth'), 'coarse net')
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), new.state_dict().values()))
+    assert capsys.readouterr().out == ''

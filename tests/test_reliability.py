@@ -353,6 +353,13 @@ def test_the_validation_scenes_folded_back_train_and_the_run_says_so(tmp_path, t
     assert rows and all(r['val_loss'] is None and r['train_loss'] is not None for r in rows)
 
 
+def test_pretrained_conv_that_is_not_a_state_dict(tmp_path, tiny):
+    path = tmp_path / 'convs.pth'
+    torch.save(torch.zeros(3), path)
+    _refused(train_args(tiny, tmp_path / 'out', *SHORT, '--pretrained-conv', path), path,
+             'holds a Tensor, not a state_dict')
+
+
 def test_resume_on_other_data_is_refused(tmp_path, tiny, capsys):
     out, copy = tmp_path / 'out', tmp_path / 'copy.mat'
     assert train.main(train_args(tiny, out, *SHORT, '--max-steps', 1)) == 0

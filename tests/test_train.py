@@ -222,9 +222,10 @@ def test_missing_dataset_gives_a_short_message(tmp_path):
 
 
 def test_a_checkpoint_of_the_train_py_before_the_restructuring_resumes(synthetic, tmp_path):
-    """Issue #19 moved the run machinery out of train.py without changing the checkpoint: a run
-    stopped by the train.py of commit 5b7468a (taken from the repository's history) and resumed by
-    this one ends with the weights of an uninterrupted run of this one, bit for bit."""
+    """A run stopped by the train.py of commit 5b7468a (taken from the repository's history; its
+    checkpoint format 5) and resumed by this one ends with the weights of an uninterrupted run of
+    this one, bit for bit. The release variant: its coarse1-5 were in the authors' units then too,
+    so its steps are this train.py's (the paper variant's are refused: the next test)."""
     old = tmp_path / 'old'
     old.mkdir()
     archive = subprocess.run(['git', 'archive', '5b7468a'], cwd=ROOT, capture_output=True)
@@ -232,7 +233,7 @@ def test_a_checkpoint_of_the_train_py_before_the_restructuring_resumes(synthetic
         pytest.skip(f'commit 5b7468a not in this checkout: {archive.stderr.decode().strip()[:200]}')
     subprocess.run(['tar', '-x', '-C', str(old)], input=archive.stdout, check=True)
     schedule = ['--coarse-samples', 48, '--fine-samples', 16, '--batch-size', 8,
-                '--val-every', 24, '--val-fraction', 0.15]
+                '--val-every', 24, '--val-fraction', 0.15, '--variant', 'release']
     r = subprocess.run([sys.executable, 'train.py', *map(str, train_args(synthetic, tmp_path / 'chunked',
                         *schedule, '--max-steps', 4))], cwd=old, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -241,6 +242,28 @@ def test_a_checkpoint_of_the_train_py_before_the_restructuring_resumes(synthetic
     for name in ('coarse.pth', 'fine.pth'):
         a, b = (torch.load(tmp_path / d / name, weights_only=True) for d in ('chunked', 'straight'))
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_an_older_checkpoint_in_std_units_is_refused_mid_coarse_and_converted_after(synthetic, tmp_path):
+    """Checkpoints of formats 5 and 6 of the paper variant hold coarse1-5 in units of the input's
+    std (biases 76.18x smaller, each bias step 5,804x the authors'): an unfinished coarse stage is
+    refused in one line; in the fine stage the fixed coarse net is converted, the same net."""
+    schedule = ['--coarse-samples', 16, '--fine-samples', 16, '--batch-size', 8, '--val-fraction', 0]
+    out = tmp_path / 'run'
+    assert train.main(train_args(synthetic, out, *schedule, '--max-steps', 3)) == 0   # fine step 1
+    coarse = torch.load(out / 'coarse.pth', weights_only=True)
+    ckpt = torch.load(out / 'checkpoint.pth', weights_only=True)
+    old = {k: v / 76.18328376 if k.split('.')[0] in {f'coarse{i}' for i in range(1, 6)}
+           and k.endswith('.bias') else v for k, v in coarse.items() if k != 'authors_units'}
+    ckpt.update(format=6, coarse=old)   # the fine stage's coarse net, inline, as format 6 had it
+    torch.save(ckpt, out / 'checkpoint.pth')
+    nets = {'coarse': GlobalCoarseNet(), 'fine': LocalFineNet()}
+    checkpoint.load_nets(ckpt, nets, out)
+    assert all(torch.allclose(nets['coarse'].state_dict()[k], v, rtol=1e-6) for k, v in coarse.items())
+    ckpt.update(stage='coarse', step=1, coarse=old, optimizer={'state': {}, 'param_groups': []})
+    torch.save(ckpt, out / 'checkpoint.pth')
+    with pytest.raises(cli.DataError, match=r"unfinished coarse stage .* 5,804 times the authors'"):
+        train.main(train_args(synthetic, out, *schedule, '--resume'))
 
 
 def test_a_fine_stage_checkpoint_refers_to_coarse_pth_and_refuses_another(synthetic, tmp_path):
