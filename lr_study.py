@@ -1,4 +1,4 @@
-"""How the paper's learning rates act on each variant (issue #11, README "The learning rates").
+"""How the paper's learning rates act on each variant (README, "The learning rates").
 
 The paper's per-layer rates (Sec. 3.3: 0.001 for coarse1-5, 0.1 for coarse6 and coarse7) were
 tuned by the authors for their own parametrisation. This script trains the coarse net of each
