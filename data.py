@@ -288,7 +288,7 @@ def step_draws(order, first_step, total_steps, batch, block, device, shard=(0, 1
     blocks end at multiples of `block`, where the training loop reads its losses) and uploaded in
     one asynchronous copy from pinned memory. The next block is drawn before the last step of the
     current one is handed out: while the GPU still has that block's steps queued, not after the
-    logging point's read has drained its queue (issue #20)."""
+    logging point's read has drained its queue."""
     def upload(start):
         end = min(total_steps, (start // block + 1) * block)
         packed = draw_block(order, range(start, end), batch, shard)

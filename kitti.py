@@ -3,7 +3,7 @@ from the drives on disk, or the field's Eigen training list) and the Eigen split
 a torch Dataset (RGB at half resolution, LIDAR depth projected into the camera), the ground truth
 the field evaluates against, and a one-time conversion into a memory-mapped cache.
 
-Facts and file layouts: ../shared/kitti.md. In short, under the raw KITTI root:
+File layouts (kitti/README.md, docs/kitti.md), in short, under the raw KITTI root:
   <date>/<date>_drive_<NNNN>_sync/image_02|image_03/data/<frame:010d>.png   left / right colour
   <date>/<date>_drive_<NNNN>_sync/velodyne_points/data/<frame:010d>.bin     float32 x, y, z, refl.
   <date>/<date>_drive_<NNNN>_sync/oxts/data/<frame:010d>.txt                GPS/IMU: 30 numbers

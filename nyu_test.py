@@ -1,5 +1,5 @@
 """The 654 NYU Depth v2 test images in each form people have them, for evaluate.py (formats:
-../shared/nyu-format.md, README):
+docs/evaluation.md):
 
   labeled     nyu_depth_v2_labeled.mat + splits.mat: RGB, filled `depths` and `rawDepths`; the
               training images too (the Mean row).

@@ -247,7 +247,7 @@ class Distributed:
         the store torchrun shares by default (TORCHELASTIC_USE_AGENT_STORE=True): that store
         outlives the processes, so a restarted group reads the killed group's addresses in it, and
         init_process_group fails, or hangs until its timeout (gloo: 30 minutes), instead of
-        resuming. Measured with gloo and torch 2.14 (issue #21; pytorch issues #135712, #167288).
+        resuming. Measured with gloo and torch 2.14 (pytorch issues #135712, #167288).
         TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 makes torchrun's c10d rendezvous start a fresh
         store for every group; the static rendezvous always shares one."""
         restarts = int(os.environ.get('TORCHELASTIC_MAX_RESTARTS', '0'))
