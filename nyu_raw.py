@@ -1,7 +1,7 @@
 """Raw NYU Depth v2 frames for training, as the paper did (Sec. 4.1: ~120K raw frames of the 249
 training scenes, missing depth left unfilled and masked).
 
-Reads the raw-frame sets people have on disk (formats: ../shared/nyu-format.md, README):
+Reads the raw-frame sets people have on disk (formats: docs/data.md):
   bts         BTS "sync": a list file of `<rgb> <depth> <focal>` lines, paths relative to a root;
               RGB JPEG, depth 16-bit PNG in millimetres, 0 = missing; scene = first folder.
   densedepth  DenseDepth's nyu_data.zip (or its extracted folder): data/nyu2_train.csv of
@@ -14,6 +14,7 @@ Every set yields what the labeled loader yields: 320x240 RGB uint8 and depth in 
 Frames are decoded on demand (DataLoader workers), never all held in memory.
 
     python nyu_raw.py --data nyu/sync/nyu_train.txt --out nyu/raw_cache   # one-time conversion
+    python nyu_raw.py --from-dumps /data/nyu_raw --out nyu/raw_cache      # the official raw dumps
 converts any set into a compact cache: uint8 RGB and uint16 millimetre depth at 320x240 in .npy
 files (375 KiB a frame: 225 KiB of RGB, 150 KiB of depth) that training memory-maps instead of decoding JPEG/PNG each time.
 """
@@ -373,23 +374,24 @@ CACHE_FILES = {'images.npy', RawFrames.cache_depth_file, 'depths.npy', CACHE_MET
 # a conversion writes (depths.npy: KITTI's depth file); nothing else is ever deleted
 
 
-def check_out(out):
+def check_out(out, partial_extra=frozenset()):
     """The cache folder `out` and the temporary folder beside it that convert() writes into,
     checked before any work (one line each): a path where no folder can be written (empty, a file
     at or above it, no permission, a read-only file system) or a folder that is not a cache.
-    Returns both, normalised."""
+    partial_extra: the names a conversion may also keep in the temporary folder (nyu_dumps: its
+    per-scene shards). Returns both, normalised."""
     files.check_out_folder(out)
     out = os.path.normpath(out)
     tmp = out + '.partial'
-    for folder in (out, tmp):
+    for folder, allowed in ((out, CACHE_FILES), (tmp, CACHE_FILES | set(partial_extra))):
         files.check_out_folder(folder)
-        if os.path.isdir(folder) and not set(os.listdir(folder)) <= CACHE_FILES:
+        if os.path.isdir(folder) and not set(os.listdir(folder)) <= allowed:
             raise cli.DataError(f'{folder}: is a folder, but not a cache; --out names a new or '
                                 f'empty folder, or a cache to replace (nothing was deleted)')
     return out, tmp
 
 
-def check_free_space(out, need):
+def check_free_space(out, need, what='the cache needs'):
     """Refuse (one line, nothing written) when the file system `out` would be on has fewer than
     `need` bytes free for an ordinary user."""
     where = files.nearest_existing(os.path.dirname(os.path.abspath(out)))
@@ -399,7 +401,7 @@ def check_free_space(out, need):
         return
     free = stat.f_bavail * stat.f_frsize
     if need > free:
-        raise cli.UserError(f'{out}: the cache needs {_size(need)}, but the file system of {where} '
+        raise cli.UserError(f'{out}: {what} {_size(need)}, but the file system of {where} '
                             f'has {_size(free)} free; free space there or choose another --out '
                             f'(nothing was written)')
 
@@ -582,8 +584,15 @@ def convert(frames, out, workers=4, progress=True):
 
 
 def main(argv=None):
+    from data import LABELED, SPLITS   # train.py's defaults (data.py imports this module)
     p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--data', required=True, help='the raw-frame set (list file, zip or folder)')
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument('--data', help='the raw-frame set (list file, zip or folder)')
+    source.add_argument('--from-dumps', nargs='+', metavar='DUMPS',
+                        help="NYU Depth v2's official raw dumps: the folder of scene folders, or "
+                             'the official zip files (read without unpacking); synchronised and '
+                             "projected as NYU's toolbox does, the training scenes only "
+                             '(nyu_dumps.py; resumable: run the same command again)')
     p.add_argument('--format', choices=('auto',) + FORMATS[:-1], default='auto',
                    help='(default: %(default)s: by the file name)')
     p.add_argument('--data-root', help='BTS: the folder the list paths are relative to '
@@ -592,9 +601,23 @@ def main(argv=None):
                    help='folder: metres per depth PNG unit (0.001 for millimetres)')
     p.add_argument('--out', required=True, help='cache folder to write')
     p.add_argument('--workers', type=cli.whole(0), default=4,
-                   help='decoding processes (default: %(default)s)')
+                   help='decoding processes; --from-dumps: processes converting one scene each '
+                        '(default: %(default)s)')
+    p.add_argument('--labeled', default=LABELED,
+                   help="--from-dumps: the labeled .mat whose scene names, with --splits, say "
+                        'which scenes are test scenes, never converted (default: %(default)s)')
+    p.add_argument('--splits', default=SPLITS,
+                   help="--from-dumps: NYU's official split (default: %(default)s)")
     p.add_argument('--debug', action='store_true', help='show the traceback of an error')
     args = p.parse_args(argv)
+    if args.from_dumps:
+        import nyu_dumps
+        meta = nyu_dumps.convert_dumps(args.from_dumps, args.out, args.labeled, args.splits,
+                                       args.workers)
+        print(nyu_dumps.summary(meta))
+        print(f'{len(meta["scenes"])} frames of {len(meta["dumps"]["per_scene"])} scenes -> '
+              f'{args.out}')
+        return 0
     check_out(args.out)   # before the frames are listed, which can take a while
     frames = open_raw(args.data, args.format, args.data_root, args.depth_scale)
     if isinstance(frames, CachedFrames):
