@@ -32,9 +32,10 @@ marker written last); after a kill or Ctrl-C the same command keeps the finished
 the rest. When every scene is done the shards are joined into OUT's single cache, so the disk holds
 the shards and the cache together for a while: twice the cache (375 KiB a frame each).
 
-    python nyu_raw.py --from-dumps /data/nyu_raw --out nyu/raw_cache
-    python nyu_raw.py --from-dumps /data/bedrooms.zip /data/kitchens.zip ... --out nyu/raw_cache
+    python nyu_dumps.py /data/nyu_raw --out nyu/raw_cache
+    python nyu_dumps.py /data/bedrooms.zip /data/kitchens.zip ... --out nyu/raw_cache
 """
+import argparse
 import json
 import math
 import multiprocessing
@@ -54,6 +55,7 @@ import cli
 import files
 import nyu_raw
 import util
+from data import LABELED, SPLITS   # train.py's defaults
 
 KINECT_HW = (480, 640)
 PAPER_FRAMES = 120_000   # Sec. 4.1: "120K unique images"
@@ -417,7 +419,7 @@ def list_scenes(sources, known, test):
             scenes[base] = scene
         if not has_dumps:
             raise cli.DataError(f'{source}: holds no scene folders of Kinect dumps (d-*.pgm, '
-                                f'r-*.ppm); --from-dumps takes the folder the official raw zip '
+                                f'r-*.ppm); nyu_dumps.py takes the folder the official raw zip '
                                 f'files were unpacked into, or the zip files themselves')
     if skipped['test_scenes']:
         names = sorted(skipped['test_scenes'])
@@ -725,3 +727,29 @@ def summary(meta):
                 f'folders that are not training or test scenes, {len(skipped["without_frames"])} '
                 f'scenes without depth or RGB frames (named in the notes above)')
     return '\n'.join(rows)
+
+
+def main(argv=None):
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('dumps', nargs='+', metavar='DUMPS',
+                   help='the folder of scene folders, or the official zip files (read without '
+                        'unpacking)')
+    p.add_argument('--out', required=True, help='cache folder to write (resumable: run the same '
+                                                'command again)')
+    p.add_argument('--workers', type=cli.whole(0), default=4,
+                   help='processes, each converting whole scenes; 0: in this process '
+                        '(default: %(default)s)')
+    p.add_argument('--labeled', default=LABELED,
+                   help="the labeled .mat whose scene names, with --splits, say which scenes are "
+                        'test scenes, never converted (default: %(default)s)')
+    p.add_argument('--splits', default=SPLITS, help="NYU's official split (default: %(default)s)")
+    p.add_argument('--debug', action='store_true', help='show the traceback of an error')
+    args = p.parse_args(argv)
+    meta = convert_dumps(args.dumps, args.out, args.labeled, args.splits, args.workers)
+    print(summary(meta))
+    print(f'{len(meta["scenes"])} frames of {len(meta["dumps"]["per_scene"])} scenes -> {args.out}')
+    return 0
+
+
+if __name__ == '__main__':
+    cli.run_cli(main)

@@ -14,7 +14,7 @@ Every set yields what the labeled loader yields: 320x240 RGB uint8 and depth in 
 Frames are decoded on demand (DataLoader workers), never all held in memory.
 
     python nyu_raw.py --data nyu/sync/nyu_train.txt --out nyu/raw_cache   # one-time conversion
-    python nyu_raw.py --from-dumps /data/nyu_raw --out nyu/raw_cache      # the official raw dumps
+    python nyu_dumps.py /data/nyu_raw --out nyu/raw_cache                 # the official raw dumps
 converts any set into a compact cache: uint8 RGB and uint16 millimetre depth at 320x240 in .npy
 files (375 KiB a frame: 225 KiB of RGB, 150 KiB of depth) that training memory-maps instead of decoding JPEG/PNG each time.
 """
@@ -584,15 +584,9 @@ def convert(frames, out, workers=4, progress=True):
 
 
 def main(argv=None):
-    from data import LABELED, SPLITS   # train.py's defaults (data.py imports this module)
     p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument('--data', help='the raw-frame set (list file, zip or folder)')
-    source.add_argument('--from-dumps', nargs='+', metavar='DUMPS',
-                        help="NYU Depth v2's official raw dumps: the folder of scene folders, or "
-                             'the official zip files (read without unpacking); synchronised and '
-                             "projected as NYU's toolbox does, the training scenes only "
-                             '(nyu_dumps.py; resumable: run the same command again)')
+    p.add_argument('--data', required=True, help="the raw-frame set (list file, zip or folder); "
+                                                 "NYU's official raw dumps: python nyu_dumps.py")
     p.add_argument('--format', choices=('auto',) + FORMATS[:-1], default='auto',
                    help='(default: %(default)s: by the file name)')
     p.add_argument('--data-root', help='BTS: the folder the list paths are relative to '
@@ -601,23 +595,9 @@ def main(argv=None):
                    help='folder: metres per depth PNG unit (0.001 for millimetres)')
     p.add_argument('--out', required=True, help='cache folder to write')
     p.add_argument('--workers', type=cli.whole(0), default=4,
-                   help='decoding processes; --from-dumps: processes converting one scene each '
-                        '(default: %(default)s)')
-    p.add_argument('--labeled', default=LABELED,
-                   help="--from-dumps: the labeled .mat whose scene names, with --splits, say "
-                        'which scenes are test scenes, never converted (default: %(default)s)')
-    p.add_argument('--splits', default=SPLITS,
-                   help="--from-dumps: NYU's official split (default: %(default)s)")
+                   help='decoding processes (default: %(default)s)')
     p.add_argument('--debug', action='store_true', help='show the traceback of an error')
     args = p.parse_args(argv)
-    if args.from_dumps:
-        import nyu_dumps
-        meta = nyu_dumps.convert_dumps(args.from_dumps, args.out, args.labeled, args.splits,
-                                       args.workers)
-        print(nyu_dumps.summary(meta))
-        print(f'{len(meta["scenes"])} frames of {len(meta["dumps"]["per_scene"])} scenes -> '
-              f'{args.out}')
-        return 0
     check_out(args.out)   # before the frames are listed, which can take a while
     frames = open_raw(args.data, args.format, args.data_root, args.depth_scale)
     if isinstance(frames, CachedFrames):

@@ -1,4 +1,4 @@
-"""The official raw NYU dumps -> the training cache (python nyu_raw.py --from-dumps): tiny scenes
+"""The official raw NYU dumps -> the training cache (python nyu_dumps.py): tiny scenes
 written in the exact dump formats (16-bit PGM with the Kinect's little-endian samples, PPM, the
 accelerometer's .dump, INDEX.txt, the real file naming), as folders and as a zip file; the
 synchronisation, the projection (checked against camera_params.m's numbers, written out here), the
@@ -133,7 +133,7 @@ def dumps(tmp_path):
 
 def convert(sources, out, labeled, splits, workers=0):
     sources = [sources] if not isinstance(sources, list) else sources
-    return nyu_raw.main(['--from-dumps', *map(str, sources), '--out', str(out), '--labeled',
+    return nyu_dumps.main([*map(str, sources), '--out', str(out), '--labeled',
                          str(labeled), '--splits', str(splits), '--workers', str(workers)])
 
 
