@@ -32,7 +32,7 @@ import nyu_raw
 import synthetic
 import train
 import util
-from net import INPUT_HW, VARIANTS, GlobalCoarseNet, LocalFineNet, get_variant, predict_log_depth
+from net import INPUT_HW, VARIANTS, Chain, get_variant, new_net, run_net
 
 # Dense bf16 tensor-core peaks from the vendor's data sheets (FLOP/s), by device name.
 PEAK_BF16 = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L40S': 362e12, 'RTX 4090': 165e12}
@@ -66,9 +66,10 @@ def make_data(folder, scenes, views):
 
 
 def nets_for(variant, path, device):
+    """The Chain of a coarse and a fine net of `variant`, new, on the device."""
     fmt = torch.channels_last if path == 'fast' and device.type == 'cuda' else torch.contiguous_format
-    return (GlobalCoarseNet(variant).to(device, memory_format=fmt),
-            LocalFineNet(variant).to(device, memory_format=fmt))
+    return Chain({stage: new_net(stage, variant) for stage in ('coarse', 'fine')}).to(
+        device, memory_format=fmt)
 
 
 def make_raw_cache(folder, arrays, count):
@@ -92,7 +93,7 @@ def train_py_speed(data, variant, stage, path, device, batch, steps, workers, fo
     out = os.path.join(folder, f'{stage}-{path}-{device}-{os.path.basename(data[0])}'.replace(':', ''))
     os.makedirs(out)
     if stage == 'fine':   # the fine stage needs a coarse net; its weights do not change the speed
-        torch.save(GlobalCoarseNet(variant).state_dict(), os.path.join(out, 'coarse.pth'))
+        torch.save(new_net('coarse', variant).state_dict(), os.path.join(out, 'coarse.pth'))
     interval = max(1, steps // 4) * batch
     raw = os.path.isdir(data[0])   # a converted raw-frame cache (with the labeled file's split)
     source = ['--labeled', data[2], '--per-scene', '12'] if raw else ['--data-format', 'labeled']
@@ -126,24 +127,21 @@ def pipeline_speed(frames, path, device, batch, steps, warmup, workers):
 def training_flops_per_sample(variant, stage, device):
     """FLOPs of one training sample's forward and backward (the fine stage's fixed coarse
     forward included), counted by torch on a batch of 2."""
-    coarse, fine = nets_for(variant, 'plain', device)
+    nets = nets_for(variant, 'plain', device)
     x = torch.rand(2, 3, *INPUT_HW, device=device) * 255
     with FlopCounterMode(display=False) as counter:
-        if stage == 'coarse':
-            coarse(x).sum().backward()
-        else:
+        before = None
+        if stage != 'coarse':
             with torch.no_grad():
-                c = coarse.eval()(x)
-            fine(x, c).sum().backward()
+                before = Chain(nets, last='coarse').eval()(x)
+        run_net(nets[stage], x, before).sum().backward()
     return counter.get_total_flops() / 2
 
 
 @torch.no_grad()
 def inference(variant, device, path, batch, repeats, warmup):
     """Seconds per call of coarse + fine on a batch (median of `repeats`, after `warmup` calls)."""
-    coarse, fine = nets_for(variant, path, device)
-    coarse.eval()
-    fine.eval()
+    nets = nets_for(variant, path, device).eval()
     x = torch.rand(batch, 3, *INPUT_HW, device=device) * 255
     if path == 'fast' and device.type == 'cuda':
         x = x.contiguous(memory_format=torch.channels_last)
@@ -153,7 +151,7 @@ def inference(variant, device, path, batch, repeats, warmup):
         sync(device)
         t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            predict_log_depth(coarse, fine, x)
+            nets(x)
         sync(device)
         times.append(time.perf_counter() - t0)
     timed = sorted(times[warmup:])

@@ -1,6 +1,7 @@
 """train.py's checkpoint: what --resume needs to continue a run exactly, written atomically, read
 back with every refusal a user can meet (truncated, not ours, another variant, stage or schedule),
-and older formats converted where that is safe.
+and older formats converted where that is safe; and what follows each training step (end_of_step:
+the logging points, the checkpoints, the stops).
 """
 import glob
 import hashlib
@@ -12,7 +13,8 @@ import torch
 
 import cli
 import files
-from net import AUTHORS_UNITS, STD_UNITS, from_std_units
+from loss import DEFAULT_LOSS
+from net import AUTHORS_UNITS, STAGES, STD_UNITS, from_std_units
 from runtime import DIST, all_finite, rng_state, seed_streams, set_rng_state
 
 # What each format added: 3, every process's CPU and GPU random streams ('rng'); 4, the paper
@@ -24,11 +26,11 @@ from runtime import DIST, all_finite, rng_state, seed_streams, set_rng_state
 # variant refused (its bias steps were not the authors').
 CHECKPOINT_FORMAT = 7
 
-# The nets of the stages in order, each a key of the checkpoint ('refine': --refine 2's second
-# fine net; None where its stage has not begun)
-NETS = ('coarse', 'fine', 'refine')
+# The nets of the stages in order (net.STAGES), each a key of the checkpoint (None where its stage
+# has not begun)
+NETS = STAGES
 # What a checkpoint's config must share with the command line that resumes it.
-RESUME_MUST_MATCH = ('dataset', 'data', 'kitti_list', 'batch_size', 'samples', 'lam', 'seed',
+RESUME_MUST_MATCH = ('dataset', 'data', 'kitti_list', 'batch_size', 'samples', 'loss', 'lam', 'seed',
                      'train_depth', 'per_scene', 'lr_scale')   # the dataset first: a run of the other one differs in more
 
 
@@ -75,6 +77,7 @@ def read_checkpoint(path, args, variant, stages):
                              f"both or {ckpt['stage']}")
     ckpt['config'].setdefault('lr_scale', 1.0)   # written before --lr-scale existed: the paper's
     ckpt['config'].setdefault('dataset', 'nyu')  # written before KITTI
+    ckpt['config'].setdefault('loss', DEFAULT_LOSS)  # written before --loss: the paper's
     # written before --kitti-list: KITTI runs trained on the Eigen list
     ckpt['config'].setdefault('kitti_list', 'eigen' if ckpt['config']['dataset'] == 'kitti' else None)
     check_schedule(path, ckpt, args)
@@ -88,7 +91,7 @@ def check_schedule(path, ckpt, args, converted=False):
     unit = 'coarse' if ckpt['stage'] == 'coarse' else 'fine'   # refine: the fine schedule
     pending = getattr(args, f'{unit}_epochs') is not None and not converted
     samples = None if pending else getattr(args, f'{unit}_samples')
-    asked = {'batch_size': args.batch_size, 'samples': samples, 'lam': args.lam,
+    asked = {'batch_size': args.batch_size, 'samples': samples, 'loss': args.loss, 'lam': args.lam,
              'seed': args.seed, 'train_depth': args.train_depth, 'per_scene': args.per_scene,
              'lr_scale': args.lr_scale, 'dataset': args.dataset,
              'kitti_list': getattr(args, 'kitti_list', None),   # None for NYU: not compared
@@ -253,7 +256,8 @@ def save(path, log, nets, optimizer, args, done=False):
                  log.stage: nets[log.stage].state_dict(),
                  'optimizer': None if finished else optimizer.state_dict(), 'rng': streams,
                  'history': log.history, 'running_loss': (log.run_loss, log.run_count),
-                 'config': {'batch_size': args.batch_size, 'samples': log.samples, 'lam': args.lam,
+                 'config': {'batch_size': args.batch_size, 'samples': log.samples,
+                            'loss': args.loss, 'lam': args.lam,
                             'seed': args.seed, 'train_depth': args.train_depth,
                             'per_scene': args.per_scene, 'lr_scale': args.lr_scale,
                             'dataset': args.dataset, 'data': os.path.abspath(args.data),
@@ -327,3 +331,40 @@ def write(path, write_to, what, log):
         raise cli.UserError(f'{path}: could not write the {what} at {log.stage} step '
                              f'{log.step} ({reason}); {log.kept()}. '
                              f'{log.how_to_go_on(fix="free some space")}') from None
+
+
+def end_of_step(stage, stages, nets, optimizer, log, stop, args, validation):
+    """What train.train_stage does after a training step besides the next one: at a logging point
+    the host reads the losses of the steps since the last one, adds a history row with the scores
+    of validation() when one is due, and writes the checkpoint when one is due; at the stage's last
+    step its weights. stages: the run's, in order. Returns None to go on, True at the end of the
+    stage, False on a stop (a signal, --max-steps) with a checkpoint written."""
+    limit = stop.step_done()
+    # one process reacts to a signal at once; several agree at the logging points
+    if not (limit or (stop.signalled and not DIST.active) or log.is_log_point()):
+        return None
+    mean_loss = log.read_losses(nets[stage])
+    if log.validation_due():
+        scores = DIST.together(validation, main_only=True) or {}   # rank 0's refusal stops all
+        log.add_row(mean_loss, scores)   # history CSV and loss plot
+    signalled, time_due = DIST.agree(stop.signalled, log.save_due())
+    ckpt_path = os.path.join(args.out, 'checkpoint.pth')
+    if log.step == log.total_steps:      # the stage's weights and its last checkpoint
+        weights = os.path.join(args.out, f'{stage}.pth')
+        net = nets[stage]
+        DIST.together(lambda: write(weights, lambda tmp: torch.save(
+            {k: v.detach().cpu() for k, v in net.state_dict().items()}, tmp),
+            f'{stage} net', log), main_only=True)
+        if DIST.main:   # weights trained on the nets this stage replaced are stale now
+            remove_later_weights(args.out, stage, stages)
+        save(ckpt_path, log, nets, optimizer, args, done=stage == stages[-1])
+        log.close(f'{stage} net written to {weights}')
+        return True
+    interrupted = limit or signalled
+    if interrupted or time_due or log.save_every_due():
+        save(ckpt_path, log, nets, optimizer, args)
+    if interrupted:
+        log.close(f'stopped ({stop.reason()}) at {stage} step {log.step}/{log.total_steps}; '
+                  f'checkpoint written to {ckpt_path}; continue with --resume')
+        return False
+    return None

@@ -28,12 +28,11 @@ def add_data_options(p, demo_help):
     d = p.add_argument_group('data')
     d.add_argument('--dataset', choices=DATASETS, default='nyu',
                    help="'nyu': NYU Depth v2 (Sec. 4.1); 'kitti': raw KITTI, tested on the Eigen "
-                        'split (Sec. 4.2: 576x172 crops, LIDAR depth, its own schedule; README, '
-                        'KITTI) '
+                        'split (Sec. 4.2: 576x172 crops, LIDAR depth, its own schedule; docs/kitti.md) '
                         '(default: %(default)s)')
     d.add_argument('--data',
                    help=f'training set: the NYU Depth v2 labeled .mat (MATLAB v7.3), or raw frames '
-                        f"(README): a BTS list .txt, DenseDepth's nyu_data.zip, a folder of "
+                        f"(docs/data.md): a BTS list .txt, DenseDepth's nyu_data.zip, a folder of "
                         f'rgb_*/depth_* pairs or a folder converted by nyu_raw.py (default: '
                         f'{LABELED}); --dataset kitti: the raw KITTI folder, or the cache kitti.py '
                         f'converted it into (default: {kitti.ROOT})')
@@ -83,7 +82,7 @@ def check_data_options(p, a):
         nyu_only = [o for o, given in (('--demo', a.demo), ('--train-depth filled', a.train_depth == 'filled'),
                                        ('--data-format', a.data_format != 'auto')) if given]
         if nyu_only:
-            p.error(f'{", ".join(nyu_only)}: NYU\'s, not KITTI\'s (README, KITTI)')
+            p.error(f'{", ".join(nyu_only)}: NYU\'s, not KITTI\'s (docs/kitti.md)')
         a.data = a.data or kitti.ROOT
         a.data_format = 'kitti'
         a.kitti_list = a.kitti_list or 'paper'

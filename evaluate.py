@@ -32,7 +32,7 @@ import nyu_test
 import runtime
 import util
 from metrics import HEADINGS, NAMES, Metrics
-from net import NYU, RefinedFine, load_pretrained
+from net import NYU, STAGE_NAMES, load_pretrained
 
 # Table 1 of the paper, NYU Depth v2 test set, as printed (strings, so the rows print verbatim).
 PAPER_TABLE1 = {
@@ -40,15 +40,15 @@ PAPER_TABLE1 = {
     'Make3D': ['0.447', '0.745', '0.897', '0.349', '0.492', '1.214', '0.409', '0.325'],
     'Ladicky et al.': ['0.542', '0.829', '0.940', '-', '-', '-', '-', '-'],
     'Karsch et al.': ['-', '-', '-', '0.350', '-', '1.2', '-', '-'],
-    'Coarse': ['0.618', '0.891', '0.969', '0.228', '0.223', '0.871', '0.283', '0.221'],
-    'Coarse + Fine': ['0.611', '0.887', '0.971', '0.215', '0.212', '0.907', '0.285', '0.219'],
+    STAGE_NAMES['coarse']: ['0.618', '0.891', '0.969', '0.228', '0.223', '0.871', '0.283', '0.221'],
+    STAGE_NAMES['fine']: ['0.611', '0.887', '0.971', '0.215', '0.212', '0.907', '0.285', '0.219'],
 }
 # Table 2 of the paper, KITTI (its 28 test scenes, its protocol), as printed.
 PAPER_TABLE2 = {
     'Mean': ['0.556', '0.752', '0.870', '0.412', '5.712', '9.635', '0.444', '0.359'],
     'Make3D': ['0.601', '0.820', '0.926', '0.280', '3.012', '8.734', '0.361', '0.327'],
-    'Coarse': ['0.679', '0.897', '0.967', '0.194', '1.531', '7.216', '0.273', '0.248'],
-    'Coarse + Fine': ['0.692', '0.899', '0.967', '0.190', '1.515', '7.156', '0.270', '0.246'],
+    STAGE_NAMES['coarse']: ['0.679', '0.897', '0.967', '0.194', '1.531', '7.216', '0.273', '0.248'],
+    STAGE_NAMES['fine']: ['0.692', '0.899', '0.967', '0.190', '1.515', '7.156', '0.270', '0.246'],
 }
 PAPER_TABLES = {'nyu': ('Table 1 (its protocol, filled depth)', PAPER_TABLE1),
                 'kitti': ('Table 2 (its protocol: projected LIDAR, the network region, no cap)',
@@ -206,8 +206,8 @@ def evaluate(args):
         files.check_exists(args.data, 'the test set (--data)')
     files.check_out_folder(args.out)
     device = runtime.resolve_device(args.device)[0]
-    coarse, fine = load_pretrained(args.model, device)
-    geometry = coarse.geometry
+    nets = load_pretrained(args.model, device)   # coarse, fine if trained, ...: a row each
+    geometry = nets.geometry
     dataset = geometry.name   # what the weights were trained on
     check_options(args, dataset)
     test = open_test_set(args, dataset)
@@ -217,8 +217,7 @@ def evaluate(args):
         means['Mean'] = mean_depth_map(test.train).to(device)
     elif dataset == 'nyu':
         print(f'note: no Mean row: it needs the labeled file\'s training images, not in {args.data}')
-    methods = [*means, 'Coarse'] + (['Coarse + Fine'] if fine is not None else []) + \
-        (['Coarse + Fine + Fine'] if isinstance(fine, RefinedFine) else [])   # train.py --refine 2
+    methods = [*means, *(STAGE_NAMES[stage] for stage in nets)]
     found = {p: {m: Metrics(per_image=p in PER_IMAGE) for m in methods} for p in protocols}
     examples = []   # (per-image RMSE of the best net, first protocol; position) for the figure
     kinds = sorted(set(protocols.values()))
@@ -229,14 +228,9 @@ def evaluate(args):
             idx = list(range(start, min(start + args.batch_size, len(test))))
             img, _, _ = test.frames.get(idx)
             x = util.crop_input(img.to(device), geometry)
-            c = coarse(x)
             preds = {m: mean.expand(len(idx), -1, -1, -1) for m, mean in means.items()}
-            preds['Coarse'] = c.exp()
-            if isinstance(fine, RefinedFine):
-                f = fine.fine(x, c)
-                preds['Coarse + Fine'], preds['Coarse + Fine + Fine'] = f.exp(), fine.refine(x, f).exp()
-            elif fine is not None:
-                preds['Coarse + Fine'] = fine(x, c).exp()
+            preds.update({STAGE_NAMES[stage]: log_depth.exp()
+                          for stage, log_depth in nets.predictions(x).items()})
             for k, i in enumerate(idx):   # one image at a time: KITTI's frames differ in size
                 gts = {kind: torch.from_numpy(next(gt_frames[kind]))[None, None].to(device) for kind in kinds}
                 for protocol, kind in protocols.items():
@@ -257,7 +251,7 @@ def evaluate(args):
     report = {'date': datetime.datetime.now().isoformat(timespec='seconds'),
               'dataset': dataset, 'data': os.path.abspath(args.data), 'test_set': test.description,
               'test_images': len(test), 'scored_images': scored, 'model': os.path.abspath(args.model),
-              'variant': coarse.variant.name,
+              'variant': nets.variant.name,
               'protocols': {p: PROTOCOL_TEXT[dataset][p] for p in protocols},
               'ground_truth': {p: f'{k}: {GROUND_TRUTH[dataset][k]}' for p, k in protocols.items()},
               'results': results,
@@ -268,7 +262,7 @@ def evaluate(args):
     examples.sort()
     picks = [examples[0][1], examples[len(examples) // 2][1], examples[-1][1]]
     figure = os.path.join(args.out, 'eval_examples.png')
-    util.plot_examples(coarse, fine, test.frames, picks, list(test.depths(protocols[first], picks)),
+    util.plot_examples(nets, test.frames, picks, list(test.depths(protocols[first], picks)),
                        ['best', 'median', 'worst'], device, figure)
     print(f'written: {path}, {figure}')
     return results

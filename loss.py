@@ -7,6 +7,9 @@ For one image with n valid pixels and d_i = log y_i - log y*_i:
 lambda = 0.5 is the training loss; lambda = 1 is Eq. 1, the scale-invariant error (Table 1 reports
 its square root); lambda = 0 is the plain mean squared log error. The printed Eq. 2 is twice Eq. 1
 (an erratum): Eq. 3/4 are what is implemented.
+
+LOSSES names the training losses that train.py --loss chooses from, each a function
+(pred_log_depth, target_log_depth, mask, lam) -> a scalar; 'eq4', the paper's, is the default.
 """
 import torch
 
@@ -63,3 +66,35 @@ def scale_invariant_error(pred_log_depth, target_log_depth, mask, per_image=Fals
     """Eq. 1 (lambda = 1): the loss that ignores a global scale of the prediction. Table 1's
     "RMSE (log, scale-invariant)" is its square root."""
     return scale_invariant_loss(pred_log_depth, target_log_depth, mask, lam=1.0, per_image=per_image)
+
+
+def gradient_matching_loss(pred_log_depth, target_log_depth, mask, lam=TRAIN_LAMBDA):
+    """Eigen & Fergus 2015's depth loss ("Predicting Depth, Surface Normals and Semantic Labels
+    with a Common Multi-Scale Convolutional Architecture", ICCV 2015, Sec. 3.2): Eq. 4 plus a
+    first-order matching term on the horizontal and vertical image gradients of d,
+
+        L = (1/n) sum_i d_i^2 - (lambda / n^2) (sum_i d_i)^2 + (1/n) sum_i [(dx d_i)^2 + (dy d_i)^2]
+
+    with lambda = 0.5 there. dx, dy are the differences of d between horizontal and vertical
+    neighbours, counted where both pixels are valid; n is the image's valid pixels. Averaged over
+    the images with at least one valid pixel, as Eq. 4 is."""
+    mask = mask.to(torch.bool)
+    d = torch.where(mask, pred_log_depth - torch.where(mask, target_log_depth, 0.0), 0.0)
+    both_x = mask[..., :, 1:] & mask[..., :, :-1]
+    both_y = mask[..., 1:, :] & mask[..., :-1, :]
+    dx = torch.where(both_x, d[..., :, 1:] - d[..., :, :-1], 0.0)
+    dy = torch.where(both_y, d[..., 1:, :] - d[..., :-1, :], 0.0)
+    b = d.shape[0]
+    n = mask.reshape(b, -1).sum(dim=1).to(d.dtype)
+    gradients = ((dx * dx).reshape(b, -1).sum(dim=1) + (dy * dy).reshape(b, -1).sum(dim=1)) / n.clamp(min=1)
+    values = scale_invariant_loss(pred_log_depth, target_log_depth, mask, lam, per_image=True) + gradients
+    return values.sum() / (n > 0).sum().clamp(min=1)
+
+
+# The training losses by name (train.py --loss). A new loss: a function with these arguments,
+# and one line here.
+LOSSES = {
+    'eq4': scale_invariant_loss,                  # the paper's, Eq. 4 (the default)
+    'eigen-fergus-2015': gradient_matching_loss,  # Eq. 4 + the gradients of d (ICCV 2015)
+}
+DEFAULT_LOSS = 'eq4'

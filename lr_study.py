@@ -1,4 +1,4 @@
-"""How the paper's learning rates act on each variant (README, "The learning rates").
+"""How the paper's learning rates act on each variant (docs/learning_rates.md).
 
 The paper's per-layer rates (Sec. 3.3: 0.001 for coarse1-5, 0.1 for coarse6 and coarse7) were
 tuned by the authors for their own parametrisation. This script trains the coarse net of each
@@ -6,16 +6,24 @@ variant on the demo's synthetic rooms with train.py's own step (train.train_step
 the paper's rates, momentum 0.9) at the paper's batch of 32, and records at every step the training loss (Eq. 4), the batch's mean log error
 (prediction - target, over valid pixels) and the size of the coarse6 and coarse7 weight updates
 relative to the weights; every --val-every samples the sc-inv error on held-out rooms. It prints a
-table and draws one plot (the README's figures), then the rate tables of --rates.
+table and draws one plot (docs/learning_rates.md's figures), then the rate tables of --rates.
 
-    python lr_study.py                            # the README's figures (~55 min on 2 CPU cores)
+    python lr_study.py                            # docs/learning_rates.md's figures (~55 min on 2 CPU cores)
     python lr_study.py --samples 320 --runs paper # a quick look
     python lr_study.py --rates                    # the two rate tables alone (about a minute)
+    python lr_study.py --fine --coarse model/coarse.pth   # the demo's fine stage (~30 min)
 
 --rates: the effective per-layer rates of the step in plain units (outputs in log metres,
 features unscaled), measured by gradient (effective_rates); and for every tensor, biases
 included, how far one step at the paper's rate moves the output against the same step in the same
 net written in the authors' units (authors_ratios; 1: the authors' step).
+
+--fine: the demo's fine stage (train.py --demo's data, batches, start and coarse net; its own
+model/coarse.pth with --coarse, else trained here as the demo trains it) at the paper's rates for
+--longer x its samples, then with each fine layer's rate / 10 in turn; every 2 steps the
+validation frames and as many training frames scored (the loss, sc-inv, the prediction's log
+scale and how far it moved). A table and docs/fine_stage.png: docs/fine_stage.md (32 minutes on
+2 shared CPU cores).
 
 The runs: each variant as train.py builds it (coarse1-5 in the authors' units: 0..255 inputs,
 features x 0.01); '*-std-units', the paper and alexnet variants as they were before (coarse input
@@ -30,6 +38,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import math
 import os
 import time
 from types import SimpleNamespace
@@ -40,9 +49,10 @@ import torch
 import cli
 import data
 import net
+import runtime
 import train
 import util
-from loss import TRAIN_LAMBDA, safe_log
+from loss import TRAIN_LAMBDA, safe_log, scale_invariant_error, scale_invariant_loss
 from net import ALEXNET, PAPER, RELEASE, GlobalCoarseNet, LocalFineNet
 
 
@@ -114,7 +124,7 @@ def study(variant, train_frames, val_frames, samples, batch, val_every, seed, sh
                      'mean_error': float((seen['pred'] - safe_log(y, m))[m].mean()),
                      **{name: relative_update(w.detach(), before[name]) for name, w in weights.items()}})
         if (step + 1) * batch % val_every == 0 or step + 1 == steps:
-            v = train.validate(coarse, None, val_frames, torch.device('cpu'), batch, TRAIN_LAMBDA)
+            v = train.validate(coarse, val_frames, torch.device('cpu'), batch, TRAIN_LAMBDA)
             val.append((rows[-1]['samples'], v['si_log']))
         bar.update(1)
     bar.close()
@@ -196,7 +206,7 @@ def effective_rates(variant, seed=0):
             group['weight_decay'] = 0.0
         train.train_step(ours[stage], fixed, optimizer, (x, y, m), TRAIN_LAMBDA, variant)
         after = plain_state(ours[stage])
-        plain_loss = train.forward_loss(stage, plain[stage], None if stage == 'coarse' else plain['coarse'],
+        plain_loss = train.forward_loss(plain[stage], None if stage == 'coarse' else plain['coarse'],
                                         x, y, m, TRAIN_LAMBDA)
         names = [n for n, _ in plain[stage].named_parameters()]
         grads = dict(zip(names, torch.autograd.grad(plain_loss, list(plain[stage].parameters()))))
@@ -213,7 +223,7 @@ def effective_rates(variant, seed=0):
 
 
 def effective_rate_table(variants=(PAPER, RELEASE, ALEXNET)):
-    """The README's table: per layer, the paper's rate and the effective rate of each variant in
+    """docs/learning_rates.md's table: per layer, the paper's rate and the effective rate of each variant in
     plain units (x the paper's rate)."""
     measured = {v.name: effective_rates(v) for v in variants}
     lines = ['| layer | tensor | paper\'s rate | ' + ' | '.join(measured) + ' |',
@@ -385,6 +395,282 @@ def print_rate_tables():
     print(authors_ratio_table())
 
 
+# ----------------------------------------------------------------------------------------------
+# The demo's fine stage (--fine): what loss_fine.png shows, and which layer's step makes it
+
+FINE_LAYERS = ('fine1', 'fine2', 'fine3')
+# training frames scored beside the validation frames (centre crop, as validation): as many as
+# the demo validates on, so that both sets' changes compare
+PROBE_FRAMES = 12
+
+
+def fine_stage_calls(seed, fine_samples=None):
+    """Every call of train.py and net.py the fine-stage study makes, in one place: the demo's
+    options and data, its nets as train.main builds them, the optimizer, one training step (coarse
+    or fine) and one validation. The rest of the study uses only these."""
+    args = train.parse_args(['--demo', '--seed', str(seed), '--threads', '1']
+                            + (['--fine-samples', str(fine_samples)] if fine_samples else []))
+    cpu = torch.device('cpu')
+
+    def setup(coarse_path):
+        # train.main's order of the random streams: the seed, the data, the coarse net, the fine
+        # net (its start: the pass-through), dropout's stream
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        sets = data.load_data(args, cpu)
+        coarse, fine = GlobalCoarseNet(PAPER), LocalFineNet(PAPER, pass_through=True)
+        runtime.seed_streams(seed, 0, [])
+        if coarse_path:
+            net.load_weights(coarse, coarse_path, 'the coarse net')
+        return sets, coarse, fine
+
+    return SimpleNamespace(
+        args=args, setup=setup,
+        optimizer=lambda trained, variant: train.make_optimizer(trained, variant),
+        # the fine step takes the fixed coarse net as any callable images -> coarse map
+        step=lambda trained, fixed, opt, batch, variant: train.train_step(
+            trained, fixed, opt, batch, args.lam, variant),
+        validate=lambda coarse, fine, frames: train.validate(
+            net.Chain({'coarse': coarse, 'fine': fine}), frames, cpu, args.batch_size, args.lam),
+        refine=lambda fine, images, coarse_map: fine(images, coarse_map))
+
+
+def fine_batches(calls, train_set, scenes, stage_seed, steps, geometry):
+    """The demo's augmented batches of a stage, as train.train_stage draws them (a pure function of
+    the seed and the step)."""
+    a = calls.args
+    order = util.SampleOrder(len(train_set), stage_seed, scenes, a.per_scene, geometry)
+    return data.training_batches(train_set, order, 0, steps, a.batch_size, a, torch.device('cpu'))
+
+
+def train_demo_coarse(calls, coarse, train_set, scenes, show):
+    """The demo's coarse stage: train.py --demo's schedule, step and batches."""
+    a = calls.args
+    coarse.train()
+    optimizer = calls.optimizer(coarse, PAPER)
+    steps = math.ceil(a.coarse_samples / a.batch_size)
+    bar = cli.progress(total=steps, desc='coarse', enabled=show)
+    for batch in fine_batches(calls, train_set, scenes, a.seed, steps, coarse.geometry):
+        calls.step(coarse, None, optimizer, batch, PAPER)
+        bar.update(1)
+    bar.close()
+
+
+class Scored:
+    """Frames scored at every validation of the fine stage (centre crop, as train.validate):
+    their coarse map computed once (the coarse net is fixed), per frame the log error d."""
+
+    def __init__(self, calls, coarse, frames):
+        self.calls = calls
+        x, y, m = util.center_crop(*frames.get(list(range(len(frames)))), coarse.geometry)
+        with torch.no_grad():
+            self.x, self.log_y, self.m, self.coarse_map = x, safe_log(y, m), m, coarse(x)
+        self.last = None
+
+    def score(self, fine):
+        """Eq. 4 (the validation loss), sc-inv, the mean log error (the prediction's log scale)
+        and the spread of Eq. 4 across frames; the RMS change of the prediction since the last
+        call and its mean (the change of the log scale)."""
+        mode = fine.training
+        fine.eval()
+        with torch.no_grad():
+            pred = self.calls.refine(fine, self.x, self.coarse_map)
+        fine.train(mode)
+        per_frame = scale_invariant_loss(pred, self.log_y, self.m, TRAIN_LAMBDA, per_image=True)
+        d = torch.where(self.m, pred - self.log_y, 0.0).flatten(1)
+        n = self.m.flatten(1).sum(1)
+        offset = d.sum(1) / n
+        eq1 = scale_invariant_error(pred, self.log_y, self.m, per_image=True)
+        out = {'loss': float(per_frame.mean()), 'sc_inv': float(eq1.mean().sqrt()),
+               'offset': float(offset.mean()),
+               'loss_sem': float(per_frame.std() / len(per_frame) ** 0.5)}
+        if self.last is not None:
+            change = (pred - self.last)[self.m]
+            out['move'] = float(change.square().mean().sqrt())
+            out['move_offset'] = float(change.mean())
+        self.last = pred
+        return out
+
+
+def fine_run(calls, coarse, fine_start, variant, sets, steps, val_every, cached_maps, cache_steps,
+             show):
+    """The demo's fine stage of `variant` from `fine_start`: one row a step (training loss), every
+    val_every steps the validation frames and the probe of training frames scored. cached_maps:
+    the coarse map of each of the first cache_steps steps' batch (filled by the first run, reused
+    by the next: every run draws the same batches)."""
+    train_set, scenes, val, probe = sets
+    fine = copy.deepcopy(fine_start).train()
+    optimizer = calls.optimizer(fine, variant)
+    scored = {'val': Scored(calls, coarse, val), 'probe': Scored(calls, coarse, probe)}
+    points = [{'samples': 0, **{k: s.score(fine) for k, s in scored.items()}}]
+    rows = []
+    batch_size = calls.args.batch_size
+    bar = cli.progress(total=steps, desc=variant.name, enabled=show)
+    for step, batch in enumerate(fine_batches(calls, train_set, scenes, calls.args.seed + 1, steps,
+                                              coarse.geometry)):
+        if step == len(cached_maps) < cache_steps:
+            with torch.no_grad():
+                cached_maps.append(coarse(batch[0]))
+        fixed = (lambda images, c=cached_maps[step]: c) if step < len(cached_maps) else coarse
+        loss = calls.step(fine, fixed, optimizer, batch, variant)
+        rows.append(float(loss))
+        if (step + 1) % val_every == 0 or step + 1 == steps:
+            points.append({'samples': (step + 1) * batch_size,
+                           **{k: s.score(fine) for k, s in scored.items()}})
+        bar.update(1)
+    bar.close()
+    return {'rows': rows, 'points': points, 'net': fine}
+
+
+def fine_variant(layer):
+    """The paper variant with `layer`'s rate / 10 (None: as it is)."""
+    if layer is None:
+        return PAPER
+    return scaled(PAPER, f'{layer} / 10', lr={**PAPER.lr, layer: PAPER.lr[layer] / 10})
+
+
+def fine_study(coarse_path, longer, val_every, probe_frames, fine_samples=None, show=True):
+    """The demo's fine stage (train.py --demo: the paper variant, its data, schedule and batches)
+    on one coarse net, the demo's own (coarse_path) or trained here as the demo trains it: the
+    paper's rates for `longer` x the demo's fine samples (or fine_samples), then each fine layer's
+    rate / 10 for those samples. Returns the runs, the coarse net's validation scores, and
+    validation's check (train.validate twice on the final nets against the study's own
+    scoring)."""
+    calls = fine_stage_calls(seed=0, fine_samples=fine_samples)
+    (train_set, val, scenes), coarse, fine_start = calls.setup(coarse_path)
+    if not coarse_path:
+        train_demo_coarse(calls, coarse, train_set, scenes, show)
+    coarse.eval()   # the paper variant's fine stage: the coarse net fixed, without dropout
+    coarse.requires_grad_(False)
+    probe = util.Frames.from_tensors(*(t[util.spread(np.arange(len(train_set)), probe_frames)]
+                                       for t in (train_set.images, train_set.depths)))
+    sets = (train_set, scenes, val, probe)
+    steps = math.ceil(calls.args.fine_samples / calls.args.batch_size)
+    maps, runs = [], {}
+    for layer in (None, *FINE_LAYERS):
+        variant = fine_variant(layer)
+        t0 = time.perf_counter()
+        runs[variant.name] = fine_run(calls, coarse, fine_start, variant, sets,
+                                      steps * (longer if layer is None else 1), val_every, maps,
+                                      steps, show)
+        runs[variant.name]['seconds'] = time.perf_counter() - t0
+    check = {}
+    for name, run in runs.items():
+        twice = [calls.validate(coarse, run['net'], val)['loss'] for _ in range(2)]
+        check[name] = (twice[0], twice[1], run['points'][-1]['val']['loss'])
+    return {'runs': runs, 'coarse': calls.validate(coarse, None, val), 'check': check,
+            'steps': steps, 'frames': (len(train_set), len(val), probe_frames),
+            'batch': calls.args.batch_size, 'val_every': val_every}
+
+
+def fine_summary(name, run, upto, batch):
+    """One table line of a run's first `upto` steps."""
+    rows = run['rows'][:upto]
+    points = [p for p in run['points'] if p['samples'] <= upto * batch]
+    tenth = max(1, len(rows) // 10)
+    val = [p['val']['loss'] for p in points]
+    jumps = np.abs(np.diff(val))
+    probe_jumps = np.abs(np.diff([p['probe']['loss'] for p in points]))
+    moves = [p['val']['move'] for p in points[1:]]
+    offsets = [abs(p['val']['move_offset']) for p in points[1:]]
+    return (f"| {name} | {upto * batch:,} "
+            f"| {np.median(rows[:tenth]):.3f} -> {np.median(rows[-tenth:]):.3f} "
+            f"| {val[0]:.4f} -> {val[-1]:.4f} | {min(val):.3f} - {max(val):.3f} "
+            f"| {np.median(jumps):.4f} ({np.max(jumps):.3f}) | {np.median(probe_jumps):.4f} "
+            f"| {np.median(moves):.3f} ({np.median(offsets):.3f}) "
+            f"| {points[-1]['val']['offset']:+.3f} | {points[-1]['val']['sc_inv']:.3f} |")
+
+
+def fine_table(result):
+    steps, batch = result['steps'], result['batch']
+    lines = ['| run | fine samples | training loss, first -> last tenth (median) '
+             '| val loss (Eq. 4), start -> end | val loss, min - max '
+             '| val loss change between validations, median (largest) '
+             '| probe loss change, median | RMS move of the val prediction between validations, '
+             'median (its mean part) | val mean log error, end | val sc-inv, end |',
+             '|---|---|---|---|---|---|---|---|---|---|']
+    for name, run in result['runs'].items():
+        if len(run['rows']) > steps:
+            lines.append(fine_summary(name, run, steps, batch))
+        lines.append(fine_summary(name, run, len(run['rows']), batch))
+    return '\n'.join(lines)
+
+
+def smoothed(losses):
+    """(step, mean of the SMOOTH steps up to it), fewer steps when the run has fewer."""
+    window = min(SMOOTH, len(losses))
+    mean = np.convolve(losses, np.ones(window) / window, 'valid')
+    return np.arange(window, len(losses) + 1), mean
+
+
+def plot_fine(result, path):
+    plt = util._pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
+    (a_val, a_train), (a_long, a_offset) = axes
+    steps, batch = result['steps'], result['batch']
+    coarse_loss = result['coarse']['loss']
+    for name, run in result['runs'].items():
+        points = [p for p in run['points'] if p['samples'] <= steps * batch]
+        s = [p['samples'] for p in points]
+        line, = a_val.plot(s, [p['val']['loss'] for p in points], '.-', lw=0.8, ms=3, label=name)
+        a_offset.plot(s, [p['val']['offset'] for p in points], '.-', lw=0.8, ms=3,
+                      color=line.get_color())
+        step, loss = smoothed(run['rows'][:steps])
+        a_train.plot(step * batch, loss, lw=1, color=line.get_color())
+    long_name, long_run = next(iter(result['runs'].items()))
+    s = [p['samples'] for p in long_run['points']]
+    a_long.plot(s, [p['val']['loss'] for p in long_run['points']], '.-', lw=0.8, ms=3,
+                label='validation frames')
+    a_long.plot(s, [p['probe']['loss'] for p in long_run['points']], '.-', lw=0.8, ms=3,
+                label=f"{result['frames'][2]} training frames, centre crop")
+    step, loss = smoothed(long_run['rows'])
+    a_long.plot(step * batch, loss, lw=1,
+                label=f'training loss (mean of {SMOOTH} steps)')
+    for ax in (a_val, a_long):
+        ax.axhline(coarse_loss, color='k', ls='--', lw=0.8, label='coarse net alone (val)')
+    a_val.set_title("validation loss (Eq. 4) at every validation; dashed: the coarse net alone")
+    a_train.set_title(f'training loss (Eq. 4, mean of {SMOOTH} steps)')
+    a_long.set_title(f"{long_name}: {len(long_run['rows']) * batch:,} fine samples "
+                     f"({len(long_run['rows']) * batch // (steps * batch)}x the demo's)")
+    a_offset.set_title('validation: mean log error (prediction - target), the log scale')
+    for ax in axes.flat:
+        ax.set_xlabel('fine-stage training samples')
+        ax.grid(alpha=0.3)
+    a_val.legend(fontsize=8)
+    a_long.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def report_fine(args):
+    t0 = time.perf_counter()
+    result = fine_study(args.coarse, args.longer, args.fine_val_every, args.probe_frames,
+                        args.fine_samples)
+    n_train, n_val, n_probe = result['frames']
+    print(f"the demo's fine stage: {n_train} training frames, {n_val} validation frames, "
+          f"{result['steps']} steps of {result['batch']} "
+          f"({result['steps'] * result['batch']} samples), "
+          f"scored every {args.fine_val_every} steps on the validation frames and on {n_probe} "
+          f"training frames (centre crop)")
+    print(f"coarse net alone: val loss {result['coarse']['loss']:.4f}, "
+          f"sc-inv {result['coarse']['si_log']:.3f}")
+    print(fine_table(result))
+    for name, (first, second, own) in result['check'].items():
+        print(f'{name}: train.validate on the final nets twice: {first:.6f}, {second:.6f}; '
+              f'the study\'s scoring: {own:.6f}')
+    for name, run in result['runs'].items():
+        print(f"{name}: {run['seconds']:.0f} s")
+    os.makedirs(os.path.dirname(args.plot) or '.', exist_ok=True)
+    plot_fine(result, args.plot)
+    with open(os.path.splitext(args.plot)[0] + '.json', 'w') as f:
+        runs = {n: {k: v for k, v in r.items() if k != 'net'} for n, r in result['runs'].items()}
+        json.dump({'runs': runs,
+                   **{k: v for k, v in result.items() if k != 'runs'}}, f)
+    print(f'plot: {args.plot}; every step in {os.path.splitext(args.plot)[0]}.json; '
+          f'{time.perf_counter() - t0:.0f} s in all')
+
+
 def main(argv=None):
     p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--runs', nargs='+', choices=list(RUNS), default=list(RUNS),
@@ -398,9 +684,33 @@ def main(argv=None):
     p.add_argument('--rates', action='store_true',
                    help="print only the rate tables: plain units, and against the authors' "
                         "units for every tensor (about a minute)")
+    f = p.add_argument_group('the fine stage (--fine)')
+    f.add_argument('--fine', action='store_true',
+                   help="the demo's fine stage (train.py --demo): the paper's rates for --longer x "
+                        "its fine samples, then each fine layer's rate / 10; a table and the plot "
+                        "(--plot, default docs/fine_stage.png)")
+    f.add_argument('--coarse', metavar='PATH',
+                   help="the demo's coarse net (model/coarse.pth of train.py --demo) instead of "
+                        'training it here as the demo does')
+    f.add_argument('--fine-samples', type=cli.whole(1),
+                   help=f"(default: the demo's, {train.DEMO_FINE_SAMPLES})")
+    f.add_argument('--longer', type=cli.whole(1), default=4,
+                   help="the paper's rates run for this many times the demo's fine samples "
+                        '(default: %(default)s)')
+    f.add_argument('--fine-val-every', type=cli.whole(1), default=2, metavar='STEPS',
+                   help="steps between scorings (default: %(default)s, the demo's validation)")
+    f.add_argument('--probe-frames', type=cli.whole(1), default=PROBE_FRAMES,
+                   help='training frames scored beside the validation frames '
+                        '(default: %(default)s)')
     args = p.parse_args(argv)
     if args.rates:
         print_rate_tables()
+        return 0
+    if args.fine:
+        torch.set_num_threads(1)
+        if args.plot == p.get_default('plot'):
+            args.plot = os.path.join('docs', 'fine_stage.png')
+        report_fine(args)
         return 0
     if args.samples < args.batch_size or args.batch_size <= 0 or args.val_every <= 0:
         p.error('--samples must be at least --batch-size, both and --val-every positive')

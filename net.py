@@ -15,7 +15,7 @@ Three variants share this file, and everything that differs between them lives i
                that ImageNet weights anyone can download initialise them, as the paper's
                pretrained coarse1-5 (Sec. 3.1.1); on a 228x304 input they end in Fig. 1's
                256 x 6 x 8, so coarse6, coarse7 and the fine net are the paper's.
-Where neither source settles a detail the choice is marked "(?)" and listed in the README.
+Where neither source settles a detail the choice is marked "(?)" and listed in docs/paper.md.
 """
 import math
 import os
@@ -126,8 +126,8 @@ PAPER = Variant(
     # images' mean (the release: x - 128), coarse5's features are x 0.01 before coarse6, fine1
     # sees (x - mean) / std, and the targets are log depth / its std (train.train_step). Then
     # every tensor's gradient, momentum and weight decay are the authors', and one SGD step at
-    # the paper's rate moves the net as it moved theirs (tests/test_authors_step.py; README, "The
-    # learning rates"). Not the input / its std with features x 0.762: the same net, and the same
+    # the paper's rate moves the net as it moved theirs (tests/test_authors_step.py;
+    # docs/learning_rates.md). Not the input / its std with features x 0.762: the same net, and the same
     # steps on the weights, but each coarse1-5 bias, 76.18 times smaller against its activations
     # with a 76.18 times larger gradient, would move the output 76.18^2 = 5,804 times as far per
     # step. Nor rates per tensor (bias rates / 5,804): weight decay pulls a bias alike in both
@@ -193,6 +193,7 @@ class GlobalCoarseNet(nn.Module):
     """Coarse-scale network (Sec. 3.1.1): a global view of the scene, ending in a fully connected
     layer whose outputs are the log-depth map (NYU: 4070 = 55 x 74; KITTI: 3834 = 27 x 142).
     Sizes in the comments are NYU's; KITTI's (Fig. 1) are in tests/test_kitti_geometry.py."""
+    OUTPUT_INIT_STD = 0.001   # coarse7's initial weights ([R]'s scale, _init)
 
     def __init__(self, variant=PAPER, geometry=NYU):
         super().__init__()
@@ -254,6 +255,7 @@ class LocalFineNet(nn.Module):
     """Fine-scale network (Sec. 3.1.2): local refinement of the coarse prediction. Its input is the
     image and the coarse net's output, which enters as one feature map after fine1. On KITTI it
     sees the bottom rows of the crop (Geometry.fine_top), the region the output covers."""
+    OUTPUT_INIT_STD = 0.01   # fine3's initial weights ([R]'s scale, _init)
 
     def __init__(self, variant=PAPER, pass_through=True, geometry=NYU):
         """pass_through: start as the identity on the coarse map (_pass_coarse_through); False: the
@@ -360,14 +362,14 @@ def _init(net, variant):
     init net trains without ImageNet weights. Linear output layers: small weights as in [R]
     (0.01-scale); their biases start at [R]'s mean log depth so the first predictions are a
     plausible room-scale constant instead of 1 m."""
-    for name, m in net.named_modules():
+    last = getattr(net, layer_names(net)[-1])   # the output layer: coarse7, fine3
+    for m in net.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
-            if name in ('coarse7', 'fine3'):
-                nn.init.normal_(m.weight, std=0.01 if name == 'fine3' else 0.001)
+            if m is last:
+                nn.init.normal_(m.weight, std=net.OUTPUT_INIT_STD)
             else:
                 nn.init.kaiming_normal_(m.weight, nonlinearity='relu')
             nn.init.zeros_(m.bias)
-    last = net.coarse7 if isinstance(net, GlobalCoarseNet) else net.fine3
     nn.init.constant_(last.bias, LOGDEPTHS_MEAN / variant.log_depth_std)
 
 
@@ -381,7 +383,7 @@ def _pass_coarse_through(fine, variant):
     keep their random start; fine3's zero weights on them get gradients from the first step.
     a = (lr_fine2 / lr_fine3) ** (1/4): a step moves the pass-through's output by lr2 / a^2 +
     lr3 * a^2 per unit of gradient, the least there (a = 1 diverged in the demo at the paper's
-    rates). Measured on the demo (README, Results): Coarse + Fine then beats Coarse."""
+    rates). Measured on the demo (docs/results.md): Coarse + Fine then beats Coarse."""
     a = (variant.lr['fine2'] / variant.lr['fine3']) ** 0.25
     conv2, conv3 = fine.fine2[0], fine.fine3
     conv3.weight.zero_()
@@ -393,36 +395,69 @@ def _pass_coarse_through(fine, variant):
         conv3.weight[0, channel, 2, 2] = sign / a
 
 
-class RefinedFine(nn.Module):
-    """--refine 2 (not in the paper: the idea of the homework this project grew from, in the
-    direction of Eigen & Fergus 2015's third scale): the fine net, then a second LocalFineNet that
-    takes the first one's output as its coarse-map input. Called as a fine net, (images, coarse
-    log depth) -> log depth; .fine and .refine are the two nets."""
-
-    def __init__(self, fine, refine):
-        super().__init__()
-        self.fine, self.refine, self.variant, self.geometry = fine, refine, fine.variant, fine.geometry
-
-    def forward(self, images, coarse_log_depth):
-        return self.refine(images, self.fine(images, coarse_log_depth))
+# The stages in the order their nets run: the coarse net sees the image alone, each later net the
+# image and the prediction of the net before it, which it refines (Sec. 3.1.2). 'refine' (train.py
+# --refine 2) is not the paper's: a second fine net on the first one's output, in the direction of
+# Eigen & Fergus 2015's third scale.
+STAGES = ('coarse', 'fine', 'refine')
+# Each stage's prediction as the tables, figures and summaries name it: the nets that made it.
+STAGE_NAMES = {'coarse': 'Coarse', 'fine': 'Coarse + Fine', 'refine': 'Coarse + Fine + Fine'}
 
 
-class CoarseThenFine(nn.Module):
-    """The coarse and the fine net as one map, images -> log depth: the fixed input of --refine 2's
-    third stage."""
+# Each stage's net: train.py builds it, load_pretrained loads its weights into it. A new fine net
+# is a class called as LocalFineNet is, (variant, pass_through=, geometry=), whose forward takes
+# (images, log depth before it), here in place of LocalFineNet; the rates of its layers (named
+# children with parameters) go into PAPER_LR and RELEASE_WD, as fine1-3's.
+STAGE_NETS = {'coarse': GlobalCoarseNet, 'fine': LocalFineNet, 'refine': LocalFineNet}
 
-    def __init__(self, coarse, fine):
-        super().__init__()
-        self.coarse, self.fine = coarse, fine
+
+def new_net(stage, variant=PAPER, geometry=NYU, fine_init='pass'):
+    """A new net for `stage` (STAGE_NETS). fine_init: 'pass' starts a refining net as the
+    identity on the map it is given, 'random' as every other layer (train.py --fine-init)."""
+    if stage == 'coarse':
+        return STAGE_NETS[stage](variant, geometry)
+    return STAGE_NETS[stage](variant, pass_through=fine_init == 'pass', geometry=geometry)
+
+
+def run_net(net, images, before):
+    """One net of the chain: the coarse net on the images (before is None), a refining net on the
+    images and the log depth `before` it that it refines."""
+    return net(images) if before is None else net(images, before)
+
+
+class Chain(nn.ModuleDict):
+    """The coarse net and the nets that refine its prediction after it, in the order of STAGES:
+    chain.predictions(images) is every stage's log depth by stage, chain(images) the last one's.
+    A ModuleDict: chain['fine'], 'refine' in chain, chain.eval(), chain.to(device) as for one net.
+
+    Chain(nets) takes the stages of a dict of nets from the coarse one on; last='fine' stops there."""
+
+    def __init__(self, nets, last=None):
+        stages = [s for s in STAGES if s in nets and nets[s] is not None]
+        stages = stages[:stages.index(last) + 1] if last is not None else stages
+        if stages != list(STAGES[:len(stages)]) or not stages:   # a gap would skip a refinement
+            raise ValueError(f'a chain runs {", ".join(STAGES)} in this order from the first; '
+                             f'got {sorted(nets)}')
+        super().__init__({s: nets[s] for s in stages})
+
+    @property
+    def geometry(self):
+        return self['coarse'].geometry
+
+    @property
+    def variant(self):
+        return self['coarse'].variant
+
+    def predictions(self, images):
+        """{stage: (B, 1, H, W) log depth} of every net, in order."""
+        found, before = {}, None
+        for stage, net in self.items():
+            before = found[stage] = run_net(net, images, before)
+        return found
 
     def forward(self, images):
-        return self.fine(images, self.coarse(images))
-
-
-def predict_log_depth(coarse, fine, images):
-    """Log depth from the coarse net, refined by the fine net when one is given."""
-    log_depth = coarse(images)
-    return log_depth if fine is None else fine(images, log_depth)
+        """The last net's log depth: what the chain predicts."""
+        return list(self.predictions(images).values())[-1]
 
 
 def layer_names(net):
@@ -505,12 +540,12 @@ def variant_of(coarse_state):
 
 
 def load_pretrained(folder='model', device='cpu'):
-    """The trained nets from `folder` (coarse.pth, and fine.pth if present), in eval mode, in one
-    line for a notebook: `coarse, fine = load_pretrained()`. The variant and the dataset (NYU or
-    KITTI: `coarse.geometry`) are read off the weights' shapes (variant_of). fine is None without
-    fine.pth; with refine.pth beside it (train.py --refine 2) it is the RefinedFine of both fine
-    nets, used as the fine net.
-    Files are read with weights_only=True; a bad one raises DataError saying what is wrong."""
+    """The trained nets from `folder` as a Chain in eval mode, in one line for a notebook:
+    `nets = load_pretrained()`, then `nets(images)` or `nets.predictions(images)`. coarse.pth,
+    then fine.pth if present, then refine.pth (train.py --refine 2) if fine.pth is there too. The
+    variant and the dataset (NYU or KITTI: `nets.geometry`) are read off the weights' shapes
+    (variant_of). Files are read with weights_only=True; a bad one raises DataError saying what is
+    wrong."""
     def read(path, what):
         """A weights file, refused if a weight is NaN or inf (a diverged run's: its depth maps
         would be NaN)."""
@@ -530,27 +565,23 @@ def load_pretrained(folder='model', device='cpu'):
     if not os.path.lexists(path):
         raise DataError(f'{path}: no trained coarse net; run train.py (or train.py --demo) '
                              f'first, or point at the folder it wrote')
-    state = read(path, 'coarse net weights written by train.py')
-    found = variant_of(state)
+    states = {'coarse': read(path, 'coarse net weights written by train.py')}
+    found = variant_of(states['coarse'])
     if found is None:
         raise DataError(f'{path}: weights of no coarse net here ({", ".join(VARIANTS)} variants, '
                         f'{" or ".join(GEOMETRIES)})')
     # every file is read before a net is built: a bad one is refused at once. A fine.pth or
     # refine.pth that is there but no file (a folder) is refused by read, not passed over: that
     # would give the coarse net's depth maps without a word
-    fine_path, refine_path = os.path.join(folder, 'fine.pth'), os.path.join(folder, 'refine.pth')
-    fine_state = read(fine_path, 'fine net weights') if os.path.lexists(fine_path) else None
-    refine_state = (read(refine_path, 'second fine net weights')
-                    if fine_state is not None and os.path.lexists(refine_path) else None)
+    what = {'coarse': 'coarse net weights', 'fine': 'fine net weights',
+            'refine': 'second fine net weights'}
+    for stage in STAGES[1:]:
+        stage_path = os.path.join(folder, f'{stage}.pth')
+        if not os.path.lexists(stage_path):
+            break
+        states[stage] = read(stage_path, what[stage])
     variant, geometry = found
-    coarse = load_weights(GlobalCoarseNet(variant, geometry), path, 'coarse net weights', state).to(device)
-    fine = None
-    if fine_state is not None:
-        fine = load_weights(LocalFineNet(variant, geometry=geometry), fine_path, 'fine net weights',
-                            fine_state).to(device)
-        if refine_state is not None:   # --refine 2: the second fine net after the first
-            refine = load_weights(LocalFineNet(variant, geometry=geometry), refine_path,
-                                  'second fine net weights', refine_state)
-            fine = RefinedFine(fine, refine.to(device))
-        fine.eval()
-    return coarse.eval(), fine
+    nets = {stage: load_weights(new_net(stage, variant, geometry), os.path.join(folder, f'{stage}.pth'),
+                                what[stage], state)
+            for stage, state in states.items()}
+    return Chain(nets).to(device).eval()

@@ -28,7 +28,7 @@ import cli
 import files
 import runtime
 import util
-from net import load_pretrained, predict_log_depth
+from net import Chain, load_pretrained
 
 CONVERTIBLE = {'P', 'CMYK', 'YCbCr'}   # colour images in another encoding: converted silently
 
@@ -104,10 +104,11 @@ def _declared_size(path):
 
 
 @torch.no_grad()
-def predict_depth(coarse, fine, rgb, device='cpu'):
-    """Depth in metres, (H, W) float32, for an RGB uint8 (H, W, 3) image of any size."""
-    geometry = coarse.geometry   # NYU's or KITTI's sizes, as the weights were trained
-    log_depth = predict_log_depth(coarse, fine, util.prepare_image(rgb, geometry).to(device))
+def predict_depth(nets, rgb, device='cpu'):
+    """Depth in metres, (H, W) float32, for an RGB uint8 (H, W, 3) image of any size: the
+    prediction of the last of `nets` (a Chain)."""
+    geometry = nets.geometry   # NYU's or KITTI's sizes, as the weights were trained
+    log_depth = nets(util.prepare_image(rgb, geometry).to(device))
     depth = util.upsample_depth(log_depth.exp(), rgb.shape[:2], mode='bilinear', outside='edge',
                                 geometry=geometry)
     return depth[0, 0].cpu().numpy().astype(np.float32)
@@ -198,9 +199,9 @@ def main(argv=None):
     device = runtime.resolve_device(args.device)[0]
     if args.out is not None:
         files.check_out_folder(args.out)
-    coarse, fine = load_pretrained(args.model, device)
+    nets = load_pretrained(args.model, device)
     if args.coarse_only:
-        fine = None
+        nets = Chain(nets, last='coarse')
     if args.out is not None:
         os.makedirs(args.out, exist_ok=True)
     failed = 0
@@ -222,7 +223,7 @@ def main(argv=None):
                  f'predict.py replaces no file: write elsewhere with --out, or remove it')
             failed += 1
             continue
-        depth = predict_depth(coarse, fine, rgb, device)
+        depth = predict_depth(nets, rgb, device)
         try:
             write_outputs(base, depth, args.colorbar)
         except OSError as e:

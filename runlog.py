@@ -18,7 +18,9 @@ import data
 import nyu_raw
 import util
 from files import atomic_write
+from loss import DEFAULT_LOSS
 from metrics import NAMES as METRIC_NAMES
+from net import STAGE_NAMES
 from runtime import DIST, all_finite
 
 # Loss plots cost about 0.5 s each: at most one a minute, and one at the end of every stage.
@@ -40,7 +42,8 @@ class StageLog:
         self.val_every = max(1, round((args.val_every or samples / 50) / args.batch_size))
         self.ckpt_path = os.path.join(args.out, 'checkpoint.pth')
         self.csv_path = os.path.join(args.out, f'history_{stage}.csv')
-        self.history = []   # one row (HISTORY_COLUMNS) per validation point
+        self.columns = history_columns(args.loss)
+        self.history = []   # one row (self.columns) per validation point
         self.step, self.skipped, self.saved_step = 0, 0, None
         # the training loss since the last history row (in the checkpoint: a resumed row is whole)
         self.run_loss, self.run_count = 0.0, 0
@@ -58,8 +61,9 @@ class StageLog:
         self.bar = cli.progress(total=self.total_steps, initial=self.step, enabled=DIST.main,
                                 desc=f'{self.stage} net', unit='step', dynamic_ncols=True)
         self.print_lines = DIST.main and not (sys.stdout.isatty() and sys.stderr.isatty())
-        DIST.together(lambda: self._write(lambda: write_history(self.csv_path, self.history), 'write'),
-                      main_only=True)   # a full disk stops every rank
+        DIST.together(lambda: self._write(
+            lambda: write_history(self.csv_path, self.history, self.columns), 'write'),
+            main_only=True)   # a full disk stops every rank
         self.t_start = self.t_interval = self.t_read = time.perf_counter()
         self.elapsed_before = self.history[-1]['elapsed_s'] if self.history else 0.0
         self.samples_before = self.step * a.batch_size
@@ -152,7 +156,7 @@ class StageLog:
             row.update({f'val_{k}': value for k, value in scores.items()})
             self.bar.write(f"{self.stage} {samples} samples: val loss {scores['loss']:.4f}, sc-inv "
                            f"{scores['si_log']:.3f}, RMSE {scores['rmse']:.3f} m, d<1.25 {scores['d1']:.3f}")
-        DIST.together(lambda: self._write(lambda: append_history(self.csv_path, row),
+        DIST.together(lambda: self._write(lambda: append_history(self.csv_path, row, self.columns),
                                           f'add the row of {self.stage} step {self.step} to'),
                       main_only=True)   # a full disk stops every rank
         self.history.append(row)
@@ -197,27 +201,37 @@ class StageLog:
 
 # The training history, one row per validation point: train.py appends to OUT/history_<stage>.csv
 # as it goes (and rewrites it from the checkpoint on --resume); the loss plots are drawn from it.
+# train_loss is the chosen training loss (train.py --loss), val_loss Eq. 4; with another loss than
+# Eq. 4 a column val_loss_<name> after val_loss holds it (history_columns).
 HISTORY_COLUMNS = ('step', 'samples', 'train_loss', 'val_loss', *(f'val_{k}' for k in METRIC_NAMES),
                    'samples_per_s', 'elapsed_s', 'wall_time')
+
+
+def history_columns(loss=DEFAULT_LOSS):
+    """The history's columns for a run trained with `loss` (a loss.LOSSES name)."""
+    if loss == DEFAULT_LOSS:
+        return HISTORY_COLUMNS
+    at = HISTORY_COLUMNS.index('val_loss') + 1
+    return HISTORY_COLUMNS[:at] + (f'val_loss_{loss}',) + HISTORY_COLUMNS[at:]
 
 
 def _csv_line(values):
     return ','.join('' if v is None else v if isinstance(v, str) else repr(v) for v in values) + '\n'
 
 
-def write_history(path, rows):
-    """The CSV with its header and `rows` (dicts of HISTORY_COLUMNS), atomically."""
+def write_history(path, rows, columns=HISTORY_COLUMNS):
+    """The CSV with its header and `rows` (dicts of `columns`), atomically."""
     def write(tmp):
         with open(tmp, 'w') as f:
-            f.write(','.join(HISTORY_COLUMNS) + '\n')
+            f.write(','.join(columns) + '\n')
             for row in rows:
-                f.write(_csv_line(row.get(k) for k in HISTORY_COLUMNS))
+                f.write(_csv_line(row.get(k) for k in columns))
     atomic_write(path, write)
 
 
-def append_history(path, row):
+def append_history(path, row, columns=HISTORY_COLUMNS):
     with open(path, 'a') as f:
-        f.write(_csv_line(row.get(k) for k in HISTORY_COLUMNS))
+        f.write(_csv_line(row.get(k) for k in columns))
 
 
 def read_history(path):
@@ -233,7 +247,7 @@ def read_history(path):
 def summary(args, stages):
     """The run's last lines: each stage's final validation figures side by side, where the files
     are, and the command that evaluates them on the test split."""
-    lines, names = [], {'coarse': 'Coarse', 'fine': 'Coarse + Fine', 'refine': 'Coarse + Fine + Fine'}
+    lines, names = [], STAGE_NAMES
     shown = {'coarse', *stages} | ({'fine'} if 'refine' in stages else set())
     for stage, name in names.items():
         if stage not in shown:

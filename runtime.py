@@ -35,7 +35,7 @@ def add_running_options(p):
                         'OUT/replaced-<date-time>/ (never deleted)')
     o.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
                    help="'cuda': every visible GPU (nn.DataParallel when there are several; "
-                        "torchrun is the faster way, README); 'cuda:N': GPU N alone; 'cpu' "
+                        "torchrun is the faster way, docs/gpus.md); 'cuda:N': GPU N alone; 'cpu' "
                         '(default: %(default)s)')
     o.add_argument('--val-every', type=cli.whole(1), default=None,
                    help='validate every N samples (default: 50 times per stage)')
@@ -150,7 +150,7 @@ class StopControl:
     write the checkpoint, exit with 128 + the signal's number) or after --max-steps steps. A context manager, so the previous
     signal handlers come back afterwards (main() is also called from tests)."""
 
-    # SIGUSR1: what SLURM sends ahead of a job's time limit with --signal (README)
+    # SIGUSR1: what SLURM sends ahead of a job's time limit with --signal (docs/gpus.md)
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self, max_steps=None):
@@ -255,7 +255,7 @@ class Distributed:
             raise cli.UserError(f'torchrun --max-restarts {restarts}: a restarted group would '
                                 f'fail or hang in its rendezvous on the store torchrun shares by '
                                 f'default; run torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in '
-                                f'its environment, and --standalone or --rdzv-backend c10d (README, '
+                                f'its environment, and --standalone or --rdzv-backend c10d (docs/gpus.md, '
                                 f'fault tolerance)')
 
     def wrap(self, net):
@@ -388,7 +388,7 @@ def start(args):
     device, gpus = DIST.start(device, gpus)
     if args.compile and len(gpus) > 1 and not DIST.active:
         raise cli.UserError(f'--compile does not work with nn.DataParallel ({len(gpus)} GPUs in one '
-                             f'process): use torchrun for several GPUs (README), or --device cuda:0')
+                             f'process): use torchrun for several GPUs (docs/gpus.md), or --device cuda:0')
     if DIST.active and args.batch_size % DIST.world:
         raise cli.UserError(f'--batch-size {args.batch_size} does not split evenly over '
                              f'{DIST.world} processes')

@@ -2,7 +2,8 @@
 
 Stage 1 trains GlobalCoarseNet for 2M samples (KITTI 1.5M); stage 2 trains LocalFineNet for 1.5M
 (KITTI 1M) samples on the outputs of the coarse net, which is held fixed (no gradient). SGD, batch 32, momentum 0.9, the
-paper's per-layer learning rates (net.Variant), the scale-invariant loss of Eq. 4 (loss.py).
+paper's per-layer learning rates (net.Variant), the scale-invariant loss of Eq. 4 (loss.py; --loss
+chooses another from loss.LOSSES).
 Outputs in --out (default model/): coarse.pth and fine.pth (plain state_dicts; refine.pth with
 --refine 2), checkpoint.pth (with the weights files beside it, everything --resume needs),
 history_<stage>.csv, loss_<stage>.png and predictions.png.
@@ -12,15 +13,17 @@ history_<stage>.csv, loss_<stage>.png and predictions.png.
     python train.py --dataset kitti  # raw KITTI in kitti/, the Eigen split (Sec. 4.2)
 
 This file is the method, top-down: the options, the per-layer optimizer, the loss on a batch, one
-training step, the validation, the stage loop, and main. The run machinery lives beside it:
+training step, the validation, the stage loop, and main. The nets run as a chain (net.Chain: the
+coarse net, then each net that refines its prediction). The run machinery lives beside it:
 data.py (the training set and its batches), runtime.py (devices, several GPUs or processes,
-signals, the non-finite guard, random streams), checkpoint.py (resume), runlog.py (progress,
-history, plots).
+signals, the non-finite guard, random streams), checkpoint.py (resume, and end_of_step: the
+logging points, checkpoints and stops after each step), runlog.py (progress, history, plots).
 """
 import argparse
 import contextlib
 import math
 import os
+from collections import namedtuple
 
 import numpy as np
 import torch
@@ -32,24 +35,20 @@ import files
 import runlog
 import runtime
 import util
-from loss import TRAIN_LAMBDA, safe_log, scale_invariant_loss
+from loss import DEFAULT_LOSS, LOSSES, TRAIN_LAMBDA, safe_log, scale_invariant_loss
 from metrics import Metrics
-from net import (GEOMETRIES, VARIANTS, CoarseThenFine, GlobalCoarseNet, LocalFineNet, RefinedFine,
-                 get_variant, layer_names, load_imagenet_convs, load_pretrained_conv, load_weights,
-                 predict_log_depth)
+from net import (GEOMETRIES, STAGES, VARIANTS, Chain, get_variant, layer_names, load_imagenet_convs,
+                 load_pretrained_conv, load_weights, new_net, run_net)
 from runtime import DIST, MOMENTUM, NonFiniteGuard, StopControl
-# The GPU smoke test's probe (../shared/gpu/gpu_probe.py, maintained outside this repository) still
-# reaches these as train.*; they live in data.py and runtime.py since issue #19.
-from data import draw_block, load_data, training_batches  # noqa: F401
-from runtime import Autocast, set_precision  # noqa: F401
 
 # Sec. 3.3: SGD, batch 32, momentum 0.9 (runtime.MOMENTUM); 2M samples for the coarse net, 1.5M
 # for the fine net. Sec. 4.2, KITTI: 1.5M and 1M, "learning rates are the same as for NYU Depth".
 BATCH_SIZE = 32
 SAMPLES = {'nyu': {'coarse': 2_000_000, 'fine': 1_500_000},
            'kitti': {'coarse': 1_500_000, 'fine': 1_000_000}}
-# The stages in order; 'refine' (--refine 2) is not the paper's.
-STAGES = ('coarse', 'fine', 'refine')
+# What a run trains on: the training set, the held-out validation Frames, each training frame's
+# scene (data.load_data).
+TrainingSets = namedtuple('TrainingSets', 'train val scenes')
 # The demo: synthetic rooms (data.py), a schedule a 2-core CPU runs in a few minutes.
 DEMO_COARSE_SAMPLES, DEMO_FINE_SAMPLES, DEMO_BATCH = 3200, 1600, 16
 
@@ -61,7 +60,7 @@ def parse_args(argv=None):
     t.add_argument('--variant', choices=sorted(VARIANTS), default='paper',
                    help="'paper': Fig. 1 and the text; 'release': the authors' released code; "
                         "'alexnet': coarse1-5 as torchvision's AlexNet, initialised with its "
-                        "ImageNet weights (README lists the differences) (default: %(default)s)")
+                        "ImageNet weights (docs/paper.md lists the differences) (default: %(default)s)")
     t.add_argument('--pretrained', action=argparse.BooleanOptionalAction, default=True,
                    help="--variant alexnet: coarse1-5 from torchvision's IMAGENET1K_V1 weights "
                         '(downloaded once into the torch hub cache, TORCH_HOME), as the paper '
@@ -73,7 +72,7 @@ def parse_args(argv=None):
     t.add_argument('--refine', type=int, choices=[1, 2], default=1,
                    help="fine nets: 1, the paper's; 2, a third stage trains a second fine net on "
                         'the first one\'s output, coarse and fine fixed, with the fine schedule '
-                        "(not in the paper: README) (default: %(default)s)")
+                        "(not in the paper: docs/training.md) (default: %(default)s)")
     t.add_argument('--coarse-samples', type=cli.whole(1), help=f"default {SAMPLES['nyu']['coarse']}, "
                                                        f"KITTI {SAMPLES['kitti']['coarse']} (paper)")
     t.add_argument('--fine-samples', type=cli.whole(1), help=f"default {SAMPLES['nyu']['fine']}, KITTI "
@@ -98,7 +97,13 @@ def parse_args(argv=None):
     t.add_argument('--fine-init', choices=['pass', 'random'], default='pass',
                    help="the fine net's start, which the paper does not state: 'pass' returns the "
                         "coarse map it is given (the fine net then learns to edit it, Sec. 3.1.2; "
-                        "README: why); 'random' as every other layer (default: %(default)s)")
+                        "docs/paper.md: why); 'random' as every other layer (default: %(default)s)")
+    t.add_argument('--loss', choices=sorted(LOSSES), default=DEFAULT_LOSS,
+                   help="the training loss (loss.LOSSES), with --lam: 'eq4', the paper's scale-"
+                        "invariant loss; 'eigen-fergus-2015', Eq. 4 plus the squared horizontal "
+                        "and vertical differences of the log error (Eigen & Fergus, ICCV 2015, Sec. "
+                        "3.2). Validation reports Eq. 4, and the chosen loss too (default: "
+                        "%(default)s)")
     t.add_argument('--seed', type=cli.whole(0), default=0, help='(default: %(default)s)')
     data.add_data_options(p, f'with a short schedule: {DEMO_COARSE_SAMPLES} + {DEMO_FINE_SAMPLES} '
                              f'samples, batch {DEMO_BATCH}, unless set')
@@ -155,79 +160,77 @@ def make_optimizer(net, variant, lr_scale=1.0):
     return optimizer
 
 
-def forward_loss(stage, net, coarse, x, y, m, lam, amp=False):
-    """Eq. 4 on one augmented batch; the fine stage runs the fixed coarse net first (Sec. 3.3).
-    With amp the nets run in bf16 autocast; the loss is always computed in fp32."""
+def forward_loss(net, fixed, x, y, m, lam, amp=False, loss=DEFAULT_LOSS):
+    """The training loss (loss.LOSSES[loss], Eq. 4 by default) of the trained net's prediction on
+    one augmented batch. fixed: what the trained net refines, held fixed (Sec. 3.3: the coarse net
+    while the fine net trains; a Chain of the nets before it), None for the coarse net. With amp
+    the nets run in bf16 autocast; the loss is always computed in fp32."""
     if x.device.type == 'cuda':
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-        if stage == 'coarse':
-            pred = net(x)
-        else:
-            with torch.no_grad():
-                c = coarse(x)
-            pred = net(x, c)
-    return scale_invariant_loss(pred.float(), safe_log(y, m), m, lam)
+        with torch.no_grad():
+            before = None if fixed is None else fixed(x)
+        pred = run_net(net, x, before)
+    return LOSSES[loss](pred.float(), safe_log(y, m), m, lam)
 
 
-def train_step(net, coarse, optimizer, batch, lam, variant, amp=False, guard=None):
+def in_authors_units(loss, variant):
+    """The loss in the units the paper's learning rates were tuned for. [R] trains on targets log
+    depth / 0.457 (variant.log_depth_std), so its loss, and with it every gradient, is ours /
+    0.457^2 (docs/learning_rates.md). Only the gradient carries the factor: every loss a
+    user sees is in (log metres)^2."""
+    return loss / variant.log_depth_std ** 2
+
+
+def train_step(net, fixed, optimizer, batch, lam, variant, amp=False, guard=None, loss=DEFAULT_LOSS):
     """One SGD step of Sec. 3.3 on one augmented batch (x, y, m), on the device; no value is read
     on the host. `net` is the trained net as the step runs it (Autocast, DataParallel, DDP),
-    `coarse` None in the coarse stage, the fixed coarse net in the fine stage. Returns Eq. 4 of
-    the (global) batch as a device scalar. guard: a NonFiniteGuard, None for a plain step. The
-    one training step of the project: lr_study.py and the tests call it too."""
+    `fixed` what it refines (forward_loss). Returns the training loss of the (global) batch as a
+    device scalar. guard: a NonFiniteGuard, None for a plain step. The one training step of the
+    project: lr_study.py and the tests call it too."""
     x, y, m = batch
-    loss = forward_loss('coarse' if coarse is None else 'fine', net, coarse, x, y, m, lam, amp)
+    value = forward_loss(net, fixed, x, y, m, lam, amp, loss)
     optimizer.zero_grad(set_to_none=True)
-    # [R] trains on targets log depth / 0.457, so its loss, and with it every gradient, is ours /
-    # 0.457^2; the paper's learning rates were tuned for that (README, "The learning rates"). Only
-    # the gradient carries the factor: every loss a user sees is Eq. 4 in (log metres)^2.
-    (loss / variant.log_depth_std ** 2).backward()
-    value = DIST.mean_(loss.detach().clone())   # the global batch's loss, alike everywhere
+    in_authors_units(value, variant).backward()
+    value = DIST.mean_(value.detach().clone())   # the global batch's loss, alike everywhere
     if guard is None or guard.allows_step(value):
         optimizer.step()
     return value
 
 
 @torch.no_grad()
-def validate(coarse, fine, frames, device, batch, lam):
-    """Validation frames, centre crop, nets in eval mode: the mean training loss (Eq. 4, in
-    (log metres)^2 as the logged training loss) and the metrics of metrics.py on the 55x74 target
-    grid (sc-inv = sqrt(Eq. 1), RMSE in metres, ...)."""
-    modes = [(m, m.training) for n in (coarse, fine) if n is not None for m in n.modules()]
-    for m, _ in modes:
-        m.eval()
-    loss_sum, count, found = torch.zeros((), dtype=torch.float64, device=device), 0, Metrics()
-    for start in range(0, len(frames), batch):
-        idx = list(range(start, min(start + batch, len(frames))))
-        img, depth, mask = (t.to(device) for t in frames.get(idx))
-        x, y, m = util.center_crop(img, depth, mask, coarse.geometry)
-        pred = predict_log_depth(coarse, fine, x)
-        loss_sum += scale_invariant_loss(pred, safe_log(y, m), m, lam).double() * len(idx)
-        found.add(pred=pred.exp(), gt=y, mask=m)   # one host read a batch
-        count += len(idx)
-    for m, mode in modes:   # each module as it was (a fixed net may be in another mode)
-        m.training = mode
-    return {'loss': float(loss_sum) / count, **found.result()}
+def validate(nets, frames, device, batch, lam, loss=DEFAULT_LOSS):
+    """Validation frames, centre crop, nets in eval mode, the prediction of the last of `nets` (a
+    Chain, or a coarse net alone): Eq. 4 ('loss', in (log metres)^2 as the logged training loss),
+    the chosen training loss when it is another ('loss_<name>'), and the metrics of metrics.py on
+    the 55x74 target grid (sc-inv = sqrt(Eq. 1), RMSE in metres, ...)."""
+    losses = {'loss': lambda *a: scale_invariant_loss(*a, lam)}
+    if loss != DEFAULT_LOSS:
+        losses[f'loss_{loss}'] = lambda *a: LOSSES[loss](*a, lam)
+    sums = {k: torch.zeros((), dtype=torch.float64, device=device) for k in losses}
+    count, found = 0, Metrics()
+    with util.eval_mode(nets):   # then each module as it was (a fixed net may be in another mode)
+        for start in range(0, len(frames), batch):
+            idx = list(range(start, min(start + batch, len(frames))))
+            img, depth, mask = (t.to(device) for t in frames.get(idx))
+            x, y, m = util.center_crop(img, depth, mask, nets.geometry)
+            pred = nets(x)
+            for k, f in losses.items():
+                sums[k] += f(pred, safe_log(y, m), m).double() * len(idx)
+            found.add(pred=pred.exp(), gt=y, mask=m)   # one host read a batch
+            count += len(idx)
+    return {**{k: float(v) / count for k, v in sums.items()}, **found.result()}
 
 
-def validate_or_say(coarse, fine, val, device, args):
+def validate_or_say(nets, val, device, args):
     """validate on the held-out frames ({} without any); a set without a single valid depth pixel
     is refused naming the data (metrics.py's message cannot)."""
     if not len(val):
         return {}
     try:
-        return validate(coarse, fine, val, device, args.batch_size, args.lam)
+        return validate(nets, val, device, args.batch_size, args.lam, args.loss)
     except cli.DataError as e:
         raise cli.DataError(f'{args.data}: its {len(val)} validation frames: {e}') from None
-
-
-def refining_nets(nets, stage):
-    """What refines the coarse prediction up to `stage`: nothing (None), the fine net, or both fine
-    nets (--refine 2), as predict_log_depth takes it."""
-    if stage == 'coarse':
-        return None
-    return nets['fine'] if stage == 'fine' else RefinedFine(nets['fine'], nets['refine'])
 
 
 def stages_of(args):
@@ -237,14 +240,12 @@ def stages_of(args):
 
 def train_stage(stage, nets, sets, args, device, gpus, ckpt, stop):
     """One stage of Sec. 3.3, from its checkpoint `ckpt` or from the start, to its end (True) or
-    until a stop (False, with a checkpoint). nets: {'coarse', 'fine'(, 'refine')}; sets: (training
-    set, validation Frames, scenes)."""
-    train_set, val, scenes = sets
-    coarse, net, variant = nets['coarse'], nets[stage], nets['coarse'].variant
-    # What feeds the trained net, held fixed (Sec. 3.3: the coarse net while the fine net trains),
-    # and the prediction that validation scores: every net up to the trained one.
-    fixed = {'coarse': None, 'fine': coarse, 'refine': CoarseThenFine(coarse, nets['fine'])}[stage]
-    scored = refining_nets(nets, stage)
+    until a stop (False, with a checkpoint). nets: {'coarse', 'fine'(, 'refine')}; sets: the
+    TrainingSets. The trained net learns on the prediction of the nets before it, held fixed (the
+    coarse net while the fine net trains); validation scores every net up to the trained one."""
+    net, variant = nets[stage], nets['coarse'].variant
+    fixed = None if stage == 'coarse' else Chain(nets, last=STAGES[STAGES.index(stage) - 1])
+    scored = Chain(nets, last=stage)
     if fixed is not None:
         fixed.train(variant.fine_sees_coarse_dropout)   # [R]: with the coarse net's dropout on
         fixed.requires_grad_(False)
@@ -255,9 +256,9 @@ def train_stage(stage, nets, sets, args, device, gpus, ckpt, stop):
                           resumable=stage != stages_of(args)[0])
     if ckpt is not None:
         checkpoint.resume(ckpt, optimizer, args.seed, gpus)
-    order = util.SampleOrder(len(train_set), args.seed + STAGES.index(stage), scenes,
-                             args.per_scene, coarse.geometry)   # each step's frames and draws
-    batches = data.training_batches(train_set, order, log.step, log.total_steps, args.batch_size,
+    order = util.SampleOrder(len(sets.train), args.seed + STAGES.index(stage), sets.scenes,
+                             args.per_scene, scored.geometry)   # each step's frames and draws
+    batches = data.training_batches(sets.train, order, log.step, log.total_steps, args.batch_size,
                                     args, device, (DIST.rank, DIST.world))
     if log.step == log.total_steps:   # finished before: if it is now the run's last, record that
         if stage == stages_of(args)[-1]:
@@ -265,41 +266,14 @@ def train_stage(stage, nets, sets, args, device, gpus, ckpt, stop):
         return True
     net_run, fixed_run = runtime.wrap_nets(net, fixed, device, gpus, args.amp, args.compile)
     guard = NonFiniteGuard(optimizer, device, args.skip_nonfinite)
-    ckpt_path = os.path.join(args.out, 'checkpoint.pth')
     with contextlib.closing(batches), log:   # closing: DataLoader workers end at once, also on a stop
-        for x, y, m in batches:
-            loss = train_step(net_run, fixed_run, optimizer, (x, y, m), args.lam, variant,
-                              args.amp, guard)
-            log.step_done(loss)
-            limit = stop.step_done()
-            # one process reacts to a signal at once; several agree at the logging points
-            if not (limit or (stop.signalled and not DIST.active) or log.is_log_point()):
-                continue
-            # A logging point: the host reads the losses of the steps since the last one.
-            mean_loss = log.read_losses(net)
-            if log.validation_due():
-                scores = DIST.together(lambda: validate_or_say(coarse, scored, val, device, args),
-                                       main_only=True) or {}   # rank 0's refusal stops all
-                log.add_row(mean_loss, scores)   # history CSV and loss plot
-            signalled, time_due = DIST.agree(stop.signalled, log.save_due())
-            if log.step == log.total_steps:      # the stage's weights and its last checkpoint
-                weights = os.path.join(args.out, f'{stage}.pth')
-                DIST.together(lambda: checkpoint.write(weights, lambda tmp: torch.save(
-                    {k: v.detach().cpu() for k, v in net.state_dict().items()}, tmp),
-                    f'{stage} net', log), main_only=True)
-                if DIST.main:   # weights trained on the nets this stage replaced are stale now
-                    checkpoint.remove_later_weights(args.out, stage, stages_of(args))
-                checkpoint.save(ckpt_path, log, nets, optimizer, args,
-                                done=stage == stages_of(args)[-1])
-                log.close(f'{stage} net written to {weights}')
-                return True
-            interrupted = limit or signalled
-            if interrupted or time_due or log.save_every_due():
-                checkpoint.save(ckpt_path, log, nets, optimizer, args)
-            if interrupted:
-                log.close(f'stopped ({stop.reason()}) at {stage} step {log.step}/{log.total_steps}; '
-                          f'checkpoint written to {ckpt_path}; continue with --resume')
-                return False
+        for batch in batches:
+            log.step_done(train_step(net_run, fixed_run, optimizer, batch, args.lam, variant,
+                                     args.amp, guard, args.loss))
+            done = checkpoint.end_of_step(stage, stages_of(args), nets, optimizer, log, stop, args,
+                                          lambda: validate_or_say(scored, sets.val, device, args))
+            if done is not None:
+                return done
     return True
 
 
@@ -330,18 +304,17 @@ def main(argv=None):
     if ckpt is not None and ckpt['done']:
         print(f"{os.path.join(args.out, 'checkpoint.pth')}: that run has finished; nothing to resume")
         return 0
-    sets = DIST.together(lambda: data.load_data(args, device))   # a refusal in one stops all
-    samples_from_epochs(args, sets[0], sets[2])
+    sets = TrainingSets(*DIST.together(lambda: data.load_data(args, device)))   # a refusal in
+    samples_from_epochs(args, sets.train, sets.scenes)                          # one stops all
     if ckpt is not None:   # the samples of --*-epochs are known now
         checkpoint.check_schedule(os.path.join(args.out, 'checkpoint.pth'), ckpt, args, converted=True)
     print(f"learning rates (Sec. 3.3) x {args.lr_scale:g}: " + ', '.join(
         f'{layer} {rate * args.lr_scale:g}' for layer, rate in variant.lr.items()))
     memory_format = torch.channels_last if device.type == 'cuda' else torch.contiguous_format
     geometry = GEOMETRIES[args.dataset]   # Fig. 1's NYU or KITTI column
-    fine_net = lambda: LocalFineNet(variant, pass_through=args.fine_init == 'pass', geometry=geometry)
-    nets = {'coarse': GlobalCoarseNet(variant, geometry), 'fine': fine_net()}   # in this order:
-    if 'refine' in stages:                                                      # the same starts
-        nets['refine'] = fine_net()
+    # coarse and fine always, in this order: the same starts whichever stages run
+    nets = {stage: new_net(stage, variant, geometry, args.fine_init)
+            for stage in STAGES if stage != 'refine' or 'refine' in stages}
     for net in nets.values():
         net.to(device, memory_format=memory_format)
     coarse = nets['coarse']
@@ -376,8 +349,8 @@ def main(argv=None):
             ckpt = None
     DIST.stop()
     if DIST.main:
-        if len(sets[1]):
-            util.plot_predictions(coarse, refining_nets(nets, stages_of(args)[-1]), sets[1], device,
+        if len(sets.val):
+            util.plot_predictions(Chain(nets, last=stages_of(args)[-1]), sets.val, device,
                                   os.path.join(args.out, 'predictions.png'))
         print(runlog.summary(args, stages_of(args)))
     return 0

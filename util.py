@@ -1,6 +1,6 @@
 """NYU Depth v2 loading, the paper's augmentation, and plots.
 
-Formats: ../shared/nyu-format.md (summarised in the README). The labeled file is MATLAB v7.3,
+Formats: docs/data.md and nyu/README.md. The labeled file is MATLAB v7.3,
 i.e. HDF5: h5py shows MATLAB's column-major arrays with their axes reversed, so image i is
 images[i].transpose(2, 1, 0) -> (480, 640, 3) and depth i is depths[i].T -> (480, 640).
 """
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from cli import DataError, progress as progress_bar
 from files import atomic_write, check_file
 from loss import valid_depth_mask
-from net import FRAME_HW, NYU, TARGET_STRIDE, RefinedFine
+from net import FRAME_HW, NYU, STAGE_NAMES, TARGET_STRIDE
 from runtime import StopControl
 
 NYU_HW = (480, 640)
@@ -788,52 +788,46 @@ def _panel(rows, titles, labels, path, dpi=80):
     plt.close(fig)
 
 
-def _refined_title(fine):
-    return 'coarse + fine + fine' if isinstance(fine, RefinedFine) else 'coarse + fine'
-
-
 @contextlib.contextmanager
-def _eval_mode(*nets):
-    """The nets in eval mode inside the block, each back in its own mode afterwards."""
-    nets = [n for n in nets if n is not None]
-    modes = [n.training for n in nets]
-    for n in nets:
-        n.eval()
+def eval_mode(nets):
+    """The nets in eval mode inside the block, each module back in its own mode afterwards."""
+    modes = [(m, m.training) for m in nets.modules()]
+    nets.eval()
     try:
         yield
     finally:
-        for n, mode in zip(nets, modes):
-            n.train(mode)
+        for m, mode in modes:
+            m.training = mode
 
 
 @torch.no_grad()
-def plot_predictions(coarse, fine, frames, device, path, count=4):
-    """RGB | ground truth | coarse | coarse + fine for the first `count` frames, at the 55x74 grid."""
-    with _eval_mode(coarse, fine):
+def plot_predictions(nets, frames, device, path, count=4):
+    """RGB | ground truth | each stage's prediction of the Chain `nets` (coarse, coarse + fine, ...)
+    for the first `count` frames, at the 55x74 grid."""
+    with eval_mode(nets):
         count = min(count, len(frames))
         img, depth, mask = (t.to(device) for t in frames.get(list(range(count))))
-        x, y, m = center_crop(img, depth, mask, coarse.geometry)
-        c = coarse(x)
-        maps = [torch.where(m, y, torch.full_like(y, float('nan'))), c.exp()]   # missing depth blank
-        if fine is not None:
-            maps.append(fine(x, c).exp())
+        x, y, m = center_crop(img, depth, mask, nets.geometry)
+        predictions = nets.predictions(x)
+        maps = [torch.where(m, y, torch.full_like(y, float('nan')))] + \
+            [p.exp() for p in predictions.values()]   # missing depth blank
         rows = [[x[i].permute(1, 2, 0).cpu().numpy()] + [d[i, 0].cpu().numpy() for d in maps]
                 for i in range(count)]
-        titles = ['input', 'ground truth', 'coarse'] + ([_refined_title(fine)] if fine is not None else [])
+        titles = ['input', 'ground truth'] + [STAGE_NAMES[s].lower() for s in predictions]
         _panel(rows, titles, None, path)
 
 
 @torch.no_grad()
-def plot_examples(coarse, fine, frames, picks, gts, labels, device, path):
-    """RGB | ground truth | coarse | fine | |error| of the last net, at full resolution (the
-    prediction shown where the network covers the frame, nearest-neighbour upsampled); each image
-    at its own ground truth's size (KITTI's frames differ)."""
-    geometry = coarse.geometry
-    with _eval_mode(coarse, fine):
+def plot_examples(nets, frames, picks, gts, labels, device, path):
+    """RGB | ground truth | each stage's prediction of the Chain `nets` | |error| of the last, at
+    full resolution (the prediction shown where the network covers the frame, nearest-neighbour
+    upsampled); each image at its own ground truth's size (KITTI's frames differ)."""
+    geometry = nets.geometry
+    with eval_mode(nets):
         img, _, _ = frames.get(picks)
         x = crop_input(img.to(device), geometry)
-        c = coarse(x)
-        maps = [c.exp()] + ([fine(x, c).exp()] if fine is not None else [])
+        predictions = nets.predictions(x)
+        maps = [p.exp() for p in predictions.values()]
         rows = []
         for k in range(len(picks)):
             hw = gts[k].shape
@@ -842,5 +836,5 @@ def plot_examples(coarse, fine, frames, picks, gts, labels, device, path):
             rgb = F.interpolate(img[k:k + 1], size=hw, mode='nearest')[0].permute(1, 2, 0).cpu().numpy()
             gt = np.where(gts[k] > 0, gts[k], np.nan)
             rows.append([rgb, gt] + shown + [np.abs(shown[-1] - gt)])
-        titles = ['input', 'ground truth', 'coarse'] + ([_refined_title(fine)] if fine is not None else []) + ['|error| (m)']
+        titles = ['input', 'ground truth'] + [STAGE_NAMES[s].lower() for s in predictions] + ['|error| (m)']
         _panel(rows, titles, labels, path)

@@ -1,12 +1,11 @@
+"""Fixtures that several test modules share; plain helper functions are in helpers.py."""
 import os
-import sys
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-SHARED = os.path.join(os.path.dirname(ROOT), 'shared')
+import kitti_tree
+from helpers import SHARED, train_args, write_nyu_like
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -22,20 +21,14 @@ def _keep_torch_threads():
 
 @pytest.fixture(scope='session')
 def shared():
-    """../shared beside the checkout (reference material, real NYU samples); users' clones do not
-    have it, so tests that need it skip with the reason."""
+    """The reference material beside the checkout (real NYU samples); users' clones do not have
+    it, so tests that need it skip with the reason, unless REQUIRE_SHARED=1 (.ci/run sets it
+    where the material is present) makes its absence a failure."""
     if not os.path.isdir(os.path.join(SHARED, 'nyu-samples')):
-        if os.environ.get('REQUIRE_SHARED') == '1':   # .ci/run where ../shared exists
+        if os.environ.get('REQUIRE_SHARED') == '1':
             pytest.fail(f'{SHARED}/nyu-samples not present, and REQUIRE_SHARED=1')
         pytest.skip(f'{SHARED}/nyu-samples not present (only on the project machines)')
     return SHARED
-
-
-def train_args(data, out, *extra):
-    """train.py arguments for a run on the (mat, splits) pair `data`, CPU, output to `out`."""
-    mat, splits = data
-    return ['--data', str(mat), '--splits', str(splits), '--out', str(out), '--device', 'cpu',
-            '--train-depth', 'filled', *map(str, extra)]
 
 
 @pytest.fixture(scope='session')
@@ -56,3 +49,29 @@ def trained(synthetic, tmp_path_factory):
                                '--batch-size', 8, '--val-fraction', 0.15, '--val-every', 320))
     assert rc == 0
     return out
+
+
+@pytest.fixture(scope='session')
+def nyu_like(tmp_path_factory):
+    """Six frames in NYU's labeled layout (helpers.write_nyu_like) and a splits.mat holding three
+    of them for testing: a test set far smaller than `synthetic`'s, for tests that evaluate."""
+    import numpy as np
+    import scipy.io
+    folder = tmp_path_factory.mktemp('nyu_like')
+    mat, splits = folder / 'nyu_depth_v2_labeled.mat', folder / 'splits.mat'
+    write_nyu_like(mat, 6)
+    scipy.io.savemat(splits, {'trainNdxs': np.array([[1.0], [3.0], [4.0]]),
+                              'testNdxs': np.array([[2.0], [5.0], [6.0]])})
+    return mat, splits
+
+
+@pytest.fixture(scope='module')
+def tree(request, tmp_path_factory):
+    """A tiny raw-KITTI tree (tests/kitti_tree.py) for one test module: the five Eigen test frames
+    of kitti_tree.ENTRIES, the last without annotated depth, after the module's KITTI_TRAIN_FRAMES
+    (training-list frames, for the modules that train; none by default). Per module, as a module
+    may write into it (a cache)."""
+    base = tmp_path_factory.mktemp('kitti')
+    entries = list(getattr(request.module, 'KITTI_TRAIN_FRAMES', ())) + kitti_tree.ENTRIES
+    return kitti_tree.write_tree(base / 'raw', entries, ann_root=base / 'annotated',
+                                 unannotated=[kitti_tree.ENTRIES[-1][:2]])

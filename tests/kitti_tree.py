@@ -1,4 +1,4 @@
-"""A tiny raw-KITTI tree in KITTI's exact on-disk layout (../shared/kitti.md), for tests:
+"""A tiny raw-KITTI tree in KITTI's exact on-disk layout (kitti/README.md), for tests:
 
   <root>/<date>/calib_cam_to_cam.txt, calib_velo_to_cam.txt        the real text formats
   <root>/<date>/<drive>/image_02|image_03/data/<frame:010d>.png    8-bit RGB, the date's real size

@@ -1,4 +1,4 @@
-"""--variant alexnet (issue #11): coarse1-5 are torchvision's AlexNet `features`, initialised from
+"""--variant alexnet: coarse1-5 are torchvision's AlexNet `features`, initialised from
 its IMAGENET1K_V1 weights in the torch hub cache (a temporary TORCH_HOME holding random AlexNet
 weights under that file's name: no test touches the network), and the whole pipeline on it."""
 import os
@@ -15,9 +15,8 @@ import evaluate
 import net
 import predict
 import train
-from conftest import ROOT, train_args
+from helpers import ROOT, run_notebook, train_args
 from net import ALEXNET, ALEXNET_CONVS, IMAGENET_UNIT, GlobalCoarseNet
-from test_notebook import run_notebook
 
 
 @pytest.fixture
@@ -57,6 +56,7 @@ def test_coarse1_to_5_are_torchvisions_features_with_the_cached_weights(torch_ho
     torch.testing.assert_close(ours, theirs * unit, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_without_network_or_cached_file_one_line_and_nothing_written(synthetic, tmp_path):
     out, home = tmp_path / 'out', tmp_path / 'empty_torch_home'
     closed = 'http://127.0.0.1:9'   # a closed local port: no request leaves this machine
@@ -72,7 +72,8 @@ def test_without_network_or_cached_file_one_line_and_nothing_written(synthetic, 
     assert not out.exists() and not home.exists()
 
 
-def test_trains_resumes_evaluates_predicts_and_loads(torch_home, synthetic, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_trains_resumes_evaluates_predicts_and_loads(torch_home, synthetic, nyu_like, tmp_path, monkeypatch):
     schedule = ['--variant', 'alexnet', '--coarse-samples', 16, '--fine-samples', 8, '--batch-size', 4,
                 '--val-fraction', 0.15, '--val-every', 8]
     straight, chunked = tmp_path / 'straight', tmp_path / 'chunked'
@@ -85,9 +86,9 @@ def test_trains_resumes_evaluates_predicts_and_loads(torch_home, synthetic, tmp_
     for name in ('coarse.pth', 'fine.pth'):
         a, b = (torch.load(d / name, weights_only=True) for d in (straight, chunked))
         assert all(torch.equal(a[k], b[k]) for k in a), name
-    coarse, fine = net.load_pretrained(chunked)
+    coarse, fine = net.load_pretrained(chunked).values()
     assert coarse.variant is ALEXNET and fine.variant is ALEXNET
-    assert evaluate.main(['--data', str(synthetic[0]), '--splits', str(synthetic[1]), '--model',
+    assert evaluate.main(['--data', str(nyu_like[0]), '--splits', str(nyu_like[1]), '--model',
                           str(chunked), '--device', 'cpu']) == 0
     Image.fromarray((np.random.default_rng(1).random((120, 160, 3)) * 255).astype(np.uint8)).save(tmp_path / 'x.png')
     assert predict.main([str(tmp_path / 'x.png'), '--model', str(chunked), '--device', 'cpu']) == 0

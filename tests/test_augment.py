@@ -3,19 +3,10 @@ import pytest
 import torch
 
 import util
+from helpers import CODE0, check_aligned, position_frame
 from net import FRAME_HW, INPUT_HW, OUTPUT_HW
 
 FH, FW = FRAME_HW
-CODE0 = 1000.0
-
-
-def _position_frame():
-    """Image channels hold the pixel's own x, y and a constant 100; depth encodes y * 320 + x."""
-    y, x = torch.meshgrid(torch.arange(FH, dtype=torch.float32),
-                          torch.arange(FW, dtype=torch.float32), indexing='ij')
-    image = torch.stack([x, y, torch.full_like(x, 100.0)])[None]
-    depth = (CODE0 + y * FW + x)[None]
-    return image, depth, torch.ones_like(depth, dtype=torch.bool)
 
 
 def _params(scale=1.0, angle=0.0, offset=(8, 6), color=(1.0, 1.0, 1.0), flip=False):
@@ -24,26 +15,8 @@ def _params(scale=1.0, angle=0.0, offset=(8, 6), color=(1.0, 1.0, 1.0), flip=Fal
                           torch.tensor([flip]))
 
 
-def _check_aligned(params, min_cells=1500):
-    """At every valid target cell, the depth's source pixel is the nearest pixel to where the
-    image sample at that cell came from (bilinear sample of a linear image = exact position)."""
-    image, depth, mask = _position_frame()
-    img, d, m = util.augment(image, depth, mask, params)
-    assert img.shape == (1, 3, *INPUT_HW) and d.shape == m.shape == (1, 1, *OUTPUT_HW)
-    c = params.color[0]
-    at_cells = img[0, :, 5::4, 5::4][:, :OUTPUT_HW[0], :OUTPUT_HW[1]] / c.view(3, 1, 1)
-    inside = (at_cells[2] - 100).abs() < 1e-3           # all four bilinear taps inside the frame
-    code = torch.round(d[0, 0] * params.scale[0]) - CODE0   # undo the division of depth by s
-    dy, dx = torch.div(code, FW, rounding_mode='floor'), code % FW
-    ok = m[0, 0] & inside
-    assert int(ok.sum()) >= min_cells
-    assert (dx[ok] - at_cells[0][ok]).abs().max() <= 0.5 + 1e-3
-    assert (dy[ok] - at_cells[1][ok]).abs().max() <= 0.5 + 1e-3
-    return img, d, m, at_cells
-
-
 def test_identity_is_the_centre_crop():
-    image, depth, mask = _position_frame()
+    image, depth, mask = position_frame()
     img, d, m = util.augment(image, depth, mask, util.AugParams.identity(1))
     ci, cd, cm = util.center_crop(image, depth, mask)
     assert (img - ci).abs().max() < 1e-3
@@ -64,7 +37,7 @@ def test_rotation_by_five_degrees_moves_a_crop_corner_where_the_formula_says():
     t = math.radians(5.0)
     px, py = 30 - 159.5, 20 - 119.5
     expected = (159.5 + math.cos(t) * px + math.sin(t) * py, 119.5 - math.sin(t) * px + math.cos(t) * py)
-    img, _, _ = util.augment(*_position_frame(), _params(angle=5.0, offset=(30, 20)))
+    img, _, _ = util.augment(*position_frame(), _params(angle=5.0, offset=(30, 20)))
     assert float(img[0, 0, 0, 0]) == pytest.approx(expected[0], abs=1e-3)   # channel 0 holds x
     assert float(img[0, 1, 0, 0]) == pytest.approx(expected[1], abs=1e-3)   # channel 1 holds y
     assert math.hypot(expected[0] - 159.5, expected[1] - 119.5) == pytest.approx(math.hypot(px, py))
@@ -73,27 +46,27 @@ def test_rotation_by_five_degrees_moves_a_crop_corner_where_the_formula_says():
 def test_scaled_crop_starts_where_the_formula_says():
     """Zoom by s = 1.37 (pixel centres: scaled x = s (x + 0.5) - 0.5), crop at (40, 30): the
     first input pixel comes from source x = 40.5 / 1.37 - 0.5, y = 30.5 / 1.37 - 0.5."""
-    img, _, _ = util.augment(*_position_frame(), _params(scale=1.37, offset=(40, 30)))
+    img, _, _ = util.augment(*position_frame(), _params(scale=1.37, offset=(40, 30)))
     assert float(img[0, 0, 0, 0]) == pytest.approx(40.5 / 1.37 - 0.5, abs=1e-3)
     assert float(img[0, 1, 0, 0]) == pytest.approx(30.5 / 1.37 - 0.5, abs=1e-3)
 
 
 def test_flip_mirrors_the_crop_where_the_formula_says():
     """Flipped, the crop's first pixel is its last unflipped one: x = 8 + 303."""
-    img, _, _ = util.augment(*_position_frame(), _params(offset=(8, 6), flip=True))
+    img, _, _ = util.augment(*position_frame(), _params(offset=(8, 6), flip=True))
     assert float(img[0, 0, 0, 0]) == pytest.approx(8 + 303, abs=1e-3)
     assert float(img[0, 1, 0, 0]) == pytest.approx(6, abs=1e-3)
 
 
 def test_translation_aligned():
-    img, *_ = _check_aligned(_params(offset=(3, 11)))
+    img, *_ = check_aligned(_params(offset=(3, 11)))
     assert float(img[0, 0, 0, 0]) == pytest.approx(3, abs=1e-3)
     assert float(img[0, 1, 0, 0]) == pytest.approx(11, abs=1e-3)
 
 
 def test_scale_aligned_and_zooms():
     s = 1.37
-    img, _, _, cells = _check_aligned(_params(scale=s, offset=(40, 30)))
+    img, _, _, cells = check_aligned(_params(scale=s, offset=(40, 30)))
     # the 304-pixel wide crop covers 304 / s source pixels
     span = float(img[0, 0, 100, -1] - img[0, 0, 100, 0])
     assert span == pytest.approx(303 / s, abs=0.01)
@@ -101,7 +74,7 @@ def test_scale_aligned_and_zooms():
 
 def test_scale_divides_depth():
     s = 1.25
-    image, _, mask = _position_frame()
+    image, _, mask = position_frame()
     depth = torch.full((1, FH, FW), 3.0)
     _, d, m = util.augment(image, depth, mask, _params(scale=s, offset=(20, 10)))
     assert m.all()
@@ -110,19 +83,19 @@ def test_scale_divides_depth():
 
 @pytest.mark.parametrize('angle', [-5.0, 2.5, 5.0])
 def test_rotation_aligned(angle):
-    _check_aligned(_params(angle=angle))
+    check_aligned(_params(angle=angle))
 
 
 def test_flip_aligned_and_mirrors():
-    img, d, m, _ = _check_aligned(_params(flip=True))
-    plain, *_ = util.augment(*_position_frame(), _params(flip=False))
+    img, d, m, _ = check_aligned(_params(flip=True))
+    plain, *_ = util.augment(*position_frame(), _params(flip=False))
     assert torch.allclose(img, plain.flip(-1))
 
 
 def test_color_multiplies_image_only():
     color = (0.8, 1.1, 1.2)
-    img, d, m, _ = _check_aligned(_params(color=color))
-    plain, pd, pm = util.augment(*_position_frame(), _params())
+    img, d, m, _ = check_aligned(_params(color=color))
+    plain, pd, pm = util.augment(*position_frame(), _params())
     assert torch.allclose(img, plain * torch.tensor(color).view(1, 3, 1, 1))
     assert torch.equal(d, pd) and torch.equal(m, pm)
 
@@ -130,13 +103,13 @@ def test_color_multiplies_image_only():
 def test_all_transforms_together_aligned():
     g = torch.Generator().manual_seed(3)
     for _ in range(12):
-        _check_aligned(util.AugParams.sample(1, g), min_cells=1000)
+        check_aligned(util.AugParams.sample(1, g), min_cells=1000)
 
 
 def test_batched_draws_apply_per_sample():
     g = torch.Generator().manual_seed(1)
     params = util.AugParams.sample(4, g)
-    image, depth, mask = _position_frame()
+    image, depth, mask = position_frame()
     batch = util.augment(image.repeat(4, 1, 1, 1), depth.repeat(4, 1, 1), mask.repeat(4, 1, 1), params)
     for i in range(4):
         one = util.augment(image, depth, mask, util.AugParams(
@@ -147,7 +120,7 @@ def test_batched_draws_apply_per_sample():
 
 def test_padding_is_masked():
     """Rotating a scale-1 frame and cropping at its corner brings in pixels from outside it."""
-    image, depth, mask = _position_frame()
+    image, depth, mask = position_frame()
     img, d, m = util.augment(image, depth, mask, _params(angle=5.0, offset=(0, 0)))
     cells = img[0, 2, 5::4, 5::4][:OUTPUT_HW[0], :OUTPUT_HW[1]]
     assert (~m).sum() > 10
@@ -157,7 +130,7 @@ def test_padding_is_masked():
 
 
 def test_invalid_source_pixels_stay_invalid():
-    image, depth, mask = _position_frame()
+    image, depth, mask = position_frame()
     mask[:, :, :160] = False                   # left half of the frame has no depth
     _, d, m = util.augment(image, depth, mask, _params())
     x = (torch.round(d[0, 0]) - CODE0) % FW

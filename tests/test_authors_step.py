@@ -1,5 +1,5 @@
-"""Every tensor's SGD step at the paper's rate is the step the authors made (README, "The learning
-rates"). The paper's rates (Sec. 3.3) were tuned in the authors' parametrisation, which their
+"""Every tensor's SGD step at the paper's rate is the step the authors made
+(docs/learning_rates.md). The paper's rates (Sec. 3.3) were tuned in the authors' parametrisation, which their
 release shows: coarse1 sees pixel values in 0..255 units less a mean (`x - 128`), coarse5's features
 are x 0.01 before coarse6, fine1 sees (x - 109.31) / 76.18, the outputs and the targets are log
 depth / 0.457, SGD with momentum 0.9. That net is written out here, apart from net.py. For each
@@ -136,6 +136,6 @@ def check(changes):
 def test_every_tensor_steps_as_in_the_authors_units(variant):
     """Coarse and fine, weights and biases. The paper variant with its own weight decay (none: [P]
     states none); the release's units without its weight decay (train.param_groups decays the
-    biases too, [R] the weights alone: README, "The learning rates")."""
+    biases too, [R] the weights alone: docs/learning_rates.md)."""
     torch.set_num_threads(1)   # tiny float64 tensors: two threads only wait on each other
     check(steps(variant, own_decay=variant is PAPER))

@@ -1,4 +1,4 @@
-"""Runs on a cluster (issue #13): plain progress lines in a log file, the history CSV, one command
+"""Runs on a cluster: plain progress lines in a log file, the history CSV, one command
 line a scheduler can rerun (--resume auto), SIGUSR1 (tests/test_reliability.py sends it with
 SIGINT and SIGTERM)."""
 import re
@@ -11,7 +11,9 @@ import torch
 import runlog
 import train
 import util
-from conftest import ROOT, train_args
+from helpers import ROOT, train_args
+
+pytestmark = pytest.mark.slow   # every test here trains
 
 SCHEDULE = ['--coarse-samples', 24, '--batch-size', 4, '--stage', 'coarse', '--val-every', 8,
             '--val-fraction', 0.15, '--seed', 2]   # 6 steps, a history row every 2

@@ -1,4 +1,4 @@
-"""train.py, evaluate.py and predict.py on a CUDA GPU (issue #10). Skipped, with the reason, where
+"""train.py, evaluate.py and predict.py on a CUDA GPU. Skipped, with the reason, where
 no GPU is visible; on the GPU machine `.gpu/gpu_smoke.sh` runs them first.
 
 TEST_DEVICE=cpu python -m pytest tests/test_cuda.py runs the same tests on the CPU (the CUDA-only
@@ -16,13 +16,14 @@ import runlog
 import runtime
 import train
 import util
-from conftest import train_args
+from helpers import per_step_losses, train_args
 from net import PAPER, GlobalCoarseNet, LocalFineNet
 
 DEVICE = os.environ.get('TEST_DEVICE', 'cuda:0')
 ON_CUDA = DEVICE.startswith('cuda')
-pytestmark = pytest.mark.skipif(ON_CUDA and not torch.cuda.is_available(),
-                                reason='needs a CUDA GPU (no GPU visible here)')
+pytestmark = [pytest.mark.slow,   # every test here trains or runs a script end to end
+              pytest.mark.skipif(ON_CUDA and not torch.cuda.is_available(),
+                                 reason='needs a CUDA GPU (no GPU visible here)')]
 needs_cuda = pytest.mark.skipif(not ON_CUDA, reason='checks CUDA itself')
 
 SHORT = ['--coarse-samples', 48, '--fine-samples', 24, '--batch-size', 8, '--val-fraction', 0.15,
@@ -37,10 +38,6 @@ def _checkpoint(out):
     return torch.load(out / 'checkpoint.pth', weights_only=True)
 
 
-def _per_step_losses(out):
-    return torch.tensor([row['train_loss'] for row in _checkpoint(out)['history']])
-
-
 @pytest.mark.parametrize('path', ['fast', 'plain'])
 def test_both_stages_train(synthetic, tmp_path, path):
     assert train.main(_args(synthetic, tmp_path, *SHORT, '--path', path, '--workers', 2)) == 0
@@ -48,7 +45,7 @@ def test_both_stages_train(synthetic, tmp_path, path):
     assert ckpt['done'] and ckpt['stage'] == 'fine'
     weights = [torch.load(tmp_path / 'coarse.pth', weights_only=True), ckpt['fine']]   # the fine
     assert all(torch.isfinite(v).all() for w in weights for v in w.values())   # stage refers to coarse.pth
-    assert torch.isfinite(_per_step_losses(tmp_path)).all()
+    assert torch.isfinite(per_step_losses(tmp_path)).all()
     assert len(ckpt['rng']) == 1 and len(ckpt['rng'][0]['cuda']) == (1 if ON_CUDA else 0)
     for name in ('coarse.pth', 'fine.pth', 'loss_coarse.png', 'loss_fine.png', 'predictions.png'):
         assert (tmp_path / name).stat().st_size > 0
@@ -65,7 +62,7 @@ def test_fast_equals_plain_in_fp32(synthetic, tmp_path):
     for path in ('fast', 'plain'):
         assert train.main(_args(synthetic, tmp_path / path, *COARSE, '--no-amp', '--path', path,
                                 '--workers', 2)) == 0
-    fast, plain = _per_step_losses(tmp_path / 'fast'), _per_step_losses(tmp_path / 'plain')
+    fast, plain = per_step_losses(tmp_path / 'fast'), per_step_losses(tmp_path / 'plain')
     assert len(fast) == 12
     torch.testing.assert_close(fast, plain, rtol=2e-3, atol=1e-5)
 
@@ -73,7 +70,7 @@ def test_fast_equals_plain_in_fp32(synthetic, tmp_path):
 def test_bf16_losses_close_to_fp32(synthetic, tmp_path):
     for name, amp in (('bf16', '--amp'), ('fp32', '--no-amp')):
         assert train.main(_args(synthetic, tmp_path / name, *COARSE, amp)) == 0
-    bf16, fp32 = _per_step_losses(tmp_path / 'bf16'), _per_step_losses(tmp_path / 'fp32')
+    bf16, fp32 = per_step_losses(tmp_path / 'bf16'), per_step_losses(tmp_path / 'fp32')
     torch.testing.assert_close(bf16[:6], fp32[:6], rtol=0.05, atol=0.0)
     assert not torch.equal(bf16, fp32)      # it really ran in bf16
 

@@ -15,7 +15,7 @@ import torch
 
 import data
 import train
-from conftest import ROOT, train_args
+from helpers import ROOT, train_args
 from net import PAPER, GlobalCoarseNet
 
 COMMON = ['--coarse-samples', 16, '--fine-samples', 24, '--batch-size', 4, '--val-fraction', 0.15,
@@ -41,6 +41,7 @@ def coarse_two_processes(synthetic, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_equal_one_process_on_the_same_global_batch(synthetic, tmp_path):
     # the fine stage has no dropout, so both runs draw no random numbers but the shared batches;
     # its fixed coarse net: any weights do (the same file for both runs), here a fresh one's
@@ -79,6 +80,7 @@ def test_two_gloo_processes_equal_one_process_on_the_same_global_batch(synthetic
                 (runs[name] / f).unlink()
 
 
+@pytest.mark.slow
 def test_coarse_stage_runs_under_torchrun(synthetic, coarse_two_processes, tmp_path):
     """With dropout (coarse6) the two processes draw their own masks, so the run is checked for one
     checkpoint (with both processes' random streams) and one weights file, written by rank 0, and
@@ -92,8 +94,8 @@ def test_coarse_stage_runs_under_torchrun(synthetic, coarse_two_processes, tmp_p
     assert not torch.equal(ckpt['rng'][0]['cpu'], ckpt['rng'][1]['cpu'])
     assert (run / 'coarse.pth').exists() and not list(run.glob('*.tmp*'))
 
-    # Issue #21: the same run on two "nodes" of this machine (two torchrun launchers, one process
-    # each, c10d rendezvous on 127.0.0.1, as README's multi-node command) ends with the same weights
+    # the same run on two "nodes" of this machine (two torchrun launchers, one process each, c10d
+    # rendezvous on 127.0.0.1, as docs/gpus.md's multi-node command) ends with the same weights
     nodes = tmp_path / 'nodes'
     args = train_args(synthetic, nodes, *COMMON, '--stage', 'coarse')
     with socket.socket() as s:
@@ -133,9 +135,10 @@ def worker_pids(launcher):
     return pids
 
 
+@pytest.mark.slow
 def test_torchrun_restarts_a_group_after_a_killed_process_and_it_resumes(synthetic, tmp_path,
                                                                          coarse_two_processes):
-    """Issue #21, fault tolerance as README gives it: torchrun --max-restarts 1, train.py --resume
+    """Fault tolerance as docs/gpus.md gives it: torchrun --max-restarts 1, train.py --resume
     auto, and TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (without it the restarted group hangs or fails
     in its rendezvous: runtime.Distributed.check_restartable). Rank 0, the process that writes, is
     killed (SIGKILL) right after the first checkpoint (step 2 of 4); torchrun stops the other
@@ -173,6 +176,7 @@ def test_torchrun_restarts_a_group_after_a_killed_process_and_it_resumes(synthet
     assert not list(tmp_path.glob('*.tmp*'))
 
 
+@pytest.mark.slow
 def test_each_process_takes_its_share_of_every_global_batch(synthetic):
     import util
     frames = util.Frames(*(a[:20] for a in (util.read_nyu_labeled(synthetic[0], progress=False)[k]
@@ -189,8 +193,9 @@ def test_each_process_takes_its_share_of_every_global_batch(synthetic):
         assert sorted(keys[0][step] + keys[1][step]) == [(step, j, i) for j, i in enumerate(order.indices(step, 4))]
 
 
+@pytest.mark.slow
 def test_a_save_failing_on_rank_0_alone_stops_every_rank_with_its_line(synthetic, tmp_path):
-    """Issue #20: rank 0 alone writes; when that fails (here: checkpoint.pth is a folder, as a full
+    """Rank 0 alone writes; when that fails (here: checkpoint.pth is a folder, as a full
     disk would fail it), every process stops with the same one-line error at once, instead of the
     others waiting in the next collective (NCCL: 30 minutes)."""
     (tmp_path / 'checkpoint.pth').mkdir()

@@ -2,18 +2,15 @@
 import json
 import math
 
-import numpy as np
 import pytest
-import scipy.io
 import torch
 
 import cli
 import evaluate
 import util
-from test_nyu_loader import write_nyu_like
 
 
-def _run(capsys, *args):
+def _evaluate_main(capsys, *args):
     assert evaluate.main([str(a) for a in args]) == 0
     return capsys.readouterr().out
 
@@ -38,10 +35,11 @@ def _check_output(out, folder):
     return report
 
 
+@pytest.mark.slow
 def test_evaluate_on_the_synthetic_test_split(synthetic, trained, tmp_path, capsys):
     mat, splits = synthetic
-    out = _run(capsys, '--data', mat, '--splits', splits, '--model', trained, '--out', tmp_path,
-               '--device', 'cpu')
+    out = _evaluate_main(capsys, '--data', mat, '--splits', splits, '--model', trained, '--out', tmp_path,
+                         '--device', 'cpu')
     report = _check_output(out, tmp_path)
     _, test_idx = util.read_splits(splits, 42)
     assert report['test_images'] == len(test_idx)
@@ -50,22 +48,20 @@ def test_evaluate_on_the_synthetic_test_split(synthetic, trained, tmp_path, caps
     assert paper['Coarse']['si_log'] < paper['Mean']['si_log']
 
 
-def test_evaluate_on_a_file_in_nyu_layout(trained, tmp_path, capsys):
-    mat = tmp_path / 'nyu_depth_v2_labeled.mat'
-    write_nyu_like(mat, 6)
-    splits = tmp_path / 'splits.mat'
-    scipy.io.savemat(splits, {'trainNdxs': np.array([[1.0], [3.0], [4.0]]),
-                              'testNdxs': np.array([[2.0], [5.0], [6.0]])})
-    out = _run(capsys, '--data', mat, '--splits', splits, '--model', trained, '--out', tmp_path,
-               '--device', 'cpu')
+@pytest.mark.slow
+def test_evaluate_on_a_file_in_nyu_layout(nyu_like, trained, tmp_path, capsys):
+    mat, splits = nyu_like
+    out = _evaluate_main(capsys, '--data', mat, '--splits', splits, '--model', trained, '--out', tmp_path,
+                         '--device', 'cpu')
     report = _check_output(out, tmp_path)
     assert report['test_images'] == 3
 
 
-def test_one_protocol_only(synthetic, trained, tmp_path, capsys):
-    mat, splits = synthetic
-    out = _run(capsys, '--data', mat, '--splits', splits, '--model', trained, '--out', tmp_path,
-               '--device', 'cpu', '--protocol', 'crop')
+@pytest.mark.slow
+def test_one_protocol_only(nyu_like, trained, tmp_path, capsys):
+    mat, splits = nyu_like
+    out = _evaluate_main(capsys, '--data', mat, '--splits', splits, '--model', trained, '--out', tmp_path,
+                         '--device', 'cpu', '--protocol', 'crop')
     assert 'protocol: crop' in out and 'protocol: paper' not in out
 
 
@@ -93,8 +89,8 @@ def test_crop_protocol_region_range_and_clamp():
     assert int(m.sum()) == 426 * 560 - 1
 
 
-def test_missing_weights_message(tmp_path, synthetic):
-    mat, splits = synthetic
+def test_missing_weights_message(tmp_path, nyu_like):
+    mat, splits = nyu_like
     with pytest.raises(cli.DataError, match='run train.py'):
         evaluate.main(['--data', str(mat), '--splits', str(splits), '--model', str(tmp_path)])
 

@@ -1,4 +1,4 @@
-"""The GPU training path's logic, checked on the CPU (issue #10): batches drawn a block of steps at
+"""The GPU training path's logic, checked on the CPU: batches drawn a block of steps at
 a time, steps that read nothing on the host between logging points, the non-finite guard without a
 host read, checkpoints by wall time, one dropout stream per process, bf16 inside DataParallel's
 replica threads, and what --device means."""
@@ -17,8 +17,7 @@ import runlog
 import runtime
 import train
 import util
-from conftest import ROOT, train_args
-from test_reliability import _nan_at_call
+from helpers import ROOT, nan_at_call, train_args
 
 
 def _same_params(a, b):
@@ -45,6 +44,7 @@ def test_block_drawn_indices_and_draws_equal_the_per_step_ones(shard, monkeypatc
 HOST_READS = ('item', 'tolist', 'cpu', 'numpy', '__float__', '__int__', '__bool__', '__index__')
 
 
+@pytest.mark.slow
 def test_steps_between_logging_points_read_no_tensor_on_the_host(synthetic, tmp_path, monkeypatch):
     """On the fast path, the steps between logging points (every --log-every 4 steps here) run with
     every host read of a tensor made to raise; only the logging points (losses, validation,
@@ -105,6 +105,7 @@ def test_steps_between_logging_points_read_no_tensor_on_the_host(synthetic, tmp_
     assert ckpt['done'] and [r['step'] for r in ckpt['history'] if r['val_loss'] is not None] == [6, 8]
 
 
+@pytest.mark.slow
 def test_a_nan_loss_between_logging_points_never_reaches_the_weights(synthetic, tmp_path, monkeypatch):
     """The NaN of step 2 is seen on the host only at the logging point of step 4. By then steps 2,
     3 and 4 must all have left the weights alone (fused SGD's found_inf, kept set): the weights
@@ -121,7 +122,7 @@ def test_a_nan_loss_between_logging_points_never_reaches_the_weights(synthetic, 
         return real(self, net)
 
     monkeypatch.setattr(runlog.StageLog, 'read_losses', log_point)
-    _nan_at_call(monkeypatch, {2})
+    nan_at_call(monkeypatch, {2})
     with pytest.raises(cli.UserError, match='coarse step 2: the loss is nan'):
         train.main(train_args(synthetic, tmp_path / 'nan', *schedule))
     assert seen['step'] == 4
@@ -129,6 +130,7 @@ def test_a_nan_loss_between_logging_points_never_reaches_the_weights(synthetic, 
     assert not (tmp_path / 'nan' / 'checkpoint.pth').exists()
 
 
+@pytest.mark.slow
 def test_checkpoints_by_wall_time(synthetic, tmp_path, monkeypatch):
     saved, real = [], checkpoint.save
 
@@ -159,6 +161,7 @@ runtime.DIST.stop()
 '''
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_draw_different_dropout_masks(tmp_path):
     script, out = tmp_path / 'dropout.py', tmp_path / 'masks.pt'
     script.write_text(DROPOUT_SCRIPT)
@@ -202,7 +205,7 @@ def test_replica_autocast_wrapper_sets_its_dtype_in_a_fresh_thread():
     assert runtime.Autocast(lin, 'cpu', enabled=False)(x).dtype == torch.float32
 
 
-def test_device_cuda_means_every_gpu_and_cuda_n_one(monkeypatch, synthetic, tmp_path):
+def test_device_cuda_means_every_gpu_and_cuda_n_one(monkeypatch, nyu_like, tmp_path):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: 4)
     assert runtime.resolve_device('cuda') == (torch.device('cuda', 0), [0, 1, 2, 3])
@@ -213,12 +216,13 @@ def test_device_cuda_means_every_gpu_and_cuda_n_one(monkeypatch, synthetic, tmp_
     with pytest.raises(cli.UserError, match='not a device'):
         runtime.resolve_device('gpu0')
     with pytest.raises(cli.UserError, match='--compile does not work with nn.DataParallel'):
-        train.main(train_args(synthetic, tmp_path, '--device', 'cuda', '--compile'))
+        train.main(train_args(nyu_like, tmp_path, '--device', 'cuda', '--compile'))
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     with pytest.raises(cli.UserError, match='CUDA is not available'):
         runtime.resolve_device('cuda')
 
 
+@pytest.mark.slow
 def test_fused_sgd_is_the_default_update(synthetic):
     """Fused SGD on the CPU (torch >= 2.4) gives the foreach implementation's update, to rounding
     (one fused multiply-add may differ in the last bit)."""
@@ -242,8 +246,9 @@ def test_fused_sgd_is_the_default_update(synthetic):
     assert not torch.equal(nets[0].fine3.weight, LocalFineNet(PAPER).fine3.weight)   # they moved
 
 
+@pytest.mark.slow
 def test_validation_reads_the_host_once_a_batch(synthetic, monkeypatch):
-    """Issue #20: validation's sums stay on the device, one host read a batch (and one for the
+    """Validation's sums stay on the device, one host read a batch (and one for the
     loss at the end); the figures equal those of all frames measured in one go, to rounding."""
     from metrics import Metrics
     from net import PAPER, GlobalCoarseNet
@@ -257,7 +262,7 @@ def test_validation_reads_the_host_once_a_batch(synthetic, monkeypatch):
         real = getattr(torch.Tensor, name)
         monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _n=name, **k:
                             reads.append(_n) or _real(self, *a, **k))
-    scores = train.validate(coarse, None, frames, torch.device('cpu'), 4, 0.5)
+    scores = train.validate(coarse, frames, torch.device('cpu'), 4, 0.5)
     monkeypatch.undo()
     assert len(reads) <= 3 + 1, reads                  # 3 batches of 4, and the loss
     x, y, m = util.center_crop(*frames.get(range(12)))
@@ -269,10 +274,11 @@ def test_validation_reads_the_host_once_a_batch(synthetic, monkeypatch):
     assert all(scores[k] == pytest.approx(v, rel=1e-6) for k, v in whole.items())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('saved, resumed', [(torch.contiguous_format, torch.channels_last),
                                             (torch.channels_last, torch.contiguous_format)])
 def test_momentum_resumes_in_the_layout_of_its_parameters(saved, resumed):
-    """Issue #20: nets are channels_last on CUDA only, so a checkpoint moves between layouts. Its
+    """Nets are channels_last on CUDA only, so a checkpoint moves between layouts. Its
     momentum buffers are restored in their parameters' layout (fused SGD on CUDA refuses a
     mismatch; on the CPU it computed a wrong update), and the next step is an uninterrupted one's."""
     import copy
@@ -302,8 +308,9 @@ def test_momentum_resumes_in_the_layout_of_its_parameters(saved, resumed):
         assert torch.allclose(p, q, rtol=0, atol=1e-6), name
 
 
+@pytest.mark.slow
 def test_the_next_block_is_drawn_before_the_logging_point_reads(synthetic, tmp_path, monkeypatch):
-    """Issue #20: at a logging point the host reads the block's losses, which drains the GPU's
+    """At a logging point the host reads the block's losses, which drains the GPU's
     queue; the next block's frames and draws are made before that (while the last step of the
     block is still to be queued), never after the read."""
     events, real_draw, real_read = [], data.draw_block, runlog.StageLog.read_losses

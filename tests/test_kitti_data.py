@@ -15,21 +15,7 @@ import cli
 import kitti
 import nyu_raw
 import kitti_tree
-from conftest import SHARED
-
-
-def one_line(error):
-    message = str(error.value)
-    assert message and '\n' not in message
-    return message
-
-
-@pytest.fixture(scope='module')
-def tree(tmp_path_factory):
-    """The five test-list frames of kitti_tree.ENTRIES; one of them has no annotated depth."""
-    base = tmp_path_factory.mktemp('kitti')
-    return kitti_tree.write_tree(base / 'raw', kitti_tree.ENTRIES, ann_root=base / 'ann',
-                                 unannotated={kitti_tree.ENTRIES[1][:2]})
+from helpers import CONVERTER_REFUSALS, SHARED, one_line, refusal
 
 
 # ----------------------------------------------------------------------------------------------
@@ -267,10 +253,10 @@ def test_annotated_depth_is_found_in_train_or_val(tree):
         written = np.round(tree.frames[entry[:2]].depth[entry[2]] * 256)
         written[::2, ::3] = 0
         assert (gt == written / 256).all()
-    assert kitti.annotated_path(tree.ann_root, kitti_tree.ENTRIES[1]) is None
-    with pytest.raises(cli.DataError) as e:
-        kitti.eval_ground_truth(tree.root, kitti_tree.ENTRIES[1], 'annotated', tree.ann_root)
-    assert '0000000054.png' in one_line(e)
+    assert kitti.annotated_path(tree.ann_root, kitti_tree.ENTRIES[-1]) is None   # the tree's
+    with pytest.raises(cli.DataError) as e:                                     # unannotated frame
+        kitti.eval_ground_truth(tree.root, kitti_tree.ENTRIES[-1], 'annotated', tree.ann_root)
+    assert '0000000107.png' in one_line(e)
 
 
 def test_image_size_is_the_pngs(tree):
@@ -367,7 +353,7 @@ def test_missing_frames_are_reported_in_one_line_and_the_rest_load(tree, tmp_pat
 
 
 def test_missing_scans_or_annotations_count_as_missing(tree, tmp_path, capsys):
-    # with ann_root the annotated PNG is what must be there: ENTRIES[1] has none
+    # with ann_root the annotated PNG is what must be there: ENTRIES[-1] has none
     frames = kitti.open_kitti(tree.root, tree.split_file, ann_root=tree.ann_root)
     assert '1 of the 5 frames' in capsys.readouterr().out
     assert len(frames) == 4 and frames.depth_source == 'annotated'
@@ -415,6 +401,7 @@ def test_field_mask_is_the_depth_range_inside_the_garg_crop():
 # ----------------------------------------------------------------------------------------------
 # The cache
 
+@pytest.mark.slow
 def test_conversion_writes_nyu_raws_layout_with_the_frame_size_and_reads_back(tree, tmp_path):
     frames = kitti.KittiFrames(tree.root, tree.entries[:3], 'three frames')
     out = nyu_raw.convert(frames, str(tmp_path / 'cache'), workers=1, progress=False)
@@ -449,22 +436,17 @@ def test_a_frame_that_fails_during_conversion_is_one_line(tree, tmp_path):
     assert not os.listdir(tmp_path)                  # nothing half-written left
 
 
-@pytest.mark.parametrize('option, value, refusal', [
-    ('--workers', '-1', 'argument --workers: -1 is below 0'),
+@pytest.mark.parametrize('option, value, refused', [
     ('--workers', 'two', "argument --workers: 'two' is not a whole number"),
     ('--kitti-list', 'mine', "argument --kitti-list: invalid choice: 'mine'"),
-    ('--out', '', '--out: an empty path'),
-    ('--out', '{file}/cache', '{file}/cache: {file} is a file, so no folder can be made there'),
-    ('--out', '{raw}', '{raw}: is a folder, but not a cache')])
-def test_bad_conversion_options_are_one_line_before_any_work(tree, tmp_path, option, value, refusal):
+    ('--out', '{raw}', '{raw}: is a folder, but not a cache'), *CONVERTER_REFUSALS])
+def test_bad_conversion_options_are_one_line_before_any_work(tree, tmp_path, option, value, refused):
     file = tmp_path / 'a_file'
     file.write_text('mine')
     # --data: the test tree holds no training drive, which would be the next error
     argv = {'--data': tree.root, '--out': str(tmp_path / 'cache'), '--workers': '0'}
     argv[option] = value.format(file=file, raw=tree.root)
-    with pytest.raises(cli.UserError) as e:
-        kitti.main([text for pair in argv.items() for text in pair])
-    assert one_line(e).startswith(refusal.format(file=file, raw=tree.root))
+    assert refusal(kitti.main, argv).startswith(refused.format(file=file, raw=tree.root))
     assert os.listdir(tmp_path) == ['a_file']
 
 
@@ -494,6 +476,7 @@ def both_cameras(folder, frames):
     return [(folder, frame, camera) for frame in frames for camera in ('l', 'r')]
 
 
+@pytest.mark.slow
 def test_papers_list_drops_stationary_frames_caps_each_drive_and_takes_both_cameras(paper_tree):
     entries, counts = kitti.paper_entries(paper_tree.root)
     # drive A's 5 moving frames and B's 2, each as a left and a right image; no test or campus drive

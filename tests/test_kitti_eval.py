@@ -19,14 +19,9 @@ import kitti_tree
 import util
 from net import KITTI, PAPER, GlobalCoarseNet
 
+pytestmark = pytest.mark.slow   # each test evaluates full-size KITTI nets on five frames
+
 CONSTANT = 12.0   # metres, the constant predictor's depth everywhere
-
-
-@pytest.fixture(scope='module')
-def tree(tmp_path_factory):
-    base = tmp_path_factory.mktemp('kitti_eval')
-    return kitti_tree.write_tree(base / 'raw', kitti_tree.ENTRIES, ann_root=base / 'annotated',
-                                 unannotated=[kitti_tree.ENTRIES[-1][:2]])
 
 
 def _test_entries(tree):
@@ -34,7 +29,7 @@ def _test_entries(tree):
     return [e for e in kitti.read_split(kitti.SPLIT_FILES['test']) if (e[0], e[1]) in tree.frames]
 
 
-def _model(folder, constant=None):
+def _kitti_model(folder, constant=None):
     """A KITTI coarse net: random (seed 0), or predicting `constant` metres everywhere."""
     torch.manual_seed(0)
     net = GlobalCoarseNet(PAPER, KITTI)
@@ -47,13 +42,25 @@ def _model(folder, constant=None):
     return str(folder)
 
 
+@pytest.fixture(scope='module')
+def constant_model(tmp_path_factory):
+    """A model folder whose KITTI coarse net predicts CONSTANT metres everywhere."""
+    return _kitti_model(tmp_path_factory.mktemp('constant'), CONSTANT)
+
+
+@pytest.fixture(scope='module')
+def random_model(tmp_path_factory):
+    """A model folder with a random KITTI coarse net (seed 0)."""
+    return _kitti_model(tmp_path_factory.mktemp('random'))
+
+
 def _constant_in_float32():
     """CONSTANT as the net computes it (exp of log in float32): 1e-7 off, which moves pixels whose
     ratio to it sits right at a threshold."""
     return float(torch.exp(torch.tensor(math.log(CONSTANT) / PAPER.log_depth_std) * PAPER.log_depth_std))
 
 
-def _evaluate(model, tree, *extra):
+def _evaluate_kitti(model, tree, *extra):
     return evaluate.evaluate(evaluate.parse_args(['--model', model, '--data', tree.root, '--device', 'cpu',
                                                   '--workers', '0', *extra]))
 
@@ -77,8 +84,8 @@ def _garg(gt):
     return crop
 
 
-def test_both_protocols_of_a_constant_predictor_equal_a_hand_computation(tree, tmp_path):
-    results = _evaluate(_model(tmp_path / 'constant', CONSTANT), tree)
+def test_both_protocols_of_a_constant_predictor_equal_a_hand_computation(tree, constant_model):
+    results = _evaluate_kitti(constant_model, tree)
     constant = _constant_in_float32()
     paper_p, paper_g, field = [], [], []
     for entry in _test_entries(tree):
@@ -109,15 +116,14 @@ def test_both_protocols_of_a_constant_predictor_equal_a_hand_computation(tree, t
     assert 0.05 < got['d1'] < 0.95   # the constant is right on some pixels and wrong on others
 
 
-def test_the_field_protocol_equals_the_fields_evaluation_of_the_same_predictions(tree, tmp_path):
+def test_the_field_protocol_equals_the_fields_evaluation_of_the_same_predictions(tree, random_model):
     """A random net's predictions, upsampled onto their region as written out here, scored by our
     transcription of evaluate_depth.py (mask, crop, clamp after masking, compute_errors, mean over
     images)."""
-    model = _model(tmp_path / 'random')
-    results = _evaluate(model, tree, '--protocol', 'field')
+    results = _evaluate_kitti(random_model, tree, '--protocol', 'field')
     test = kitti.open_test_set(tree.root, workers=0)
     coarse = GlobalCoarseNet(PAPER, KITTI).eval()
-    coarse.load_state_dict(torch.load(os.path.join(model, 'coarse.pth'), weights_only=True))
+    coarse.load_state_dict(torch.load(os.path.join(random_model, 'coarse.pth'), weights_only=True))
     with torch.no_grad():
         images, _, _ = test.frames.get(list(range(len(test))))
         preds = coarse(util.crop_input(images, KITTI)).exp()
@@ -140,9 +146,9 @@ def test_the_field_protocol_equals_the_fields_evaluation_of_the_same_predictions
         assert got[k] == pytest.approx(np.mean([e[k] for e in errors]), rel=1e-5), k
 
 
-def test_annotated_ground_truth_skips_the_frames_without_one(tree, tmp_path, capsys):
-    results = _evaluate(_model(tmp_path / 'constant', CONSTANT), tree, '--gt', 'annotated',
-                        '--kitti-annotated', tree.ann_root, '--protocol', 'field')
+def test_annotated_ground_truth_skips_the_frames_without_one(tree, constant_model, tmp_path, capsys):
+    results = _evaluate_kitti(constant_model, tree, '--gt', 'annotated', '--kitti-annotated', tree.ann_root,
+                              '--protocol', 'field')
     field = []
     entries = _test_entries(tree)
     assert len(entries) == 5 and entries[-1][:2] == kitti_tree.ENTRIES[-1][:2]
@@ -153,28 +159,27 @@ def test_annotated_ground_truth_skips_the_frames_without_one(tree, tmp_path, cap
     assert results['field']['Coarse']['abs_rel'] == pytest.approx(np.mean([m['abs_rel'] for m in field]), rel=1e-5)
     assert "KITTI's annotated depth" in capsys.readouterr().out
     with pytest.raises(cli.DataError, match='--kitti-annotated'):   # annotated without the folder
-        _evaluate(_model(tmp_path / 'constant', CONSTANT), tree, '--gt', 'annotated')
+        _evaluate_kitti(constant_model, tree, '--gt', 'annotated')
     empty = tmp_path / 'empty_annotated'
     empty.mkdir()
     with pytest.raises(cli.DataError, match='none of the 5 test frames has an annotated depth PNG'):
-        _evaluate(_model(tmp_path / 'constant', CONSTANT), tree, '--gt', 'annotated',
-                  '--kitti-annotated', str(empty))
+        _evaluate_kitti(constant_model, tree, '--gt', 'annotated', '--kitti-annotated', str(empty))
     nyu = tmp_path / 'nyu_model'
     nyu.mkdir()
     torch.save(GlobalCoarseNet(PAPER).state_dict(), nyu / 'coarse.pth')
     with pytest.raises(cli.UserError, match='--kitti-annotated: .* these are nyu weights'):
-        _evaluate(str(nyu), tree, '--kitti-annotated', tree.ann_root)
+        _evaluate_kitti(str(nyu), tree, '--kitti-annotated', tree.ann_root)
     with pytest.raises(cli.DataError, match='split.txt: is a file, not KITTI\'s data_depth_annotated'):
-        _evaluate(_model(tmp_path / 'constant', CONSTANT), tree, '--gt', 'annotated',
-                  '--kitti-annotated', os.path.join(tree.root, 'split.txt'))
+        _evaluate_kitti(constant_model, tree, '--gt', 'annotated',
+                        '--kitti-annotated', os.path.join(tree.root, 'split.txt'))
 
 
-def test_a_test_image_of_another_size_than_its_depth_is_refused(tree, tmp_path):
+def test_a_test_image_of_another_size_than_its_depth_is_refused(tree, random_model, tmp_path):
     """A wrong file in place of a test frame would be resized and scored: one line instead."""
     shutil.copytree(tree.root, tmp_path / 'raw')
     entry = _test_entries(tree)[0]
     Image.new('RGB', (600, 200)).save(kitti.image_path(str(tmp_path / 'raw'), entry))
     with pytest.raises(cli.DataError, match=r'\.png: 600x200 pixels, but its velodyne depth is'):
-        evaluate.evaluate(evaluate.parse_args(['--model', _model(tmp_path / 'random'), '--data',
+        evaluate.evaluate(evaluate.parse_args(['--model', random_model, '--data',
                                                str(tmp_path / 'raw'), '--device', 'cpu', '--workers',
                                                '0', '--protocol', 'field']))

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import util
+from helpers import CODE0, coarse_trace, position_frame
 from net import ALEXNET, KITTI, PAPER, GlobalCoarseNet, LocalFineNet, variant_of
 
 # Fig. 1, KITTI column, W x H: input 576x172 | coarse1 71x20 | coarse2-4 35x9 | coarse5 17x4 |
@@ -15,17 +16,6 @@ FIG1_KITTI = {
 # torchvision's AlexNet convs (64-192-384-256-256 channels) reach the same sizes on 576x172
 ALEXNET_KITTI = dict(FIG1_KITTI, coarse1=(64, 20, 71), coarse2=(192, 9, 35), coarse4=(256, 9, 35))
 INPUT = (172, 576)
-
-
-def _coarse_trace(net, x):
-    sizes, h = {}, (x - net.coarse_mean) / net.coarse_std
-    for name in ('coarse1', 'coarse2', 'coarse3', 'coarse4', 'coarse5'):
-        h = getattr(net, name)(h)
-        sizes[name] = tuple(h.shape[1:])
-    h = net.coarse6(h * net.variant.feature_scale)
-    sizes['coarse6'] = tuple(h.shape[1:])
-    sizes['coarse7'] = tuple(net.coarse7(h).shape[1:])
-    return sizes
 
 
 @pytest.fixture(scope='module')
@@ -40,7 +30,7 @@ def kitti_nets():
 def test_coarse_layer_sizes_are_fig1s_kitti_column(kitti_nets, variant, sizes, layer):
     coarse, _ = kitti_nets[variant]
     with torch.no_grad():
-        assert _coarse_trace(coarse, torch.rand(1, 3, *INPUT) * 255)[layer] == sizes[layer]
+        assert coarse_trace(coarse, torch.rand(1, 3, *INPUT) * 255)[layer] == sizes[layer]
 
 
 @pytest.mark.parametrize('variant', ['paper', 'alexnet'])
@@ -86,17 +76,8 @@ def test_weights_tell_kitti_from_nyu():
     assert variant_of(nyu_state)[1].name == 'nyu'
 
 
-def _position_frame():
-    """A 612x184 frame whose image holds each pixel's x, y and depth encodes y * 612 + x."""
-    fh, fw = KITTI.frame_hw
-    y, x = torch.meshgrid(torch.arange(fh, dtype=torch.float32), torch.arange(fw, dtype=torch.float32),
-                          indexing='ij')
-    depth = (1000 + y * fw + x)[None]
-    return torch.stack([x, y, torch.zeros_like(x)])[None], depth, torch.ones_like(depth, dtype=torch.bool)
-
-
 def test_the_test_crop_and_its_targets_sit_where_the_geometry_says():
-    image, depth, mask = _position_frame()
+    image, depth, mask = position_frame(KITTI.frame_hw)
     img, d, m = util.augment(image, depth, mask, util.AugParams.identity(1, geometry=KITTI), KITTI)
     ci, cd, cm = util.center_crop(image, depth, mask, KITTI)
     assert (img - ci).abs().max() < 1e-3 and torch.equal(d, cd) and torch.equal(m, cm)
@@ -104,7 +85,7 @@ def test_the_test_crop_and_its_targets_sit_where_the_geometry_says():
     assert ci.shape == (1, 3, 172, 576) and ci[0, 0, 0, 0] == 18 and ci[0, 1, 0, 0] == 6
     # target cell (i, j) = crop pixel (56 + 5 + 4i, 5 + 4j), the fine net's bottom crop
     for i, j in ((0, 0), (26, 141), (13, 70)):
-        assert cd[0, 0, i, j] == 1000 + (6 + 61 + 4 * i) * 612 + (18 + 5 + 4 * j)
+        assert cd[0, 0, i, j] == CODE0 + (6 + 61 + 4 * i) * 612 + (18 + 5 + 4 * j)
     assert KITTI.output_region == (6 + 60, 6 + 60 + 108, 18 + 4, 18 + 4 + 568)
 
 
@@ -114,12 +95,12 @@ def test_kitti_draws_scale_1_to_1_2_without_rotation_and_stay_aligned():
     p = util.AugParams.sample(2000, torch.Generator().manual_seed(0), KITTI)
     assert 1.0 <= p.scale.min() and p.scale.max() <= 1.2 and p.scale.max() > 1.19
     assert (p.angle == 0).all() and 0.4 < p.flip.float().mean() < 0.6
-    image, depth, mask = _position_frame()
+    image, depth, mask = position_frame(KITTI.frame_hw)
     for k in range(6):
         one = p.take(k)
         img, d, m = util.augment(image, depth, mask, one, KITTI)
         at_cells = img[0, :, 61::4, 5::4][:, :27, :142]
-        code = torch.round(d[0, 0] * one.scale[0]) - 1000
+        code = torch.round(d[0, 0] * one.scale[0]) - CODE0
         ok = m[0, 0]
         assert ok.sum() > 0.9 * 27 * 142
         # the image sample's x was multiplied by the colour draw of channel 0, y by channel 1's

@@ -19,6 +19,8 @@ import predict
 import train
 from net import PAPER, GlobalCoarseNet
 
+pytestmark = pytest.mark.slow   # training runs on KITTI and the scripts on their nets
+
 DATES = tuple(kitti_tree.CALIBS)
 
 
@@ -27,12 +29,8 @@ def _first(split, count):
     return [e for e in kitti.read_split(kitti.SPLIT_FILES[split]) if e[0].startswith(DATES)][:count]
 
 
-@pytest.fixture(scope='module')
-def tree(tmp_path_factory):
-    base = tmp_path_factory.mktemp('kitti')
-    entries = _first('train', 6) + kitti_tree.ENTRIES
-    return kitti_tree.write_tree(base / 'raw', entries, ann_root=base / 'annotated',
-                                 unannotated=[kitti_tree.ENTRIES[-1][:2]])
+# conftest's `tree` writes these training frames too, so that the runs have a training list
+KITTI_TRAIN_FRAMES = _first('train', 6)
 
 
 def _argv(tree, out, *extra):
@@ -46,7 +44,7 @@ def _train(tree, out, *extra):
 
 
 @pytest.fixture(scope='module')
-def trained(tree, tmp_path_factory):
+def trained_kitti(tree, tmp_path_factory):
     """Both stages on the paper's list (the default): the coarse from the raw tree, then the fine
     from the cache kitti.py writes."""
     out = tmp_path_factory.mktemp('model_kitti')
@@ -57,19 +55,20 @@ def trained(tree, tmp_path_factory):
     return out
 
 
-def test_a_kitti_cache_is_refused_as_nyu_data(trained, tree, tmp_path):
+def test_a_kitti_cache_is_refused_as_nyu_data(trained_kitti, tree, tmp_path):
     cache = os.path.join(tree.root, 'cache')
     with pytest.raises(cli.DataError, match='612x184 frames; a KITTI cache trains with --dataset kitti'):
         train.main(['--data', cache, '--out', str(tmp_path), '--device', 'cpu'])
 
 
-def test_both_stages_train_and_write_kitti_weights(trained, capsys):
+def test_both_stages_train_and_write_kitti_weights(trained_kitti, capsys):
     for stage in ('coarse', 'fine'):
-        assert os.path.isfile(trained / f'{stage}.pth') and os.path.isfile(trained / f'loss_{stage}.png')
-    state = torch.load(trained / 'coarse.pth', weights_only=True)
+        assert os.path.isfile(trained_kitti / f'{stage}.pth')
+        assert os.path.isfile(trained_kitti / f'loss_{stage}.png')
+    state = torch.load(trained_kitti / 'coarse.pth', weights_only=True)
     assert state['coarse7.weight'].shape == (27 * 142, 4096)          # Fig. 1: 142x27
     assert state['coarse6.1.weight'].shape == (4096, 256 * 4 * 17)    # coarse5 17x4
-    history = (trained / 'history_coarse.csv').read_text().splitlines()
+    history = (trained_kitti / 'history_coarse.csv').read_text().splitlines()
     assert len(history) == 1 + 2   # header, a row a step (--log-every 1; 4 samples of 2)
 
 
@@ -97,7 +96,7 @@ def test_the_training_data_is_the_eigen_split_without_test_drives(tree, capsys, 
         nyu_raw.refuse_test_scenes(frames, kitti.test_drives())
 
 
-def test_a_cache_or_a_run_of_the_other_list_is_refused(trained, tree):
+def test_a_cache_or_a_run_of_the_other_list_is_refused(trained_kitti, tree):
     # the cache kitti.py converted from the paper's list (its default), asked for as the Eigen list
     cache = os.path.join(tree.root, 'cache')
     args = train.parse_args(['--dataset', 'kitti', '--data', cache, '--kitti-list', 'eigen'])
@@ -107,19 +106,19 @@ def test_a_cache_or_a_run_of_the_other_list_is_refused(trained, tree):
         data.load_data(args, torch.device('cpu'))
     # the run trained on the paper's list, resumed on the Eigen list: refused, with the paper's
     # evening given as well
-    path = os.path.join(trained, 'checkpoint.pth')
+    path = os.path.join(trained_kitti, 'checkpoint.pth')
     ckpt = torch.load(path, weights_only=False)
     assert ckpt['config']['per_scene'] == kitti.PER_SCENE
     for same_evening in ([], ['--per-scene', kitti.PER_SCENE]):
-        args = train.parse_args(_argv(tree, trained, '--stage', 'fine', '--kitti-list', 'eigen',
+        args = train.parse_args(_argv(tree, trained_kitti, '--stage', 'fine', '--kitti-list', 'eigen',
                                       *map(str, same_evening)))
         with pytest.raises(cli.DataError, match='was started with --kitti-list paper, this run asks for eigen'):
             checkpoint.check_schedule(path, ckpt, args)
 
 
-def test_evaluate_scores_the_test_frames_under_table_2(trained, tree, capsys):
+def test_evaluate_scores_the_test_frames_under_table_2(trained_kitti, tree, capsys):
     results = evaluate.evaluate(evaluate.parse_args(
-        ['--model', str(trained), '--data', tree.root, '--device', 'cpu', '--workers', '0']))
+        ['--model', str(trained_kitti), '--data', tree.root, '--device', 'cpu', '--workers', '0']))
     out = capsys.readouterr().out
     assert set(results) == {'paper', 'field'}
     assert set(results['field']) == {'Coarse', 'Coarse + Fine'}
@@ -131,11 +130,12 @@ def test_evaluate_scores_the_test_frames_under_table_2(trained, tree, capsys):
     for protocol in results.values():
         for row in protocol.values():
             assert all(np.isfinite(v) for v in row.values())
-    assert os.path.isfile(trained / 'eval.json') and os.path.isfile(trained / 'eval_examples.png')
+    assert os.path.isfile(trained_kitti / 'eval.json') and os.path.isfile(trained_kitti / 'eval_examples.png')
 
 
-def test_predict_writes_depth_at_the_kitti_frames_size(trained, tree, tmp_path):
+def test_predict_writes_depth_at_the_kitti_frames_size(trained_kitti, tree, tmp_path):
     image = kitti.image_path(tree.root, kitti_tree.ENTRIES[3])   # a 1226x370 frame of 2011_09_30
-    assert predict.main([image, '--model', str(trained), '--out', str(tmp_path), '--device', 'cpu']) == 0
+    assert predict.main([image, '--model', str(trained_kitti), '--out', str(tmp_path),
+                         '--device', 'cpu']) == 0
     depth = np.load(tmp_path / (os.path.basename(image)[:-4] + '_depth.npy'))
     assert depth.shape == (370, 1226) and np.isfinite(depth).all() and (depth > 0).all()

@@ -1,5 +1,5 @@
-"""The paper's learning rates act on every variant as the recipe needs (issues #11, #18; README
-"The learning rates"): one step of train.py's own train_step on coarse7 alone, at the paper's
+"""The paper's learning rates act on every variant as the recipe needs
+(docs/learning_rates.md): one step of train.py's own train_step on coarse7 alone, at the paper's
 rate, on a fixed batch of synthetic rooms, removes a bounded share s of the batch's mean log error.
 
 Why these bounds. For the mean error (the direction coarse7's bias moves all outputs along), SGD
@@ -19,6 +19,8 @@ import train
 import util
 from loss import TRAIN_LAMBDA, safe_log
 from net import ALEXNET, PAPER, RELEASE, GlobalCoarseNet
+
+pytestmark = pytest.mark.slow   # a training step of coarse7 on each variant's whole net
 
 SHARE = (0.1 / 625, 1.0)
 

@@ -1,4 +1,4 @@
-"""One loss, one unit (issue #18): every loss train.py shows is Eq. 4 in (log metres)^2, for
+"""One loss, one unit: every loss train.py shows is Eq. 4 in (log metres)^2, for
 training and validation alike, and the learning-rate study steps exactly as train.py does."""
 import re
 
@@ -10,8 +10,10 @@ import lr_study
 import runlog
 import train
 import util
-from conftest import train_args
+from helpers import train_args
 from net import PAPER, RELEASE, GlobalCoarseNet, LocalFineNet
+
+pytestmark = pytest.mark.slow   # every test here trains
 
 
 def _no_dropout(monkeypatch):

@@ -4,6 +4,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from helpers import coarse_trace
 from net import (ALEXNET, PAPER, RELEASE, Geometry, GlobalCoarseNet, LocalFineNet, layer_names,
                  load_weights)
 
@@ -16,24 +17,11 @@ PAPER_SIZES = {
 RELEASE_SIZES = dict(PAPER_SIZES, coarse5=(256, 6, 9))
 
 
-def _coarse_trace(net, x):
-    out = {}
-    v = net.variant
-    h = (x - v.coarse_mean) / v.coarse_std
-    for name in ('coarse1', 'coarse2', 'coarse3', 'coarse4', 'coarse5'):
-        h = getattr(net, name)(h)
-        out[name] = tuple(h.shape[1:])
-    h = net.coarse6(h * v.feature_scale)
-    out['coarse6'] = tuple(h.shape[1:])
-    out['coarse7'] = tuple(net.coarse7(h).shape[1:])
-    return out
-
-
 @pytest.mark.parametrize('variant, sizes', [(PAPER, PAPER_SIZES), (RELEASE, RELEASE_SIZES)])
 def test_coarse_layer_sizes(variant, sizes):
     net = GlobalCoarseNet(variant).eval()
     x = torch.rand(2, 3, 228, 304) * 255
-    assert _coarse_trace(net, x) == sizes
+    assert coarse_trace(net, x) == sizes
     assert net(x).shape == (2, 1, 55, 74)
 
 
@@ -90,7 +78,7 @@ def _receptive_field(modules):
 def test_fine_field_of_view(variant, expected):
     """Sec. 3.1.2 states a 45x45 field of view per fine output. Fig. 1's 2x2 pool after fine1 gives
     43 (9 + 2*1 + 4*4 + 4*4); the release's 3x3/2 pool gives the stated 45. The paper variant
-    follows the figure; the README notes the mismatch."""
+    follows the figure; docs/paper.md notes the mismatch."""
     assert _receptive_field(LocalFineNet(variant).modules()) == expected
 
 
@@ -128,8 +116,8 @@ def test_outputs_are_linear(variant):
         assert (fine(x, c) < -1).all()
 
 
-# The coarse nets' units before they worked in the authors': coarse input / its std, features
-# x 0.01 x that std (the release's were the authors' already)
+# The units of weights without the authors_units mark (converted on loading): coarse input / its
+# std, features x 0.01 x that std (the release variant's are the authors' units either way)
 IMAGES_STD = 76.18328376
 IMAGENET_STD = tuple(255 * s for s in (0.229, 0.224, 0.225))
 STD_UNITS = {'paper': (IMAGES_STD, 0.01 * IMAGES_STD),

@@ -9,46 +9,9 @@ import scipy.io
 import cli
 import synthetic
 import util
+from helpers import pattern_frame, write_nyu_like
 
 H, W = 480, 640
-
-
-def _pattern_frame(i):
-    """An asymmetric RGB-D frame: red fills only the top-left quadrant, green grows to the right,
-    blue grows downwards; depth grows right and (less) downwards, by a frame-specific offset.
-    A loader that rotates, mirrors or transposes the frame breaks at least one of these."""
-    y, x = np.mgrid[:H, :W]
-    rgb = np.zeros((H, W, 3), np.uint8)
-    rgb[..., 0] = np.where((y < H // 2) & (x < W // 2), 200, 10)
-    rgb[..., 1] = (x * 255 // (W - 1)).astype(np.uint8)
-    rgb[..., 2] = (y * 255 // (H - 1)).astype(np.uint8)
-    depth = (1.0 + i + x / W * 4 + y / H).astype(np.float32)
-    raw = depth.copy()
-    raw[:40, :80] = 0        # a hole in the top-left corner
-    return rgb, depth, raw
-
-
-def write_nyu_like(path, n, scenes=None, frame=_pattern_frame):
-    """Written from the format description alone (not from util's writer): MATLAB v7.3 = HDF5 with
-    a 512-byte user block; MATLAB is column-major, so a 480x640x3xN array is stored (N, 3, 640, 480)."""
-    frames = [frame(i) for i in range(n)]
-    with h5py.File(path, 'w', userblock_size=512) as f:
-        img = f.create_dataset('images', data=np.stack([fr[0].transpose(2, 1, 0) for fr in frames]))
-        img.attrs['MATLAB_class'] = np.bytes_('uint8')
-        for name, k in (('depths', 1), ('rawDepths', 2)):
-            d = f.create_dataset(name, data=np.stack([fr[k].T for fr in frames]))
-            d.attrs['MATLAB_class'] = np.bytes_('single')
-        lab = f.create_dataset('labels', data=np.zeros((n, W, H), np.uint16))
-        lab.attrs['MATLAB_class'] = np.bytes_('uint16')
-        if scenes is not None:
-            refs = f.create_group('#refs#')
-            cell = f.create_dataset('scenes', (1, n), dtype=h5py.ref_dtype)
-            for i, s in enumerate(scenes):
-                chars = refs.create_dataset(str(i), data=np.array([[ord(c)] for c in s], np.uint16))
-                chars.attrs['MATLAB_class'] = np.bytes_('char')
-                cell[0, i] = chars.ref
-            cell.attrs['MATLAB_class'] = np.bytes_('cell')
-    return frames
 
 
 @pytest.fixture
@@ -137,7 +100,7 @@ def test_frames_across_read_chunks(tmp_path, monkeypatch):
     """The .mat is read a chunk of frames at a time: with chunks of 2, five frames whose images
     and depths carry their own number come out in their places."""
     def numbered(i):
-        rgb, depth, raw = _pattern_frame(i)
+        rgb, depth, raw = pattern_frame(i)
         rgb = rgb.copy()
         rgb[..., 0] = 30 * i + 5
         return rgb, depth, raw
@@ -227,7 +190,7 @@ def test_a_damaged_cache_is_rebuilt_with_a_note(tiny_mat, capsys, damage):
 def _chunked_mat(path, n=3):
     """A labeled file written as MATLAB -v7.3 writes it (one gzip chunk per frame)."""
     zeros = np.zeros((H, W), np.uint16)
-    frames = [(*_pattern_frame(i), zeros, zeros.astype(np.uint8)) for i in range(n)]
+    frames = [(*pattern_frame(i), zeros, zeros.astype(np.uint8)) for i in range(n)]
     synthetic.write_nyu_labeled_mat(path, frames, [f'room_{i}' for i in range(n)], progress=False)
 
 

@@ -1,4 +1,4 @@
-"""Raw-frame training sets (issue #6): each layout built tiny in its exact on-disk form (real PNG
+"""Raw-frame training sets: each layout built tiny in its exact on-disk form (real PNG
 and JPEG encodings, 16-bit depth, CSV, list file), checked value by value; scene balancing; the
 test-scene refusal; streaming in flat memory."""
 import errno
@@ -22,8 +22,7 @@ import cli
 import nyu_raw
 import train
 import util
-from conftest import ROOT, train_args
-from test_nyu_loader import write_nyu_like
+from helpers import CONVERTER_REFUSALS, ROOT, one_line, refusal, train_args, write_nyu_like
 
 H, W = 480, 640
 
@@ -169,6 +168,7 @@ def test_real_bts_frames(shared, tmp_path):
         assert 0.3 < float(depth.max()) < 10
 
 
+@pytest.mark.slow
 def test_conversion_to_the_memory_mapped_cache(bts_tree, tmp_path):
     listing, root, _ = bts_tree
     data = nyu_raw.open_raw(str(listing), root=str(root))
@@ -198,12 +198,6 @@ def test_conversion_to_the_memory_mapped_cache(bts_tree, tmp_path):
     with pytest.raises(cli.DataError, match='new.partial: is a folder, but not a cache'):
         nyu_raw.convert(data, str(tmp_path / 'new'), workers=0, progress=False)
     assert (tmp_path / 'new.partial' / 'notes.txt').read_text() == 'mine'
-
-
-def one_line(error):
-    message = str(error.value)
-    assert message and '\n' not in message
-    return message
 
 
 def _no_space(*_args):
@@ -293,24 +287,19 @@ def test_the_depth_unit_is_checked_on_the_first_frames_and_no_depth_is_refused(t
     assert sorted(os.listdir(tmp_path)) == ['mine', 'zeros']
 
 
-@pytest.mark.parametrize('option, value, refusal', [
+@pytest.mark.parametrize('option, value, refused', [
     ('--depth-scale', 'nan', 'argument --depth-scale: nan is not a finite number'),
     ('--depth-scale', 'inf', 'argument --depth-scale: inf is not a finite number'),
     ('--depth-scale', '0', 'argument --depth-scale: 0 must be above 0'),
     ('--depth-scale', '-0.001', 'argument --depth-scale: -0.001 must be above 0'),
-    ('--workers', '-1', 'argument --workers: -1 is below 0'),
-    ('--out', '', '--out: an empty path'),
-    ('--out', '{file}/cache', '{file}/cache: {file} is a file, so no folder can be made there'),
-    ('--data', '{cache}', '{cache}: is already a converted cache')])
-def test_bad_options_are_one_line_before_any_work(tmp_path, option, value, refusal):
+    ('--data', '{cache}', '{cache}: is already a converted cache'), *CONVERTER_REFUSALS])
+def test_bad_options_are_one_line_before_any_work(tmp_path, option, value, refused):
     file, cache = tmp_path / 'a_file', _generated_cache(tmp_path / 'cache', n=2)
     file.write_text('mine')
     argv = {'--data': str(tmp_path / 'missing'), '--depth-scale': '0.001',   # --data: read last
             '--out': str(tmp_path / 'out'), '--workers': '0'}
     argv[option] = value.format(file=file, cache=cache)
-    with pytest.raises(cli.UserError) as e:
-        nyu_raw.main([text for pair in argv.items() for text in pair])
-    assert one_line(e).startswith(refusal.format(file=file, cache=cache))
+    assert refusal(nyu_raw.main, argv).startswith(refused.format(file=file, cache=cache))
     assert sorted(os.listdir(tmp_path)) == ['a_file', 'cache']
 
 
@@ -364,6 +353,7 @@ cli.run_cli(nyu_raw.main)
 """
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_workers_start_is_one_line(bts_tree, tmp_path):
     listing, root, _ = bts_tree
     out = tmp_path / 'cache'
@@ -429,6 +419,7 @@ def test_frames_of_a_test_scene_are_refused(bts_tree, tmp_path, leak):
     assert not (tmp_path / 'out' / 'checkpoint.pth').exists()
 
 
+@pytest.mark.slow
 def test_training_streams_raw_frames_and_the_cache_gives_the_same_batches(bts_tree, tmp_path):
     listing, root, _ = bts_tree
     labeled, splits = tmp_path / 'labeled.mat', tmp_path / 'splits.mat'
@@ -468,6 +459,7 @@ print(count, base, peak, workers)
 '''
 
 
+@pytest.mark.slow
 def test_memory_stays_flat_while_streaming_a_large_set(tmp_path):
     """400 frames (each decoded to 230 KB of RGB + 150 KB of depth: 150 MB in all); the main
     process's peak RSS may grow by far less than that while every frame passes through."""
@@ -515,6 +507,7 @@ def _labeled_pair(tmp_path):
     return labeled, splits
 
 
+@pytest.mark.slow
 def test_fast_path_trains_from_the_cache_on_the_device_with_the_streamed_batches(tmp_path, monkeypatch):
     """--path fast loads the converted cache into the device's memory (here the CPU's) and trains
     on exactly the batches that streaming it (--path plain, decoded in workers) gives: the same

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
 
 
 def _predict(*args):
@@ -32,6 +32,7 @@ def _image(path, size, mode='RGB'):
     return path
 
 
+@pytest.mark.slow
 def test_png_and_jpeg_of_different_sizes(trained, tmp_path):
     png = _image(tmp_path / 'a.png', (200, 150))
     jpg = _image(tmp_path / 'b.jpg', (517, 333))
@@ -43,12 +44,14 @@ def test_png_and_jpeg_of_different_sizes(trained, tmp_path):
         assert Image.open(tmp_path / 'out' / f'{stem}_depth.png').format == 'PNG'
 
 
+@pytest.mark.slow
 def test_outputs_next_to_the_image_by_default(trained, tmp_path):
     png = _image(tmp_path / 'c.png', (64, 48))
     assert _predict_here('--model', trained, png) == 0
     assert np.load(tmp_path / 'c_depth.npy').shape == (48, 64)
 
 
+@pytest.mark.slow
 def test_bad_inputs_give_one_clear_line_each_and_the_others_are_done(trained, tmp_path):
     """One run over four bad files and a good one: a line each for the bad (naming the file and
     what is wrong, no traceback), the good one's depth written, exit status 1."""
@@ -68,6 +71,7 @@ def test_bad_inputs_give_one_clear_line_each_and_the_others_are_done(trained, tm
     assert (tmp_path / 'ok_depth.npy').exists()
 
 
+@pytest.mark.slow
 def test_convert_accepts_gray_and_rgba(trained, tmp_path):
     gray = _image(tmp_path / 'g.png', (40, 30), 'L')
     rgba = _image(tmp_path / 'r.png', (40, 30), 'RGBA')
@@ -75,17 +79,20 @@ def test_convert_accepts_gray_and_rgba(trained, tmp_path):
     assert np.load(tmp_path / 'g_depth.npy').shape == (30, 40)
 
 
+@pytest.mark.slow
 def test_missing_model_message(tmp_path):
     r = _predict('--model', tmp_path / 'nothing', _image(tmp_path / 'x.png', (40, 30)))
     assert r.returncode != 0 and 'Traceback' not in r.stderr and 'train.py' in r.stderr
 
 
+@pytest.mark.slow
 def test_real_nyu_frame(trained, tmp_path, shared):
     jpg = os.path.join(shared, 'nyu-samples', 'metric3d_nyu_demo', 'rgb', 'rgb_00000.jpg')
     assert _predict_here('--model', trained, '--out', tmp_path, jpg) == 0
     assert np.load(tmp_path / 'rgb_00000_depth.npy').shape == (480, 640)
 
 
+@pytest.mark.slow
 def test_depth_is_exp_of_the_nets_on_the_centre_crop_of_the_320x240_resize(trained, tmp_path):
     """The whole pipeline written out here: RGB order and 0..255 scale as read, an antialiased
     bilinear resize to 320x240, the centre 304x228 crop, exp of coarse + fine, and the 55x74 map
@@ -98,7 +105,7 @@ def test_depth_is_exp_of_the_nets_on_the_centre_crop_of_the_320x240_resize(train
     Image.fromarray(rgb).save(tmp_path / 'room.png')
     assert _predict_here(tmp_path / 'room.png', '--model', trained, '--device', 'cpu') == 0
     depth = np.load(tmp_path / 'room_depth.npy')
-    coarse, fine = load_pretrained(trained)
+    coarse, fine = load_pretrained(trained).values()
     with torch.no_grad():
         image = torch.from_numpy(rgb).permute(2, 0, 1)[None].float()
         half = F.interpolate(image, size=(240, 320), mode='bilinear', align_corners=False, antialias=True)
@@ -128,6 +135,7 @@ def loaded(nets, monkeypatch):
     monkeypatch.setattr(predict, 'load_pretrained', lambda folder, device: nets)
 
 
+@pytest.mark.slow
 def test_no_file_is_written_over_and_one_stem_gets_two_names(trained, loaded, tmp_path, capsys):
     """Ground truth under the output's name (DIODE's scene_depth.npy) and an input of the same
     call stay as they are, each refused in a line naming the file; photo.jpg and photo.png get
@@ -158,6 +166,7 @@ def test_no_file_is_written_over_and_one_stem_gets_two_names(trained, loaded, tm
     assert not (tmp_path / 'photo_depth.npy').exists()
 
 
+@pytest.mark.slow
 def test_a_pipe_is_refused_without_opening_it(trained, loaded, tmp_path, capsys):
     """Opening a FIFO waits for a writer for ever. Should predict.py open it, the thread here
     gives it an empty one after a second (the test then fails instead of hanging)."""
@@ -196,6 +205,7 @@ def _huge_png(path, width, height):
     return path
 
 
+@pytest.mark.slow
 def test_images_that_are_refused_or_cannot_be_written_are_one_line_each(trained, loaded, tmp_path,
                                                                       capsys, monkeypatch):
     """With --convert: an image over PIL's decompression-bomb limit, 16-bit, 32-bit and float
@@ -244,6 +254,7 @@ def _model_with_fine(trained, folder, fine):
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('case, message', [
     ('--out ""', '--out: an empty path; --out names a folder'),
     ('--out in a file', 'taken/x: {tmp}/taken is a file, so no folder can be made there'),

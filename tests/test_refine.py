@@ -1,14 +1,17 @@
-"""--refine 2 (issue #23, the seed's idea; not in the paper): a third stage trains a second fine net
+"""--refine 2 (the seed's idea; not in the paper): a third stage trains a second fine net
 on the first one's output, the coarse and first fine nets fixed; evaluate.py and predict.py use it."""
 import numpy as np
+import pytest
 import torch
 
 import checkpoint
 import evaluate
 import predict
 import train
-from conftest import train_args
-from net import PAPER, GlobalCoarseNet, LocalFineNet, RefinedFine, load_pretrained
+from helpers import train_args
+from net import PAPER, Chain, GlobalCoarseNet, LocalFineNet, load_pretrained
+
+pytestmark = pytest.mark.slow   # three-stage training runs
 
 SCHEDULE = ['--coarse-samples', 16, '--fine-samples', 24, '--batch-size', 8, '--val-every', 8,
             '--val-fraction', 0.15, '--refine', 2]
@@ -18,7 +21,7 @@ def _weights(folder, name):
     return torch.load(folder / f'{name}.pth', weights_only=True)
 
 
-def test_the_third_stage_trains_the_second_fine_net_alone_and_resumes_exactly(synthetic, tmp_path):
+def test_the_third_stage_trains_the_second_fine_net_alone_and_resumes_exactly(synthetic, nyu_like, tmp_path):
     straight, chunked = tmp_path / 'straight', tmp_path / 'chunked'
     assert train.main(train_args(synthetic, straight, *SCHEDULE)) == 0
     ckpt = torch.load(straight / 'checkpoint.pth', weights_only=True)
@@ -36,17 +39,17 @@ def test_the_third_stage_trains_the_second_fine_net_alone_and_resumes_exactly(sy
 
     # evaluate.py adds the row; load_pretrained and predict.py use the second fine net
     results = evaluate.evaluate(evaluate.parse_args(
-        ['--data', str(synthetic[0]), '--splits', str(synthetic[1]), '--model', str(straight),
+        ['--data', str(nyu_like[0]), '--splits', str(nyu_like[1]), '--model', str(straight),
          '--out', str(tmp_path / 'eval'), '--device', 'cpu', '--protocol', 'paper']))
     assert list(results['paper'])[-2:] == ['Coarse + Fine', 'Coarse + Fine + Fine']
-    coarse, fine = load_pretrained(straight)
-    assert isinstance(fine, RefinedFine)
+    loaded = load_pretrained(straight)
+    assert list(loaded) == ['coarse', 'fine', 'refine']
     rgb = (np.random.default_rng(0).random((120, 160, 3)) * 255).astype(np.uint8)
     nets = {name: net.eval() for name, net in (('coarse', GlobalCoarseNet(PAPER)), ('fine', LocalFineNet(PAPER)),
                                                ('refine', LocalFineNet(PAPER)))}
     for name, net in nets.items():
         net.load_state_dict(_weights(straight, name))
-    by_hand = predict.predict_depth(nets['coarse'], RefinedFine(nets['fine'], nets['refine']), rgb)
-    two_nets = predict.predict_depth(nets['coarse'], nets['fine'], rgb)
-    assert np.array_equal(predict.predict_depth(coarse, fine, rgb), by_hand)
+    by_hand = predict.predict_depth(Chain(nets), rgb)
+    two_nets = predict.predict_depth(Chain(nets, last='fine'), rgb)
+    assert np.array_equal(predict.predict_depth(loaded, rgb), by_hand)
     assert not np.array_equal(by_hand, two_nets)

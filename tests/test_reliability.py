@@ -1,4 +1,4 @@
-"""Bad data, interrupted runs and hostile files (issue #5): each case one test, named after it.
+"""Bad data, interrupted runs and hostile files: each case one test, named after it.
 
 Bad input must give one line naming the file and what is wrong (cli.UserError, printed by
 cli.run_cli), faults during training must leave the last complete checkpoint usable, and no file
@@ -26,8 +26,7 @@ import files
 import runlog
 import train
 import util
-from conftest import ROOT, train_args
-from test_nyu_loader import write_nyu_like
+from helpers import ROOT, nan_at_call, train_args, write_nyu_like
 
 SCENES = ['kitchen_0001', 'kitchen_0001', 'office_0003', 'bedroom_0010', 'office_0003']
 
@@ -151,6 +150,7 @@ def test_splits_zero_based(tmp_path, tiny):
     _refused(train_args((tiny[0], bad), tmp_path / 'out'), bad, '0-based', '1-based')
 
 
+@pytest.mark.slow
 def test_depth_nan_inf_negative_zero_masked_counted_and_reported_once(tmp_path, tiny, capsys):
     mat, splits = tiny
     # stored (N, 640, 480), i.e. [frame, x, y]: a 10x10 block of each bad value in frames 0, 1, 3
@@ -180,6 +180,7 @@ def test_depth_nan_inf_negative_zero_masked_counted_and_reported_once(tmp_path, 
     assert np.isfinite(history[-1]['train_loss'])
 
 
+@pytest.mark.slow
 def test_cli_prints_one_line_and_debug_shows_the_traceback(tmp_path):
     missing = tmp_path / 'nope.mat'
     for script in ('train.py', 'evaluate.py'):
@@ -202,9 +203,10 @@ def _raw_folder_with_unreadable_images(tmp_path):
     return tmp_path / 'raw'
 
 
+@pytest.mark.slow
 def test_a_frame_that_does_not_decode_stops_training_in_one_line(tmp_path, tiny):
-    """The error of a decoding worker is one line, and the program ends: a worker's error once
-    came back as its traceback and the run then hung at exit, waiting for its workers."""
+    """The error of a decoding worker is one line, and the program ends, rather than showing the
+    worker's traceback and then waiting at exit for its workers."""
     raw = _raw_folder_with_unreadable_images(tmp_path)
     argv = ['--data', raw, '--depth-scale', 0.001, '--labeled', tiny[0], '--splits', tiny[1],
             '--device', 'cpu', '--workers', 1, '--val-fraction', 0, '--coarse-samples', 4,
@@ -235,6 +237,7 @@ for batch in data._loader(Buggy(), data.StepIndices(util.SampleOrder(4, 0), 0, 2
 '''
 
 
+@pytest.mark.slow
 def test_an_unexpected_error_in_a_worker_still_ends_the_program():
     """Not a DataError (a bug): its traceback is shown, and the workers, which ignore SIGTERM, are
     still ended at exit (runtime.StopControl.end_workers_at_exit) instead of waited for forever."""
@@ -254,6 +257,7 @@ SHORT = ['--coarse-samples', 8, '--fine-samples', 16, '--batch-size', 4, '--val-
          '--save-every', 1]
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_variant(tmp_path, tiny):
     out = tmp_path / 'out'
     assert train.main(train_args(tiny, out, *SHORT, '--variant', 'release', '--max-steps', 1)) == 0
@@ -261,6 +265,7 @@ def test_checkpoint_of_another_variant(tmp_path, tiny):
              "'release' variant", '--variant release')
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_stage(tmp_path, tiny):
     out = tmp_path / 'out'
     assert train.main(train_args(tiny, out, *SHORT, '--max-steps', 3)) == 0   # coarse 2 + fine 1
@@ -273,6 +278,7 @@ def test_checkpoint_of_another_stage(tmp_path, tiny):
              early / 'checkpoint.pth', 'unfinished coarse stage (step 1)')
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_schedule(tmp_path, tiny):
     out = tmp_path / 'out'
     assert train.main(train_args(tiny, out, *SHORT, '--max-steps', 1)) == 0
@@ -280,6 +286,7 @@ def test_checkpoint_of_another_schedule(tmp_path, tiny):
     _refused(train_args(tiny, out, *changed, '--resume'), '--batch-size 4', 'asks for 2')
 
 
+@pytest.mark.slow
 def test_truncated_checkpoint(tmp_path, tiny):
     out = tmp_path / 'out'
     assert train.main(train_args(tiny, out, *SHORT, '--max-steps', 1)) == 0
@@ -294,6 +301,7 @@ def _files(folder):
     return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
 
 
+@pytest.mark.slow
 def test_a_fresh_run_never_overwrites_a_previous_one(tmp_path, tiny, capsys):
     """A finished run's weights are refused by a fresh run of any stage that would replace them
     (nothing changes); --overwrite moves them aside with their histories and figures, and links
@@ -318,6 +326,7 @@ def test_a_fresh_run_never_overwrites_a_previous_one(tmp_path, tiny, capsys):
     assert _files(out).keys() == before.keys() and _files(out)['coarse.pth'] == before['coarse.pth']
 
 
+@pytest.mark.slow
 def test_resume_auto_after_a_finished_earlier_stage_trains_the_next_one(tmp_path, tiny, capsys):
     """--stage coarse, then --stage fine with --resume auto (a requeued job's command line): the
     finished coarse checkpoint is not the fine run's, so the fine stage starts; plain --resume is
@@ -331,6 +340,7 @@ def test_resume_auto_after_a_finished_earlier_stage_trains_the_next_one(tmp_path
     assert 'no checkpoint of this run' in capsys.readouterr().out and (out / 'fine.pth').exists()
 
 
+@pytest.mark.slow
 def test_a_fresh_run_over_an_unfinished_one_is_refused_or_moves_it_aside(tmp_path, tiny):
     out = tmp_path / 'out'
     assert train.main(train_args(tiny, out, *SHORT, '--max-steps', 1)) == 0
@@ -341,6 +351,7 @@ def test_a_fresh_run_over_an_unfinished_one_is_refused_or_moves_it_aside(tmp_pat
     assert (aside / 'checkpoint.pth').read_bytes() == checkpoint
 
 
+@pytest.mark.slow
 def test_the_validation_scenes_folded_back_train_and_the_run_says_so(tmp_path, tiny, capsys):
     """--val-fraction 0, the paper's final models: every training frame trains (3 of the tiny
     set's 5; 2 are test frames), one line says there is no validation, the history has none."""
@@ -360,6 +371,7 @@ def test_pretrained_conv_that_is_not_a_state_dict(tmp_path, tiny):
              'holds a Tensor, not a state_dict')
 
 
+@pytest.mark.slow
 def test_resume_on_other_data_is_refused(tmp_path, tiny, capsys):
     out, copy = tmp_path / 'out', tmp_path / 'copy.mat'
     assert train.main(train_args(tiny, out, *SHORT, '--max-steps', 1)) == 0
@@ -401,6 +413,7 @@ def test_an_unwritable_history_stops_in_one_line_with_the_right_advice(tmp_path,
     assert '--resume' not in message
 
 
+@pytest.mark.slow
 def test_truncated_or_mismatched_weights_for_evaluation(tmp_path, tiny):
     import net
     model = tmp_path / 'model'
@@ -423,6 +436,7 @@ TORCH_SAVE_ENOSPC = RuntimeError('[enforce fail at inline_container.cc:858] . Py
                                  'failed writing file data/3: file write failed')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('error, reason', [
     (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), 'No space left on device'),
     (TORCH_SAVE_ENOSPC, 'file write failed')])
@@ -447,20 +461,10 @@ def test_disk_full_during_save(tmp_path, tiny, monkeypatch, error, reason):
     assert train.main(train_args(tiny, out, *SHORT, '--resume')) == 0
 
 
-def _nan_at_call(monkeypatch, bad_calls):
-    real, calls = train.scale_invariant_loss, [0]
-
-    def loss(*args, **kwargs):
-        calls[0] += 1
-        value = real(*args, **kwargs)
-        return value * float('nan') if calls[0] in bad_calls else value
-
-    monkeypatch.setattr(train, 'scale_invariant_loss', loss)
-
-
+@pytest.mark.slow
 def test_nonfinite_loss_stops_with_the_step_number(tmp_path, tiny, monkeypatch):
     out = tmp_path / 'out'
-    _nan_at_call(monkeypatch, {2})
+    nan_at_call(monkeypatch, {2})
     _refused(train_args(tiny, out, *SHORT), 'coarse step 2: the loss is nan', 'coarse step 1) is intact',
              '--skip-nonfinite')
     ckpt = torch.load(out / 'checkpoint.pth', weights_only=True)
@@ -468,15 +472,16 @@ def test_nonfinite_loss_stops_with_the_step_number(tmp_path, tiny, monkeypatch):
     monkeypatch.undo()
     assert train.main(train_args(tiny, out, *SHORT, '--resume')) == 0
     # at the first step there is no checkpoint to resume from: the advice says so
-    _nan_at_call(monkeypatch, {1})
+    nan_at_call(monkeypatch, {1})
     message = _refused(train_args(tiny, tmp_path / 'new', *SHORT), 'coarse step 1: the loss is nan',
                        'Start the run again', '--skip-nonfinite')
     assert '--resume' not in message
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_skipped_and_counted_with_the_option(tmp_path, tiny, monkeypatch, capsys):
     out = tmp_path / 'out'
-    _nan_at_call(monkeypatch, {2})
+    nan_at_call(monkeypatch, {2})
     assert train.main(train_args(tiny, out, *SHORT, '--skip-nonfinite')) == 0
     assert '(1 batches with a non-finite loss skipped)' in capsys.readouterr().out
     assert (out / 'coarse.pth').exists() and (out / 'fine.pth').exists()
@@ -529,6 +534,7 @@ def _running(p):
     return running
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('signum, status', [(signal.SIGINT, 130), (signal.SIGTERM, 143),
                                             (signal.SIGUSR1, 138)])
 def test_sigint_sigterm_and_sigusr1_save_and_resume(tmp_path, tiny, signum, status):
@@ -548,6 +554,7 @@ def test_sigint_sigterm_and_sigusr1_save_and_resume(tmp_path, tiny, signum, stat
     _resume_one_step(tiny, out, save_every)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('moment', ['during_checkpoint_write', 'between_saves'])
 def test_sigkill_keeps_the_last_complete_checkpoint(tmp_path, tiny, moment):
     out = tmp_path / 'out'
@@ -628,6 +635,7 @@ sys.stdout.write('\nWRITES ' + json.dumps(sorted(writes)))
 '''
 
 
+@pytest.mark.slow
 def test_writes_stay_in_the_output_folder_and_the_dataset_cache(tmp_path, tiny):
     out = tmp_path / 'out'
     work = tmp_path / 'cwd'

@@ -1,4 +1,4 @@
-"""The seed's own knobs (issue #23): a global factor on the paper's learning rates, and the
+"""The seed's own knobs: a global factor on the paper's learning rates, and the
 schedule in passes over the training set instead of samples."""
 import math
 
@@ -9,13 +9,14 @@ import cli
 import runlog
 import train
 import util
-from conftest import train_args
+from helpers import train_args
 
 # Sec. 3.3, written out here: coarse1-5 0.001, coarse6-7 0.1, fine1 and fine3 0.001, fine2 0.01.
 PAPER_RATES = {**{f'coarse{i}': 0.001 for i in range(1, 6)}, 'coarse6': 0.1, 'coarse7': 0.1,
                'fine1': 0.001, 'fine2': 0.01, 'fine3': 0.001}
 
 
+@pytest.mark.slow
 def test_lr_scale_and_epochs(synthetic, tmp_path, capsys):
     arrays = util.read_nyu_labeled(synthetic[0], progress=False)
     train_idx, _ = util.read_splits(synthetic[1], len(arrays['images']))

@@ -1,11 +1,11 @@
-"""The code's shape (issue #13): no import cycle between the project's modules, and util.py holding
+"""The code's shape: no import cycle between the project's modules, and util.py holding
 what the design gives it (NYU loading, augmentation, plots), not the demo's rooms or the scripts'
 error and file plumbing."""
 import ast
 import glob
 import os
 
-from conftest import ROOT
+from helpers import ROOT
 
 MODULES = {os.path.basename(p)[:-3]: p for p in glob.glob(os.path.join(ROOT, '*.py'))}
 
@@ -47,7 +47,7 @@ def test_util_holds_nyu_loading_augmentation_and_plots():
 
 
 def test_train_py_is_the_method_and_nothing_is_long_without_a_reason():
-    """Issue #19: train.py reads top-down beside Sec. 3 (at most ~400 lines), and no function or
+    """train.py reads top-down beside Sec. 3 (at most ~400 lines), and no function or
     class of the project is over ~80 lines unless its docstring says why ("Long because")."""
     assert len(open(MODULES['train']).read().splitlines()) <= 400
     long = []

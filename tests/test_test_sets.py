@@ -1,7 +1,7 @@
-"""Evaluation against each protocol's own ground truth, and the test sets people already have
-(issue #12): BTS's official test folder and DenseDepth's test arrays, built tiny in their real
-encodings, give exactly the labeled file's evaluation of the same frames; the real DenseDepth test
-PNGs of ../shared load as what they are."""
+"""Evaluation against each protocol's own ground truth, and the test sets people already have:
+BTS's official test folder and DenseDepth's test arrays, built tiny in their real encodings, give
+exactly the labeled file's evaluation of the same frames; the real DenseDepth test PNGs of the
+reference material (the `shared` fixture) load as what they are."""
 import io
 import json
 import os
@@ -59,7 +59,7 @@ def _labeled(folder, frames, test_idx):
     return mat, splits
 
 
-def _model(folder):
+def _random_model(folder):
     folder.mkdir()
     torch.manual_seed(0)
     torch.save(GlobalCoarseNet(PAPER).state_dict(), folder / 'coarse.pth')
@@ -67,11 +67,12 @@ def _model(folder):
     return folder
 
 
-def _evaluate(data, model, out, *extra, splits=None):
+def _evaluate_set(data, model, out, *extra, splits=None):
     args = ['--data', str(data), '--model', str(model), '--out', str(out), '--device', 'cpu', *extra]
     return evaluate.evaluate(evaluate.parse_args(args + (['--splits', str(splits)] if splits else [])))
 
 
+@pytest.mark.slow
 def test_each_protocol_uses_its_own_ground_truth(tmp_path, capsys):
     """A constant prediction of 3 m. Filled depth 2 m, but 8 m where raw depth has a hole; raw
     depth 4 m. Paper protocol (filled): abs rel 0.5 and, in the hole, 5/8, pooled by pixel counts.
@@ -92,7 +93,7 @@ def test_each_protocol_uses_its_own_ground_truth(tmp_path, capsys):
         coarse.coarse7.bias.fill_(float(np.log(3.0)) / PAPER.log_depth_std)   # in the output unit
     torch.save(coarse.state_dict(), model / 'coarse.pth')
 
-    results = _evaluate(mat, model, tmp_path / 'out', splits=splits)
+    results = _evaluate_set(mat, model, tmp_path / 'out', splits=splits)
     out = capsys.readouterr().out
     hole_px = 100 * 200
     paper_px, crop_px = 440 * 592, 426 * 560
@@ -104,20 +105,21 @@ def test_each_protocol_uses_its_own_ground_truth(tmp_path, capsys):
     report = json.loads((tmp_path / 'out' / 'eval.json').read_text())
     assert report['ground_truth']['paper'].startswith('filled') and report['ground_truth']['crop'].startswith('raw')
 
-    results = _evaluate(mat, model, tmp_path / 'out', '--gt', 'filled', splits=splits)
+    results = _evaluate_set(mat, model, tmp_path / 'out', '--gt', 'filled', splits=splits)
     assert results['crop']['Coarse']['abs_rel'] == pytest.approx(
         (0.5 * (crop_px - hole_px) + 5 / 8 * hole_px) / crop_px, rel=1e-6)
-    results = _evaluate(mat, model, tmp_path / 'out', '--gt', 'raw', splits=splits)
+    results = _evaluate_set(mat, model, tmp_path / 'out', '--gt', 'raw', splits=splits)
     assert results['paper']['Coarse']['abs_rel'] == pytest.approx(0.25, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_the_mean_row_by_hand(tmp_path):
     """Training depths all 2 m, test depths all 5 m: the Mean row predicts 2 m, abs rel 3/5."""
     rgb = np.full((H, W, 3), 90, np.uint8)
     frames = [{'rgb': rgb, 'filled': np.full((H, W), d, np.float32), 'raw': np.full((H, W), d, np.float32)}
               for d in (2.0, 2.0, 5.0)]
     mat, splits = _labeled(tmp_path, frames, [2])
-    results = _evaluate(mat, _model(tmp_path / 'model'), tmp_path / 'out', splits=splits)
+    results = _evaluate_set(mat, _random_model(tmp_path / 'model'), tmp_path / 'out', splits=splits)
     for protocol in ('paper', 'crop'):
         mean = results[protocol]['Mean']
         assert mean['abs_rel'] == pytest.approx(0.6) and mean['rmse'] == pytest.approx(3.0)
@@ -146,6 +148,7 @@ def _densedepth_zip(path, frames, test_idx):
     return path
 
 
+@pytest.mark.slow
 def test_bts_and_densedepth_test_sets_agree_exactly_with_the_labeled_file(tmp_path, capsys):
     frames = _frames(5)
     test_idx = [1, 3, 4]
@@ -163,26 +166,26 @@ def test_bts_and_densedepth_test_sets_agree_exactly_with_the_labeled_file(tmp_pa
             assert np.array_equal(got, want), name
     assert np.array_equal(next(sets['bts'].depths('raw', [2])), frames[4]['raw'])
 
-    model = _model(tmp_path / 'model')
-    labeled = _evaluate(mat, model, tmp_path / 'l', splits=splits)
-    on_bts = _evaluate(bts, model, tmp_path / 'b')
+    model = _random_model(tmp_path / 'model')
+    labeled = _evaluate_set(mat, model, tmp_path / 'l', splits=splits)
+    on_bts = _evaluate_set(bts, model, tmp_path / 'b')
     assert 'the paper protocol needs filled ground truth' in capsys.readouterr().out
-    on_dense = _evaluate(dense, model, tmp_path / 'd')
+    on_dense = _evaluate_set(dense, model, tmp_path / 'd')
     assert set(on_bts) == {'crop'} and set(on_dense) == {'paper'}
     for method in ('Coarse', 'Coarse + Fine'):
         assert on_bts['crop'][method] == labeled['crop'][method]
         assert on_dense['paper'][method] == labeled['paper'][method]
-    filled = _evaluate(mat, model, tmp_path / 'l', '--gt', 'filled', splits=splits)
-    on_dense = _evaluate(dense, model, tmp_path / 'd', '--gt', 'filled')
+    filled = _evaluate_set(mat, model, tmp_path / 'l', '--gt', 'filled', splits=splits)
+    on_dense = _evaluate_set(dense, model, tmp_path / 'd', '--gt', 'filled')
     assert on_dense['crop']['Coarse'] == filled['crop']['Coarse']
     with pytest.raises(cli.DataError) as e:                 # asked for, and impossible: one line
-        _evaluate(bts, model, tmp_path / 'b', '--protocol', 'paper')
+        _evaluate_set(bts, model, tmp_path / 'b', '--protocol', 'paper')
     assert 'needs filled ground truth' in str(e.value) and '--gt raw' in str(e.value)
     assert '\n' not in str(e.value)
 
 
 def test_the_real_densedepth_test_pngs_load_as_what_they_are(shared, tmp_path):
-    """The 50 real DenseDepth test pairs of ../shared in nyu_data.zip's layout (linked, not
+    """The 50 real DenseDepth test pairs of the reference material in nyu_data.zip's layout (linked, not
     copied): RGB as decoded, depth = PNG / 1000 at full resolution, filled (no holes)."""
     source = os.path.join(shared, 'nyu-samples', 'densedepth_nyu2_test')
     names = [line.strip().split(',') for line in open(os.path.join(source, 'nyu2_test.csv')) if line.strip()]

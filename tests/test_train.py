@@ -1,6 +1,7 @@
 """Two-stage training: optimizer groups, a short run that learns, saved weights, exact resume."""
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -11,11 +12,9 @@ import checkpoint
 import cli
 import train
 import util
+from helpers import ROOT, train_args
 from loss import safe_log, scale_invariant_error
-from conftest import train_args
 from net import PAPER, RELEASE, GlobalCoarseNet, LocalFineNet
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Sec. 3.3, written out here rather than imported, so an edit of net.py cannot pass unnoticed.
 PAPER_RATES = {'coarse1': 0.001, 'coarse2': 0.001, 'coarse3': 0.001, 'coarse4': 0.001,
@@ -46,10 +45,10 @@ def test_paper_weight_decay_is_zero():
         assert all(g['weight_decay'] == 0.0 for g in train.make_optimizer(net, PAPER).param_groups)
 
 
+@pytest.mark.slow
 def test_fine_stage_runs_the_coarse_net_fixed(trained, synthetic, tmp_path, monkeypatch):
     """Sec. 3.3: while the fine net trains, the coarse net runs in eval mode (no dropout) and
     without gradients, every time it is called."""
-    import shutil
     calls, real = [], GlobalCoarseNet.forward
 
     def forward(self, x):
@@ -65,6 +64,7 @@ def test_fine_stage_runs_the_coarse_net_fixed(trained, synthetic, tmp_path, monk
     assert len(calls) >= 2 and set(calls) == {(False, False, False)}
 
 
+@pytest.mark.slow
 def test_release_fine_stage_runs_the_coarse_net_with_its_dropout(synthetic, tmp_path, monkeypatch):
     """[R] builds the fine net on `pred_drop`, the coarse output with dropout: the release variant's
     fixed coarse net runs in training mode (still without gradients) while the fine net trains."""
@@ -113,6 +113,7 @@ def _test_frames(synthetic):
     return util.Frames(arrays['images'][test_idx], arrays['depths'][test_idx])
 
 
+@pytest.mark.slow
 def test_short_training_beats_constant_prediction(synthetic, trained):
     """Held-out (test split) scale-invariant error of the coarse net after 640 samples vs. a
     constant prediction (every constant scores the same: the per-image spread of log depth)."""
@@ -130,6 +131,7 @@ def test_short_training_beats_constant_prediction(synthetic, trained):
     assert err_net < 0.85 * err_const
 
 
+@pytest.mark.slow
 def test_outputs_written(trained):
     for name in ('coarse.pth', 'fine.pth', 'checkpoint.pth', 'loss_coarse.png', 'loss_fine.png',
                  'predictions.png'):
@@ -141,6 +143,7 @@ def test_outputs_written(trained):
     assert any(row['val_loss'] is not None for row in ckpt['history'])
 
 
+@pytest.mark.slow
 def test_fine_stage_leaves_coarse_net_unchanged(trained):
     saved = torch.load(trained / 'coarse.pth', weights_only=True)
     after_fine = torch.load(trained / 'checkpoint.pth', weights_only=True)['coarse']
@@ -148,6 +151,7 @@ def test_fine_stage_leaves_coarse_net_unchanged(trained):
     assert after_fine == {'file': 'coarse.pth', 'sha256': checkpoint.weights_hash(saved)}
 
 
+@pytest.mark.slow
 def test_weights_load_in_a_new_process(trained, tmp_path):
     torch.manual_seed(0)
     x = torch.rand(2, 3, 228, 304) * 255
@@ -172,6 +176,7 @@ with torch.no_grad():
     assert torch.equal(torch.load(tmp_path / 'y.pt', weights_only=True), expected)
 
 
+@pytest.mark.slow
 def test_interrupted_and_resumed_run_ends_with_the_same_weights(synthetic, tmp_path, monkeypatch):
     schedule = ['--coarse-samples', 24, '--fine-samples', 16, '--batch-size', 4,
                 '--val-fraction', 0.15, '--seed', 5]
@@ -202,25 +207,30 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(synthetic, tmp_p
 
 # ----------------------------------------------------------------------------------------------
 
-def _run(*args):
+def _train_command(*args):
+    """train.py as a command: its exit status, its output and its stderr."""
     return subprocess.run([sys.executable, 'train.py', *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
 
 
-def test_help_explains_the_options():
-    r = _run('--help')
-    assert r.returncode == 0
+def test_help_explains_the_options(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(['--help'])
+    assert e.value.code == 0
+    printed = capsys.readouterr().out
     for option in ('--data', '--demo', '--variant', '--coarse-samples', '--resume', '--train-depth'):
-        assert option in r.stdout
+        assert option in printed
 
 
+@pytest.mark.slow
 def test_missing_dataset_gives_a_short_message(tmp_path):
-    r = _run('--data', str(tmp_path / 'nope.mat'), '--out', str(tmp_path / 'out'))
+    r = _train_command('--data', str(tmp_path / 'nope.mat'), '--out', str(tmp_path / 'out'))
     assert r.returncode != 0
     assert 'Traceback' not in r.stderr
     assert 'not found' in r.stderr and '--demo' in r.stderr and 'nyu_depth_v2_labeled.mat' in r.stderr
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_the_train_py_before_the_restructuring_resumes(synthetic, tmp_path):
     """A run stopped by the train.py of commit 5b7468a (taken from the repository's history; its
     checkpoint format 5) and resumed by this one ends with the weights of an uninterrupted run of
@@ -244,13 +254,28 @@ def test_a_checkpoint_of_the_train_py_before_the_restructuring_resumes(synthetic
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
-def test_an_older_checkpoint_in_std_units_is_refused_mid_coarse_and_converted_after(synthetic, tmp_path):
+# a short two-stage schedule for the tests that stop a run, change what it left and resume it
+STOPPABLE = ['--coarse-samples', 16, '--fine-samples', 16, '--batch-size', 8, '--val-fraction', 0]
+
+
+@pytest.fixture(scope='module')
+def stopped_in_fine(synthetic, tmp_path_factory):
+    """The output folder of a STOPPABLE run stopped after 3 steps (coarse 2, fine 1); each test
+    changes a copy of it."""
+    out = tmp_path_factory.mktemp('stopped_in_fine')
+    assert train.main(train_args(synthetic, out, *STOPPABLE, '--max-steps', 3)) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_an_older_checkpoint_in_std_units_is_refused_mid_coarse_and_converted_after(synthetic, tmp_path,
+                                                                                    stopped_in_fine):
     """Checkpoints of formats 5 and 6 of the paper variant hold coarse1-5 in units of the input's
     std (biases 76.18x smaller, each bias step 5,804x the authors'): an unfinished coarse stage is
     refused in one line; in the fine stage the fixed coarse net is converted, the same net."""
-    schedule = ['--coarse-samples', 16, '--fine-samples', 16, '--batch-size', 8, '--val-fraction', 0]
+    schedule = STOPPABLE
     out = tmp_path / 'run'
-    assert train.main(train_args(synthetic, out, *schedule, '--max-steps', 3)) == 0   # fine step 1
+    shutil.copytree(stopped_in_fine, out)   # stopped at fine step 1
     coarse = torch.load(out / 'coarse.pth', weights_only=True)
     ckpt = torch.load(out / 'checkpoint.pth', weights_only=True)
     old = {k: v / 76.18328376 if k.split('.')[0] in {f'coarse{i}' for i in range(1, 6)}
@@ -266,12 +291,14 @@ def test_an_older_checkpoint_in_std_units_is_refused_mid_coarse_and_converted_af
         train.main(train_args(synthetic, out, *schedule, '--resume'))
 
 
-def test_a_fine_stage_checkpoint_refers_to_coarse_pth_and_refuses_another(synthetic, tmp_path):
-    """Issue #21: the fine stage's checkpoint keeps coarse.pth's name and weights hash instead of a
+@pytest.mark.slow
+def test_a_fine_stage_checkpoint_refers_to_coarse_pth_and_refuses_another(synthetic, tmp_path,
+                                                                          stopped_in_fine):
+    """The fine stage's checkpoint keeps coarse.pth's name and weights hash instead of a
     283 MB copy; resuming with coarse.pth changed or missing is refused with one line."""
-    schedule = ['--coarse-samples', 16, '--fine-samples', 16, '--batch-size', 8, '--val-fraction', 0]
+    schedule = STOPPABLE
     out = tmp_path / 'run'
-    assert train.main(train_args(synthetic, out, *schedule, '--max-steps', 3)) == 0
+    shutil.copytree(stopped_in_fine, out)   # stopped at fine step 1
     ckpt = torch.load(out / 'checkpoint.pth', weights_only=True)
     assert ckpt['stage'] == 'fine' and set(ckpt['coarse']) == {'file', 'sha256'}
     coarse = torch.load(out / 'coarse.pth', weights_only=True)
@@ -287,10 +314,11 @@ def test_a_fine_stage_checkpoint_refers_to_coarse_pth_and_refuses_another(synthe
     assert train.main(train_args(synthetic, out, *schedule, '--resume')) == 0
 
 
+@pytest.mark.slow
 def test_a_finished_stage_resumed_as_the_last_one_ends_the_run(synthetic, tmp_path, monkeypatch):
     """A run killed right after its coarse stage ended, resumed with --stage coarse: the coarse
     stage is the run's last now, so the checkpoint says done (--resume auto then does nothing)."""
-    schedule = ['--coarse-samples', 16, '--fine-samples', 16, '--batch-size', 8, '--val-fraction', 0]
+    schedule = STOPPABLE
     _crash_when_the_fine_stage_starts(monkeypatch)
     with pytest.raises(RuntimeError, match='between the stages'):
         train.main(train_args(synthetic, tmp_path, *schedule))
