@@ -33,7 +33,7 @@ def add_data_options(p, demo_help):
     d.add_argument('--data',
                    help=f'training set: the NYU Depth v2 labeled .mat (MATLAB v7.3), or raw frames '
                         f"(docs/data.md): a BTS list .txt, DenseDepth's nyu_data.zip, a folder of "
-                        f'rgb_*/depth_* pairs or a folder converted by nyu_raw.py (default: '
+                        f'rgb_*/depth_* pairs or a folder converted by nyu_raw.py or nyu_dumps.py (default: '
                         f'{LABELED}); --dataset kitti: the raw KITTI folder, or the cache kitti.py '
                         f'converted it into (default: {kitti.ROOT})')
     d.add_argument('--data-format', choices=('auto', 'labeled') + nyu_raw.FORMATS, default='auto',

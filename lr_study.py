@@ -22,7 +22,7 @@ net written in the authors' units (authors_ratios; 1: the authors' step).
 model/coarse.pth with --coarse, else trained here as the demo trains it) at the paper's rates for
 --longer x its samples, then with each fine layer's rate / 10 in turn; every 2 steps the
 validation frames and as many training frames scored (the loss, sc-inv, the prediction's log
-scale and how far it moved). A table and docs/fine_stage.png: docs/fine_stage.md (32 minutes on
+scale and how far it moved). A table and model/fine_stage.png (+ .json; docs/fine_stage.png is its figure): docs/fine_stage.md (32 minutes on
 2 shared CPU cores).
 
 The runs: each variant as train.py builds it (coarse1-5 in the authors' units: 0..255 inputs,
@@ -688,7 +688,7 @@ def main(argv=None):
     f.add_argument('--fine', action='store_true',
                    help="the demo's fine stage (train.py --demo): the paper's rates for --longer x "
                         "its fine samples, then each fine layer's rate / 10; a table and the plot "
-                        "(--plot, default docs/fine_stage.png)")
+                        "(--plot, default model/fine_stage.png; docs/fine_stage.png is its figure)")
     f.add_argument('--coarse', metavar='PATH',
                    help="the demo's coarse net (model/coarse.pth of train.py --demo) instead of "
                         'training it here as the demo does')
@@ -709,7 +709,7 @@ def main(argv=None):
     if args.fine:
         torch.set_num_threads(1)
         if args.plot == p.get_default('plot'):
-            args.plot = os.path.join('docs', 'fine_stage.png')
+            args.plot = os.path.join('model', 'fine_stage.png')
         report_fine(args)
         return 0
     if args.samples < args.batch_size or args.batch_size <= 0 or args.val_every <= 0:

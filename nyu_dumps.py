@@ -376,7 +376,10 @@ def list_scenes(sources, known, test):
     scenes, skipped = {}, {'test_scenes': [], 'not_scenes': [], 'without_frames': []}
     for source in sources:
         files.check_exists(source, 'a folder of NYU raw scene folders, or an official raw zip file')
-        zip_path = None if os.path.isdir(source) else os.path.abspath(source)
+        # absolute: a finished shard is recognised by where its scene was read (finished_shard),
+        # so the same command from another folder, or with an absolute path, keeps it
+        source = os.path.abspath(source)
+        zip_path = None if os.path.isdir(source) else source
         tree = _tree_of_folder(source) if zip_path is None else _tree_of_zip(source)
         has_dumps = {d for d, names in tree.items() if any(DUMP.match(n) for n in names)}
         above = {'/'.join(d.split('/')[:i]) for d in has_dumps for i in range(d.count('/') + 1)}
@@ -598,11 +601,16 @@ def convert_dumps(sources, out, labeled, splits, workers=4, progress=True):
     """The whole conversion: list and synchronise the training scenes, convert each into its
     shard (finished ones of an earlier run kept), then join them into OUT's cache with the
     counts in raw_cache.json. Returns the metadata written."""
-    out, tmp = nyu_raw.check_out(out, partial_extra={SCENES})
+    # the partial folder holds the shards, and for a moment raw_cache.json's temporary file
+    out, tmp = nyu_raw.check_out(out, partial_extra={SCENES, nyu_raw.CACHE_META + '.tmp'})
     shard_dir = os.path.join(tmp, SCENES)
     if _joined(tmp):   # an earlier run was stopped after joining its cache: finish that first
         _swap_in(out, tmp, shard_dir)
         print(f'{out}: the cache an earlier run joined is now in place')
+        with open(os.path.join(out, nyu_raw.CACHE_META)) as f:
+            meta = json.load(f)
+        if meta['source'] == _metadata(sources, [], {}, {})['source']:   # of these very dumps
+            return meta
     test = nyu_raw.test_scenes(labeled, splits)
     known = {nyu_raw.scene_id(s) for s in util.read_scene_names(labeled)}
     scenes, skipped = list_scenes(sources, known, test)

@@ -164,7 +164,7 @@ class StageLog:
             if DIST.main:   # drawn from the CSV: what a user can also plot themselves
                 path = os.path.join(self.args.out, f'loss_{self.stage}.png')
                 try:
-                    util.plot_losses(read_history(self.csv_path), self.stage, path)
+                    util.plot_losses(read_history(self.csv_path), self.stage, path, self.args.loss)
                 except (OSError, RuntimeError) as e:   # a plot is not worth stopping the run for
                     self.bar.write(f'{path}: not drawn ({e})')
             self.last_plot = time.monotonic()

@@ -734,18 +734,23 @@ def _pyplot():
     return plt
 
 
-def plot_losses(history, stage, path):
+def plot_losses(history, stage, path, loss='eq4'):
     """Training loss (mean over each validation interval) and validation loss / error vs samples,
-    all in (log metres)^2. history: the rows of runlog.read_history."""
+    all in (log metres)^2. history: the rows of runlog.read_history; loss: train.py's --loss, which
+    the training loss is (validation also reports it, beside Eq. 4, when it is another)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    name = 'Eq. 4' if loss == 'eq4' else loss
     if history:
         ax.plot([r['samples'] for r in history], [r['train_loss'] for r in history],
-                label='train loss (Eq. 4, augmented)')
+                label=f'train loss ({name}, augmented)')
     validated = [r for r in history if r.get('val_loss') is not None]
     if validated:
         s = [r['samples'] for r in validated]
         ax.plot(s, [r['val_loss'] for r in validated], label='validation loss (Eq. 4, centre crop)')
+        if loss != 'eq4' and validated[0].get(f'val_loss_{loss}') is not None:
+            ax.plot(s, [r[f'val_loss_{loss}'] for r in validated],
+                    label=f'validation loss ({name}, centre crop)')
         ax.plot(s, [r['val_si_log'] ** 2 for r in validated], '--',
                 label='validation scale-invariant error (Eq. 1)')
     ax.set_xlabel('training samples')

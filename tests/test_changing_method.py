@@ -1,6 +1,8 @@
 """Changing the method in one place: a loss and a fine net of one's own, defined here and
 registered in a line each, trained by train.py itself; Eigen & Fergus 2015's loss (loss.py) against
 a hand computation of its formula; an unknown --loss refused in one line."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -114,3 +116,23 @@ def test_a_run_resumes_with_the_loss_it_began_with():
     ckpt = {'stage': 'fine', 'config': {'loss': 'eigen-fergus-2015'}}
     with pytest.raises(cli.DataError, match='started with --loss eigen-fergus-2015, this run asks for eq4'):
         checkpoint.check_schedule('checkpoint.pth', ckpt, train.parse_args(['--demo']))
+
+
+def test_a_variant_of_ones_own_is_one_line(monkeypatch):
+    """A variant: one dataclasses.replace line in net.VARIANTS (here coarse7 at half the paper's
+    rate), then --variant NAME, and train.py's optimizer and step use its numbers."""
+    mine = dataclasses.replace(net.PAPER, name='mine', lr={**net.PAPER.lr, 'coarse7': 0.05})
+    monkeypatch.setitem(net.VARIANTS, 'mine', mine)
+    args = train.parse_args(['--demo', '--variant', 'mine'])
+    assert net.get_variant(args.variant) is mine
+    torch.manual_seed(0)
+    coarse = net.new_net('coarse', mine)
+    optimizer = train.make_optimizer(coarse, mine)
+    rates = {g['layer']: g['lr'] for g in optimizer.param_groups}
+    assert rates['coarse7'] == 0.05 and rates['coarse6'] == 0.1 and rates['coarse1'] == 0.001
+    x = torch.rand(2, 3, *net.NYU.input_hw) * 255
+    y = torch.rand(2, 1, *net.NYU.output_hw) + 0.5
+    before = coarse.coarse7.weight.detach().clone()
+    loss = train.train_step(coarse, None, optimizer, (x, y, torch.ones_like(y, dtype=torch.bool)),
+                            args.lam, mine)
+    assert torch.isfinite(torch.as_tensor(loss)) and not torch.equal(before, coarse.coarse7.weight)

@@ -149,3 +149,34 @@ def test_weights_written_in_the_std_units_load_as_the_same_net(variant, tmp_path
     again = load_weights(GlobalCoarseNet(variant, tiny), str(tmp_path / 'again.pth'), 'coarse net')
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), new.state_dict().values()))
     assert capsys.readouterr().out == ''
+
+
+class _Scale(torch.nn.Module):
+    """A stand-in net: the coarse one (no `before`) halves the images' mean, a refining one
+    multiplies the map it is given by `factor` and adds 1."""
+    def __init__(self, factor=None):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, images, before=None):
+        if before is None:
+            return images.mean(1, keepdim=True) / 2
+        return before * self.factor + 1
+
+
+def test_the_chain_feeds_each_net_the_prediction_before_it():
+    from net import Chain
+    x = torch.rand(2, 3, 4, 5)
+    nets = {'coarse': _Scale(), 'fine': _Scale(3.0), 'refine': _Scale(-2.0)}
+    coarse = x.mean(1, keepdim=True) / 2          # by hand: each stage on the one before it
+    fine = coarse * 3 + 1
+    refine = fine * -2 + 1
+    found = Chain(nets).predictions(x)
+    assert list(found) == ['coarse', 'fine', 'refine']
+    for got, want in zip(found.values(), (coarse, fine, refine)):
+        torch.testing.assert_close(got, want)
+    torch.testing.assert_close(Chain(nets)(x), refine)
+    torch.testing.assert_close(Chain(nets, last='fine')(x), fine)
+    torch.testing.assert_close(Chain({'coarse': nets['coarse'], 'fine': None})(x), coarse)
+    with pytest.raises(ValueError):   # a gap would skip a refinement
+        Chain({'coarse': nets['coarse'], 'refine': nets['refine']})

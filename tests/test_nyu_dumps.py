@@ -41,8 +41,8 @@ def rgb_pixel(u, v, z):
     image, 0-based (row, column): the point (u - cx, v - cy) z / f in the depth camera, moved by
     R = inv(M') where M is the nine numbers filled column by column and negated (camera_params.m)
     and T = [t_x, t_z, t_y], projected with the RGB intrinsics and rounded (halves up)."""
-    m_transposed = -np.array(R_NUMBERS).reshape(3, 3)   # M' holds the numbers row by row
-    rot = np.linalg.inv(m_transposed)
+    m = -np.reshape(R_NUMBERS, (3, 3), order='F')   # MATLAB's reshape: column by column
+    rot = np.linalg.inv(m.T)
     u, v = np.broadcast_arrays(u, v)
     p = np.stack([(u - CX_D) * z / FX_D, (v - CY_D) * z / FY_D, np.full(u.shape, z)])
     q = np.tensordot(rot, p, 1) + np.array([T_X, T_Z, T_Y]).reshape((3,) + (1,) * u.ndim)

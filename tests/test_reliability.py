@@ -253,8 +253,8 @@ def test_an_unexpected_error_in_a_worker_still_ends_the_program():
 # ---------------------------------------------------------------------------------------------
 # Checkpoints that do not belong to the run
 
-SHORT = ['--coarse-samples', 8, '--fine-samples', 16, '--batch-size', 4, '--val-fraction', 0,
-         '--save-every', 1]
+SHORT = ['--coarse-samples', 8, '--fine-samples', 16, '--batch-size', 4, '--val-fraction', 0]
+EVERY_STEP = ['--save-every', 1]   # a checkpoint after every step, where a test stops after one
 
 
 @pytest.mark.slow
@@ -453,7 +453,7 @@ def test_disk_full_during_save(tmp_path, tiny, monkeypatch, error, reason):
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, 'save', save_then_fill_the_disk)
-    _refused(train_args(tiny, out, *SHORT), out / 'checkpoint.pth', reason,
+    _refused(train_args(tiny, out, *SHORT, *EVERY_STEP), out / 'checkpoint.pth', reason,
              'at coarse step 2', 'coarse step 1) is intact', 'continue with --resume')
     monkeypatch.undo()
     assert torch.load(out / 'checkpoint.pth', weights_only=True)['step'] == 1
@@ -465,7 +465,7 @@ def test_disk_full_during_save(tmp_path, tiny, monkeypatch, error, reason):
 def test_nonfinite_loss_stops_with_the_step_number(tmp_path, tiny, monkeypatch):
     out = tmp_path / 'out'
     nan_at_call(monkeypatch, {2})
-    _refused(train_args(tiny, out, *SHORT), 'coarse step 2: the loss is nan', 'coarse step 1) is intact',
+    _refused(train_args(tiny, out, *SHORT, *EVERY_STEP), 'coarse step 2: the loss is nan', 'coarse step 1) is intact',
              '--skip-nonfinite')
     ckpt = torch.load(out / 'checkpoint.pth', weights_only=True)
     assert ckpt['step'] == 1 and all(torch.isfinite(v).all() for v in ckpt['coarse'].values())
