@@ -55,7 +55,8 @@ def add_data_options(p, demo_help):
     d.add_argument('--kitti-list', choices=tuple(kitti.LIST_NAMES),
                    help="--dataset kitti's training frames: 'paper' = Sec. 4.2's list (frames where "
                         f'the car moves, at most {kitti.PER_DRIVE} a drive, left and right images, '
-                        f'the drives evened to a list of {kitti.PAPER_LIST_LENGTH // 1000}K); '
+                        f'each drive evened to {kitti.PER_SCENE} images a pass: the paper\'s '
+                        f'{kitti.PAPER_LIST_LENGTH // 1000}K over its 28 drives); '
                         "'eigen' = the field's Eigen training list (monodepth2's, 22,600 frames x "
                         "2), shuffled (default: paper)")
     d.add_argument('--workers', type=cli.whole(0), default=min(8, os.cpu_count() or 1),
