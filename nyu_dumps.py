@@ -64,7 +64,7 @@ SCENES = 'scenes'        # OUT.partial/scenes/: the per-scene shards
 RGB_BYTES, DEPTH_BYTES = 240 * 320 * 3, 240 * 320 * 2   # one 320x240 frame in a shard
 FRAME_BYTES = RGB_BYTES + DEPTH_BYTES
 DUMP = re.compile(r'^([dra])-(.*)\.(pgm|ppm|dump)$')   # d-<time>-<n>.pgm, r-...ppm, a-...dump
-KINDS = {'d': 'pgm', 'r': 'ppm', 'a': 'dump'}
+KINDS = {'d': 'pgm', 'r': 'ppm'}   # what is converted (the accelerometer's a-*.dump is not needed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,7 +276,7 @@ class Scene:
         self.name, self.where, self.zip_path, self.prefix = name, where, zip_path, prefix
         kinds = {k: sorted(n for n in names if DUMP.match(n) and n[0] == k
                            and n.endswith('.' + KINDS[k])) for k in KINDS}
-        self.depth_names, self.rgb_names, self.accel_names = kinds['d'], kinds['r'], kinds['a']
+        self.depth_names, self.rgb_names = kinds['d'], kinds['r']
         self.pairs = []
         self.counts = {}
 
@@ -384,7 +384,7 @@ def list_scenes(sources, known, test):
         has_dumps = {d for d, names in tree.items() if any(DUMP.match(n) for n in names)}
         above = {'/'.join(d.split('/')[:i]) for d in has_dumps for i in range(d.count('/') + 1)}
         for folder in sorted(tree):
-            base = posixpath.basename(folder) or os.path.basename(os.path.abspath(source))
+            base = posixpath.basename(folder) or os.path.basename(source)
             where = (os.path.join(source, *folder.split('/')) if zip_path is None
                      else f'{source}:{folder}')
             if folder not in has_dumps:
@@ -604,15 +604,15 @@ def convert_dumps(sources, out, labeled, splits, workers=4, progress=True):
     # the partial folder holds the shards, and for a moment raw_cache.json's temporary file
     out, tmp = nyu_raw.check_out(out, partial_extra={SCENES, nyu_raw.CACHE_META + '.tmp'})
     shard_dir = os.path.join(tmp, SCENES)
-    if _joined(tmp):   # an earlier run was stopped after joining its cache: finish that first
+    joined = _joined(tmp)
+    if joined is not None:   # an earlier run was stopped after joining its cache: finish that first
         _swap_in(out, tmp, shard_dir)
         print(f'{out}: the cache an earlier run joined is now in place')
-        with open(os.path.join(out, nyu_raw.CACHE_META)) as f:
-            meta = json.load(f)
-        if meta['source'] == _metadata(sources, [], {}, {})['source']:   # of these very dumps
-            return meta
-    test = nyu_raw.test_scenes(labeled, splits)
-    known = {nyu_raw.scene_id(s) for s in util.read_scene_names(labeled)}
+        if joined['source'] == _source(sources):   # of these very dumps
+            return joined
+    labeled_scenes = util.read_scene_names(labeled)
+    test = nyu_raw.test_scenes(labeled, splits, labeled_scenes)
+    known = {nyu_raw.scene_id(s) for s in labeled_scenes}
     scenes, skipped = list_scenes(sources, known, test)
     counts = {s.name: finished_shard(shard_dir, s) for s in scenes}
     todo = [s for s in scenes if counts[s.name] is None]
@@ -658,12 +658,18 @@ def _write_failed(out, tmp, error):
             f'converted so far are kept in {tmp}: free space, then run the same command again')
 
 
+def _source(sources):
+    """What raw_cache.json names as the cache's source: the dumps, by absolute path."""
+    return 'NYU Depth v2 raw dumps in ' + ', '.join(os.path.abspath(s) for s in sources)
+
+
 def _metadata(sources, scenes, counts, skipped):
     per_scene = {s.name: counts[s.name] for s in scenes}
     keys = ('depth_frames', 'rgb_frames', 'matched', 'dropped_one_to_many', 'damaged', 'kept')
     total = {k: sum(c[k] for c in per_scene.values()) for k in keys}
-    frame_scenes = [nyu_raw.scene_id(s.name) for s in scenes for _ in range(counts[s.name]['kept'])]
-    return {'source': 'NYU Depth v2 raw dumps in ' + ', '.join(os.path.abspath(s) for s in sources),
+    frame_scenes = [sid for s in scenes
+                    for sid in [nyu_raw.scene_id(s.name)] * counts[s.name]['kept']]
+    return {'source': _source(sources),
             'scenes': frame_scenes, 'frame_hw': [240, 320],
             'depth_file': nyu_raw.RawFrames.cache_depth_file,
             'depth_units_per_m': nyu_raw.RawFrames.cache_units_per_m,
@@ -696,13 +702,14 @@ def _join(scenes, counts, shard_dir, tmp, meta):
 
 
 def _joined(tmp):
-    """Whether tmp holds a cache this conversion joined completely (its raw_cache.json is
-    written last)."""
+    """The metadata of a cache this conversion joined completely in tmp (its raw_cache.json is
+    written last), or None."""
     try:
         with open(os.path.join(tmp, nyu_raw.CACHE_META)) as f:
-            return 'dumps' in json.load(f)
+            meta = json.load(f)
     except (OSError, ValueError, TypeError):
-        return False
+        return None
+    return meta if isinstance(meta, dict) and 'dumps' in meta else None
 
 
 def _swap_in(out, tmp, shard_dir):

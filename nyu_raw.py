@@ -349,9 +349,10 @@ def detect_format(path):
 # ----------------------------------------------------------------------------------------------
 # The official scene split (the paper's scene balancing: util.balanced_pass)
 
-def test_scenes(labeled_mat, splits):
-    """The scene names of NYU's 654 test images (215 scenes), from the labeled file's `scenes`."""
-    scenes = util.read_scene_names(labeled_mat)
+def test_scenes(labeled_mat, splits, scenes=None):
+    """The scene names of NYU's 654 test images (215 scenes), from the labeled file's `scenes`
+    (read here unless given: util.read_scene_names)."""
+    scenes = util.read_scene_names(labeled_mat) if scenes is None else scenes
     _, test_idx = util.read_splits(splits, len(scenes), test_may_be_empty=True)
     return {scene_id(scenes[i]) for i in test_idx}
 
