@@ -14,7 +14,7 @@ import torch
 import cli
 import files
 from loss import DEFAULT_LOSS
-from net import AUTHORS_UNITS, STAGES, STD_UNITS, from_std_units
+from net import STAGES, STD_UNITS, load_weights
 from runtime import DIST, all_finite, rng_state, seed_streams, set_rng_state
 
 # What each format added: 3, every process's CPU and GPU random streams ('rng'); 4, the paper
@@ -307,9 +307,8 @@ def load_nets(ckpt, nets, folder):
                 raise cli.DataError(f'{path}: not the {name} net the checkpoint\'s {ckpt["stage"]} '
                                      f'stage runs on (its weights changed since): {again}')
             entry = state
-        if name == 'coarse' and AUTHORS_UNITS not in entry:   # formats 5 and 6: the same net
-            entry = from_std_units(entry, STD_UNITS[ckpt['variant']])
-        nets[name].load_state_dict(entry)
+        # formats 5 and 6: a coarse net in std units, converted to the same net (load_weights)
+        load_weights(nets[name], os.path.join(folder, f'{name}.pth'), f'the {name} net', entry)
 
 
 def remove_later_weights(folder, stage, stages):

@@ -82,7 +82,6 @@ RUNS = {
     'alexnet-features-x0.44': std_units(ALEXNET, 'alexnet-features-x0.44', net.IMAGENET_STD,
                                         feature_scale=0.44),
 }
-COARSE_CONVS = [f'coarse{i}' for i in range(1, 6)]
 SMOOTH = 10   # steps averaged in the plotted training loss (one batch is noisy)
 
 
@@ -102,7 +101,7 @@ def study(variant, train_frames, val_frames, samples, batch, val_every, seed, sh
         conv_weights = 'ImageNet'
         if variant.coarse_std == net.IMAGENET_STD:   # input in torchvision's units: so the biases
             with torch.no_grad():
-                for layer in COARSE_CONVS:
+                for layer in net.COARSE_CONVS:
                     getattr(coarse, layer)[0].bias /= net.IMAGENET_UNIT
     optimizer = train.make_optimizer(coarse, variant)
     steps = samples // batch
@@ -241,7 +240,7 @@ def authors_variant(variant):
     the outputs are in units of log depth's std (0.457). Returns (variant, k): our coarse1-5
     activations x k are the authors' (k = feature_scale / 0.01: ReLU convs and max pools scale
     with their input), so the authors' net is ours with its coarse input divided by coarse_std / k
-    and its coarse1-5 biases x k (authors_state); k = 1 for a variant in the authors' units."""
+    and its coarse1-5 biases x k (net.from_std_units); k = 1 for a variant in the authors' units."""
     if variant.log_depth_std != RELEASE.log_depth_std:
         raise ValueError(f'{variant.name}: outputs not in units of log depth / 0.457')
     k = variant.feature_scale / RELEASE.feature_scale
@@ -250,11 +249,6 @@ def authors_variant(variant):
     return dataclasses.replace(variant, name=variant.name + '-authors', coarse_std=std,
                                feature_scale=RELEASE.feature_scale, fine_mean=net.IMAGES_MEAN,
                                fine_std=net.IMAGES_STD), k
-
-
-def authors_state(state, k):
-    return {key: t * k if key.split('.')[0] in COARSE_CONVS and key.endswith('bias') else t.clone()
-            for key, t in state.items()}
 
 
 
@@ -292,7 +286,7 @@ def _authors_ratios(variant, seed, geometry):
                 p.copy_(0.1 * torch.randn_like(p))
     for stage in ('coarse', 'fine'):
         state = nets['ours'][stage].state_dict()
-        nets['theirs'][stage].load_state_dict(authors_state(state, k) if stage == 'coarse' else state)
+        nets['theirs'][stage].load_state_dict(net.from_std_units(state, k) if stage == 'coarse' else state)
     x = torch.rand(2, 3, *geometry.input_hw, dtype=torch.float64) * 255
     y = torch.exp(0.8 + 0.4 * torch.randn(2, 1, *geometry.output_hw, dtype=torch.float64))
     m = torch.ones_like(y, dtype=torch.bool)

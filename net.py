@@ -295,6 +295,7 @@ def _normalisation(net, prefix, mean, std):
 
 
 # torchvision's AlexNet `features` index of each conv -> our layer, for its ImageNet weights
+COARSE_CONVS = tuple(f'coarse{i}' for i in range(1, 6))   # the ImageNet-pretrained layers (Sec. 3.1.1)
 ALEXNET_CONVS = {0: 'coarse1', 3: 'coarse2', 6: 'coarse3', 8: 'coarse4', 10: 'coarse5'}
 
 
@@ -473,7 +474,7 @@ def load_pretrained_conv(net, path):
         raise DataError(f'{path}: holds a {type(state).__name__}, not a state_dict (a dict of '
                         f'named tensors such as coarse1.0.weight)')
     wanted = {k: v for k, v in state.items() if isinstance(k, str) and
-              k.split('.')[0] in {f'coarse{i}' for i in range(1, 6)}}
+              k.split('.')[0] in COARSE_CONVS}
     if not wanted:
         raise DataError(f"{path}: no coarse1..coarse5 weights in this file")
     try:
@@ -515,7 +516,7 @@ def from_std_units(state, unit):
     everything else as it is. Exact: ReLU convs and max pools scale with their input, and the
     features' factor (then unit x 0.01, now 0.01) takes the rest."""
     state = {k: v * unit if isinstance(v, torch.Tensor) and k.endswith('.bias') and
-             k.split('.')[0] in {f'coarse{i}' for i in range(1, 6)} else v for k, v in state.items()}
+             k.split('.')[0] in COARSE_CONVS else v for k, v in state.items()}
     state[AUTHORS_UNITS] = torch.ones(1)
     return state
 
