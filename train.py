@@ -214,9 +214,9 @@ def validate(nets, frames, device, batch, lam, loss=DEFAULT_LOSS):
             idx = list(range(start, min(start + batch, len(frames))))
             img, depth, mask = (t.to(device) for t in frames.get(idx))
             x, y, m = util.center_crop(img, depth, mask, nets.geometry)
-            pred = nets(x)
+            pred, target = nets(x), safe_log(y, m)
             for k, f in losses.items():
-                sums[k] += f(pred, safe_log(y, m), m).double() * len(idx)
+                sums[k] += f(pred, target, m).double() * len(idx)
             found.add(pred=pred.exp(), gt=y, mask=m)   # one host read a batch
             count += len(idx)
     return {**{k: float(v) / count for k, v in sums.items()}, **found.result()}

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from cli import DataError, progress as progress_bar
 from files import atomic_write, check_file
-from loss import valid_depth_mask
+from loss import DEFAULT_LOSS, valid_depth_mask
 from net import FRAME_HW, NYU, STAGE_NAMES, TARGET_STRIDE
 from runtime import StopControl
 
@@ -734,13 +734,13 @@ def _pyplot():
     return plt
 
 
-def plot_losses(history, stage, path, loss='eq4'):
+def plot_losses(history, stage, path, loss=DEFAULT_LOSS):
     """Training loss (mean over each validation interval) and validation loss / error vs samples,
     all in (log metres)^2. history: the rows of runlog.read_history; loss: train.py's --loss, which
     the training loss is (validation also reports it, beside Eq. 4, when it is another)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    name = 'Eq. 4' if loss == 'eq4' else loss
+    name = 'Eq. 4' if loss == DEFAULT_LOSS else loss
     if history:
         ax.plot([r['samples'] for r in history], [r['train_loss'] for r in history],
                 label=f'train loss ({name}, augmented)')
@@ -748,7 +748,7 @@ def plot_losses(history, stage, path, loss='eq4'):
     if validated:
         s = [r['samples'] for r in validated]
         ax.plot(s, [r['val_loss'] for r in validated], label='validation loss (Eq. 4, centre crop)')
-        if loss != 'eq4' and validated[0].get(f'val_loss_{loss}') is not None:
+        if loss != DEFAULT_LOSS and validated[0].get(f'val_loss_{loss}') is not None:
             ax.plot(s, [r[f'val_loss_{loss}'] for r in validated],
                     label=f'validation loss ({name}, centre crop)')
         ax.plot(s, [r['val_si_log'] ** 2 for r in validated], '--',
