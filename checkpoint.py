@@ -21,10 +21,12 @@ from runtime import DIST, all_finite, rng_state, seed_streams, set_rng_state
 # and alexnet variants' feature and target scaling; 5, the history's val_loss in Eq. 4's units, as
 # train_loss (format 4's was divided by 0.457^2: converted on resume); 6, the fixed nets of a later
 # stage (the coarse net in the fine stage) as references to their weights files, not copies; 7,
-# coarse1-5 in the authors' units (net.AUTHORS_UNITS). Formats 5 and 6 are still read: their fixed
-# coarse net is converted (net.from_std_units), an unfinished coarse stage of the paper or alexnet
-# variant refused (its bias steps were not the authors').
-CHECKPOINT_FORMAT = 7
+# coarse1-5 in the authors' units (net.AUTHORS_UNITS); 8, the optimizer's groups one per tensor
+# (train.param_groups: biases are not decayed), not one per layer. Formats 5 and 6 are still read:
+# their fixed coarse net is converted (net.from_std_units), an unfinished coarse stage of the paper
+# or alexnet variant refused (its bias steps were not the authors'). Formats 5 to 7: the momentum
+# of each tensor moves into its own group (per_tensor_groups).
+CHECKPOINT_FORMAT = 8
 
 # The nets of the stages in order (net.STAGES), each a key of the checkpoint (None where its stage
 # has not begun)
@@ -48,7 +50,7 @@ def read_checkpoint(path, args, variant, stages):
                 row['val_loss'] *= variant.log_depth_std ** 2
         ckpt['format'] = 5
         print(f'{path}: format 4, its validation losses converted to Eq. 4 in (log m)^2')
-    if ckpt['format'] not in (5, 6, CHECKPOINT_FORMAT):   # 5: every net's weights inline
+    if ckpt['format'] not in (5, 6, 7, CHECKPOINT_FORMAT):   # 5: every net's weights inline
         raise cli.DataError(f"{path}: checkpoint format {ckpt['format']}, this train.py reads "
                              f"format {CHECKPOINT_FORMAT} (an older train.py wrote it: start "
                              f"afresh, or finish it with that version)")
@@ -131,12 +133,32 @@ def load_optimizer_state(optimizer, state):
                 optimizer.state[p]['momentum_buffer'] = torch.empty_like(p).copy_(buf)
 
 
+def per_tensor_groups(state, optimizer):
+    """The optimizer state of a checkpoint before format 8, one group per layer, for `optimizer`'s
+    one group per tensor. Both number the tensors in the same order (layer by layer, each layer's
+    in its own order), which is all the momentum buffers are keyed by; the groups' settings are
+    the ones this run chose (the rates must match to resume: RESUME_MUST_MATCH)."""
+    ours = optimizer.state_dict()['param_groups']
+    tensors = sum(len(g['params']) for g in state['param_groups'])
+    if tensors != len(ours):
+        raise cli.DataError(f"the checkpoint's optimizer holds {tensors} tensors, this run's net "
+                            f"{len(ours)}: not a checkpoint of this net")
+    return {'state': state['state'], 'param_groups': ours}
+
+
 def resume(ckpt, optimizer, seed, gpus):
     """The optimizer's momentum (None: the stage had finished) and every process's random streams
     of a stage's checkpoint. Written by another number of processes or GPUs, dropout goes on with
     new streams (one line says so)."""
     if ckpt['optimizer'] is not None:
-        load_optimizer_state(optimizer, ckpt['optimizer'])
+        state = ckpt['optimizer']
+        if ckpt['format'] < 8:
+            state = per_tensor_groups(state, optimizer)
+            if any(g['weight_decay'] for g in optimizer.param_groups):
+                print(f"note: a checkpoint of format {ckpt['format']}, which decayed the biases "
+                      f"too; from step {ckpt['step'] + 1} on only the weights are decayed, as "
+                      f"in the authors' depth.conf")
+        load_optimizer_state(optimizer, state)
     states = ckpt['rng']
     if len(states) == DIST.world and len(states[DIST.rank]['cuda']) in (0, len(gpus)):
         set_rng_state(states[DIST.rank], gpus)

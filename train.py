@@ -129,15 +129,18 @@ def parse_args(argv=None):
 # The method
 
 def param_groups(net, variant, lr_scale=1.0):
-    """One SGD group per paper layer with its learning rate (x lr_scale) and weight decay (Sec.
-    3.3). Fails loudly if a trainable parameter is in no group, the classic bug that leaves layers
-    untrained."""
+    """One SGD group per tensor, with its paper layer's learning rate (x lr_scale, Sec. 3.3) and
+    weight decay on the weights alone: [R] depth.conf's weight_decay_w; biases are not decayed
+    (1-dim tensors). Fails loudly if a trainable parameter is in no group, the classic bug that
+    leaves layers untrained."""
     groups, covered = [], set()
     for name in layer_names(net):
-        params = [p for p in getattr(net, name).parameters() if p.requires_grad]
-        groups.append({'params': params, 'lr': variant.lr[name] * lr_scale,
-                       'weight_decay': variant.weight_decay[name], 'layer': name})
-        covered.update(id(p) for p in params)
+        for tensor, p in getattr(net, name).named_parameters():
+            if p.requires_grad:
+                groups.append({'params': [p], 'lr': variant.lr[name] * lr_scale, 'layer': name,
+                               'tensor': f'{name}.{tensor}',
+                               'weight_decay': variant.weight_decay[name] if p.dim() > 1 else 0.0})
+                covered.add(id(p))
     trainable = {id(p): n for n, p in net.named_parameters() if p.requires_grad}
     missing = [n for i, n in trainable.items() if i not in covered]
     if missing or len(covered) != len(trainable):
@@ -146,10 +149,10 @@ def param_groups(net, variant, lr_scale=1.0):
 
 
 def make_optimizer(net, variant, lr_scale=1.0):
-    """SGD with momentum 0.9 and the paper's per-layer groups (rates x lr_scale). Fused (one kernel for the whole
-    update) where the device has it: the same update as the default implementation (equal to
-    rounding on the CPU, tested), fewer passes over the weights, and it can skip a step on the GPU's
-    own verdict (NonFiniteGuard). Momentum buffers start at zero, which is exactly SGD's first
+    """SGD with momentum 0.9 and param_groups (the paper's rates x lr_scale). Fused (one kernel for
+    a group's whole update) where the device has it: the same update as the default
+    implementation (equal to rounding on the CPU, tested), fewer passes over the weights, and it
+    can skip a step on the GPU's own verdict (NonFiniteGuard). Momentum buffers start at zero, which is exactly SGD's first
     step (buffer = gradient) and keeps a skipped first step from leaving them uninitialised."""
     device = next(net.parameters()).device
     optimizer = torch.optim.SGD(param_groups(net, variant, lr_scale), lr=0.0, momentum=MOMENTUM,

@@ -19,6 +19,10 @@ TINY = Geometry('tiny', frame_hw=(68, 68), input_hw=(68, 68), output_hw=(15, 15)
 # Sec. 3.3
 RATES = {**{f'coarse{i}': 0.001 for i in range(1, 6)}, 'coarse6': 0.1, 'coarse7': 0.1,
          'fine1': 0.001, 'fine2': 0.01, 'fine3': 0.001}
+# weight decay: [P] states none; [R] depth.conf's weight_decay_w, on the weights alone
+DECAY = {'paper': dict.fromkeys(RATES, 0.0),
+         'release': {**{f'coarse{i}': 5e-4 for i in range(1, 6)},
+                     **dict.fromkeys(('coarse6', 'coarse7', 'fine1', 'fine2', 'fine3'), 1e-4)}}
 # [R]: define_meta's statistics
 IMAGES_MEAN, IMAGES_STD, LOGDEPTHS_STD = 109.31410628, 76.18328376, 0.45723134
 # the coarse input's mean: the release's 128; the paper variant's, the images' mean
@@ -59,9 +63,9 @@ def eq4(pred, target, lam=0.5):
     return ((d ** 2).mean(1) - lam * d.mean(1) ** 2).mean()
 
 
-def steps(variant, own_decay):
+def steps(variant):
     """{tensor: (change of our output, change of the authors')} for one step on each tensor
-    alone. The authors' step has no weight decay; ours the variant's own (own_decay), or none."""
+    alone, each with the variant's weight decay (DECAY: the weights', not the biases')."""
     torch.manual_seed(0)
     nets = {'coarse': GlobalCoarseNet(variant, TINY).double().eval(),   # eval: no dropout
             'fine': LocalFineNet(variant, pass_through=False, geometry=TINY).double().eval()}
@@ -106,9 +110,6 @@ def steps(variant, own_decay):
             for other in nets[stage].parameters():
                 other.requires_grad_(other is param)
             optimizer = train.make_optimizer(nets[stage], variant)
-            if not own_decay:
-                for group in optimizer.param_groups:
-                    group['weight_decay'] = 0.0
             train.train_step(nets[stage], None if stage == 'coarse' else nets['coarse'], optimizer,
                              (x, y, m), 0.5, variant)
             with torch.no_grad():
@@ -117,11 +118,13 @@ def steps(variant, own_decay):
             for other in nets[stage].parameters():
                 other.requires_grad_(True)
             # theirs: the loss on log depth / 0.457, one step of SGD (momentum's first is plain)
+            # with weight decay on a weight
             q = theirs[name].clone().requires_grad_(True)
             loss = eq4(authors_outputs({**theirs, name: q}, x, variant)[stage == 'fine'],
                        torch.log(y) / LOGDEPTHS_STD)
             grad, = torch.autograd.grad(loss, q)
-            their_step = -RATES[layer] * grad
+            decay = 0.0 if name.endswith('bias') else DECAY[variant.name][layer]
+            their_step = -RATES[layer] * (grad + decay * q.detach())
             changes[name] = ours_change(stage, name, step), theirs_change(stage, name, their_step)
     return changes
 
@@ -134,8 +137,7 @@ def check(changes):
 
 @pytest.mark.parametrize('variant', [PAPER, RELEASE], ids=lambda v: v.name)
 def test_every_tensor_steps_as_in_the_authors_units(variant):
-    """Coarse and fine, weights and biases. The paper variant with its own weight decay (none: [P]
-    states none); the release's units without its weight decay (train.param_groups decays the
-    biases too, [R] the weights alone: docs/learning_rates.md)."""
+    """Coarse and fine, weights and biases, each variant with its weight decay: none in the paper
+    variant ([P] states none), [R]'s on the release's weights."""
     torch.set_num_threads(1)   # tiny float64 tensors: two threads only wait on each other
-    check(steps(variant, own_decay=variant is PAPER))
+    check(steps(variant))

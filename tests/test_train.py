@@ -92,10 +92,18 @@ def _crash_when_the_fine_stage_starts(monkeypatch):
     monkeypatch.setattr(train, 'train_stage', crash)
 
 
-def test_release_weight_decay():
-    opt = train.make_optimizer(GlobalCoarseNet(RELEASE), RELEASE)
-    wd = {g['layer']: g['weight_decay'] for g in opt.param_groups}
-    assert wd['coarse1'] == 5e-4 and wd['coarse5'] == 5e-4 and wd['coarse6'] == 1e-4
+def test_release_weight_decay_acts_on_the_weights_alone():
+    """[R] depth.conf: weight_decay_w 5e-4 on coarse1-5, 1e-4 on the other layers; no decay of
+    the biases. One group per tensor, so that a layer's weights and bias can differ."""
+    for net in (GlobalCoarseNet(RELEASE), LocalFineNet(RELEASE)):
+        opt = train.make_optimizer(net, RELEASE)
+        decay = {n: g['weight_decay'] for n, p in net.named_parameters()
+                 for g in opt.param_groups if g['params'][0] is p}
+        assert len(decay) == len(list(net.parameters())) == len(opt.param_groups)
+        for name, value in decay.items():
+            layer = name.split('.')[0]
+            wanted = 0.0 if name.endswith('bias') else 5e-4 if layer in {f'coarse{i}' for i in range(1, 6)} else 1e-4
+            assert value == wanted, name
 
 
 def test_guard_refuses_a_parameter_without_a_rate():
@@ -231,17 +239,24 @@ def test_missing_dataset_gives_a_short_message(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_checkpoint_of_the_train_py_before_the_restructuring_resumes(synthetic, tmp_path):
+def test_a_checkpoint_of_the_train_py_before_the_restructuring_resumes(synthetic, tmp_path, monkeypatch):
     """A run stopped by the train.py of commit 5b7468a (taken from the repository's history; its
-    checkpoint format 5) and resumed by this one ends with the weights of an uninterrupted run of
-    this one, bit for bit. The release variant: its coarse1-5 were in the authors' units then too,
-    so its steps are this train.py's (the paper variant's are refused: the next test)."""
+    checkpoint format 5, one optimizer group per layer) and resumed by this one ends with the
+    weights of an uninterrupted run of this one, bit for bit. The release variant: its coarse1-5
+    were in the authors' units then too, so its steps are this train.py's (the paper variant's are
+    refused: the next test), once both leave out weight decay, which that train.py applied to the
+    biases too."""
     old = tmp_path / 'old'
     old.mkdir()
     archive = subprocess.run(['git', 'archive', '5b7468a'], cwd=ROOT, capture_output=True)
     if archive.returncode:
         pytest.skip(f'commit 5b7468a not in this checkout: {archive.stderr.decode().strip()[:200]}')
     subprocess.run(['tar', '-x', '-C', str(old)], input=archive.stdout, check=True)
+    source = (old / 'net.py').read_text()
+    assert source.count('weight_decay=RELEASE_WD') == 1
+    (old / 'net.py').write_text(source.replace('weight_decay=RELEASE_WD', 'weight_decay=dict.fromkeys(RELEASE_WD, 0.0)'))
+    for layer in RELEASE.weight_decay:
+        monkeypatch.setitem(RELEASE.weight_decay, layer, 0.0)
     schedule = ['--coarse-samples', 48, '--fine-samples', 16, '--batch-size', 8,
                 '--val-every', 24, '--val-fraction', 0.15, '--variant', 'release']
     r = subprocess.run([sys.executable, 'train.py', *map(str, train_args(synthetic, tmp_path / 'chunked',
