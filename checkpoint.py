@@ -209,7 +209,7 @@ def previous_run(out, stages, overwrite):
     path, unfinished = os.path.join(out, 'checkpoint.pth'), False
     if os.path.isfile(path):
         try:
-            old = files.load_torch_file(path, 'a checkpoint written by train.py')
+            old = files.load_torch_file(path, 'a checkpoint written by train.py', mmap=True)   # its 'done'
             unfinished = not (isinstance(old, dict) and old.get('done'))
         except cli.DataError:
             if not overwrite:

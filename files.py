@@ -76,11 +76,12 @@ def _torch_file_kind(path):
     return 'pickle' if head[0] == 0x80 else 'other'
 
 
-def load_torch_file(path, what):
+def load_torch_file(path, what, mmap=False):
     """torch.load a checkpoint or weights file safely: weights_only=True, so a file holding a
     pickled program is refused instead of run, and every failure is a one-line DataError: a file
     that is not from torch.save (text, another pickle) says so, apart from a PyTorch file holding
-    Python objects other than tensors."""
+    Python objects other than tensors. mmap: the tensors are mapped, read from disk only where
+    used (a look at a checkpoint's entries costs no read of its hundreds of MB)."""
     path = os.fspath(path)
     check_file(path, what)
     kind = _torch_file_kind(path)
@@ -93,7 +94,7 @@ def load_torch_file(path, what):
         raise DataError(f'{path}: not a PyTorch file (neither a zip archive nor a pickle); '
                         f'expected {what}')
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+        return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         if 'weights only' in str(e).lower():
             raise DataError(f'{path}: refused: it holds Python objects other than tensors, which '
