@@ -49,17 +49,29 @@ def scale_invariant_loss(pred_log_depth, target_log_depth, mask, lam=TRAIN_LAMBD
     per_image=True returns the (B,) values instead (0 for an image without valid pixels).
     """
     mask = mask.to(torch.bool)
-    b = pred_log_depth.shape[0]
-    d = torch.where(mask, pred_log_depth - torch.where(mask, target_log_depth, 0.0), 0.0)
+    values, n = _eq4_per_image(_log_error(pred_log_depth, target_log_depth, mask), mask, lam)
+    return values if per_image else _mean_over_images(values, n)
+
+
+def _log_error(pred_log_depth, target_log_depth, mask):
+    """d = log y - log y* on the valid pixels, 0 elsewhere (where an invalid target, NaN or inf,
+    never reaches a value or a gradient)."""
+    return torch.where(mask, pred_log_depth - torch.where(mask, target_log_depth, 0.0), 0.0)
+
+
+def _eq4_per_image(d, mask, lam):
+    """Eq. 4 of each image of the batch (0 without valid pixels), and its valid pixels n."""
+    b = d.shape[0]
     d = d.reshape(b, -1)
     n = mask.reshape(b, -1).sum(dim=1).to(d.dtype)
-    has_pixels = n > 0
     n_safe = n.clamp(min=1)
     values = (d * d).sum(dim=1) / n_safe - lam * d.sum(dim=1) ** 2 / n_safe ** 2
-    values = torch.where(has_pixels, values, 0.0)
-    if per_image:
-        return values
-    return values.sum() / has_pixels.sum().clamp(min=1)
+    return torch.where(n > 0, values, 0.0), n
+
+
+def _mean_over_images(values, n):
+    """The mean of per-image values over the images that have valid pixels."""
+    return values.sum() / (n > 0).sum().clamp(min=1)
 
 
 def scale_invariant_error(pred_log_depth, target_log_depth, mask, per_image=False):
@@ -79,16 +91,15 @@ def gradient_matching_loss(pred_log_depth, target_log_depth, mask, lam=TRAIN_LAM
     neighbours, counted where both pixels are valid; n is the image's valid pixels. Averaged over
     the images with at least one valid pixel, as Eq. 4 is."""
     mask = mask.to(torch.bool)
-    d = torch.where(mask, pred_log_depth - torch.where(mask, target_log_depth, 0.0), 0.0)
+    d = _log_error(pred_log_depth, target_log_depth, mask)
     both_x = mask[..., :, 1:] & mask[..., :, :-1]
     both_y = mask[..., 1:, :] & mask[..., :-1, :]
     dx = torch.where(both_x, d[..., :, 1:] - d[..., :, :-1], 0.0)
     dy = torch.where(both_y, d[..., 1:, :] - d[..., :-1, :], 0.0)
+    values, n = _eq4_per_image(d, mask, lam)
     b = d.shape[0]
-    n = mask.reshape(b, -1).sum(dim=1).to(d.dtype)
     gradients = ((dx * dx).reshape(b, -1).sum(dim=1) + (dy * dy).reshape(b, -1).sum(dim=1)) / n.clamp(min=1)
-    values = scale_invariant_loss(pred_log_depth, target_log_depth, mask, lam, per_image=True) + gradients
-    return values.sum() / (n > 0).sum().clamp(min=1)
+    return _mean_over_images(values + gradients, n)
 
 
 # The training losses by name (train.py --loss). A new loss: a function with these arguments,
