@@ -57,6 +57,12 @@ def real(low=None, above=None, high=None):
     return parse
 
 
+def clock(seconds):
+    """Seconds as H:MM:SS (the elapsed and remaining times of progress lines)."""
+    s = round(seconds)
+    return f'{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}'
+
+
 def last_line(error):
     """The telling line of an exception's message (its last), or its type if it says nothing:
     for one-line messages about errors from libraries, whose texts can run over many lines."""

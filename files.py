@@ -106,10 +106,13 @@ def load_torch_file(path, what, mmap=False):
                         f'short?); expected {what}') from None
 
 
+TEMPORARY = '.tmp'   # atomic_write writes <path>.tmp<pid> first: a process killed then leaves it
+
+
 def atomic_write(path, write):
     """Call write(tmp_path), fsync, then rename over `path`: a crash never leaves half a file."""
     path = os.fspath(path)
-    tmp = f'{path}.tmp{os.getpid()}'
+    tmp = f'{path}{TEMPORARY}{os.getpid()}'
     try:
         write(tmp)
         with open(tmp, 'rb') as f:

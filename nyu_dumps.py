@@ -29,8 +29,11 @@ splits.mat say which): test scenes are skipped, never read.
 
 Resumable: each scene is converted into its own shard in OUT.partial/scenes/ (raw frames, then a
 marker written last); after a kill or Ctrl-C the same command keeps the finished scenes and redoes
-the rest. When every scene is done the shards are joined into OUT's single cache, so the disk holds
-the shards and the cache together for a while: twice the cache (375 KiB a frame each).
+the rest. Each scene is converted by a worker process of its own: one that dies (the out-of-memory
+killer) ends the run at once, in one line naming its scene. Progress: a bar on a terminal; in a
+log file (stderr not a terminal) a line per finished scene with the time left. When every scene
+is done the shards are joined into OUT's single cache, so the disk holds the shards and the cache
+together for a while: twice the cache (375 KiB a frame each).
 
     python nyu_dumps.py /data/nyu_raw --out nyu/raw_cache
     python nyu_dumps.py /data/bedrooms.zip /data/kitchens.zip ... --out nyu/raw_cache
@@ -39,12 +42,14 @@ import argparse
 import json
 import math
 import multiprocessing
+import multiprocessing.connection
 import os
 import posixpath
-import queue
 import re
 import shutil
+import signal
 import sys
+import time
 import zipfile
 import zlib
 from collections import Counter
@@ -463,7 +468,8 @@ def convert_scene(scene, shard_dir, projector=None):
     projector = projector or Projector()
     rgb_path, depth_path, marker = shard_paths(shard_dir, scene)
     damaged = []
-    with _ShardFile(rgb_path) as rgb_file, _ShardFile(depth_path) as depth_file:
+    with nyu_raw._ArrayFile(rgb_path, np.uint8) as rgb_file, \
+            nyu_raw._ArrayFile(depth_path, np.uint16) as depth_file:
         for depth_name, rgb_name in scene.pairs:
             try:
                 raw = read_depth(read_member(scene, depth_name), scene.path(depth_name))
@@ -483,44 +489,13 @@ def convert_scene(scene, shard_dir, projector=None):
     return counts
 
 
-class _ShardFile:
-    """A shard's frames, written front to back and fsynced; a write that fails is one line."""
-
-    def __init__(self, path):
-        self.path = path
-        try:
-            self.file = open(path, 'wb')
-        except OSError as e:
-            raise nyu_raw._WriteFailed(path, e) from None
-
-    def write(self, array):
-        try:
-            self.file.write(np.ascontiguousarray(array).data)
-        except OSError as e:
-            raise nyu_raw._WriteFailed(self.path, e) from None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, trace):
-        try:
-            if kind is None:
-                self.file.flush()
-                os.fsync(self.file.fileno())
-            self.file.close()
-        except OSError as e:
-            if kind is None:
-                raise nyu_raw._WriteFailed(self.path, e) from None
-
-
 def _write_json(path, value):
-    tmp = path + '.tmp'
-    try:
+    """`value` as JSON in `path`, written atomically; a failure is a _WriteFailed."""
+    def write(tmp):
         with open(tmp, 'w') as f:
             json.dump(value, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+    try:
+        files.atomic_write(path, write)
     except OSError as e:
         raise nyu_raw._WriteFailed(path, e) from None
 
@@ -543,20 +518,28 @@ def finished_shard(shard_dir, scene):
 # ----------------------------------------------------------------------------------------------
 # Running the scenes (in worker processes) and joining their shards
 
-def _worker_init(channel):
-    import signal
+def _worker_scene(channel, scene, shard_dir):
+    """One scene, in a worker process of its own: its progress and notes, then its counts (or its
+    error) go to `channel`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the main process stops the workers
     global _report
     _report = channel.put
+    try:
+        channel.put(('done', (scene.name, convert_scene(scene, shard_dir))))
+    except Exception as e:
+        channel.put(('error', e))
 
 
-def _worker_scene(scene, shard_dir):
-    return scene.name, convert_scene(scene, shard_dir)
+class _WorkerDied(Exception):
+    """A worker process ended without finishing its scene (the out-of-memory killer, a signal):
+    convert_dumps reports it in one line. Its args: the scene, the process's exit code."""
 
 
 def run_scenes(todo, shard_dir, workers, bar):
     """Convert the scenes of `todo` (their shards), in `workers` processes (0: here), updating
-    `bar` frame by frame and printing the notes; yields (name, counts) as scenes finish."""
+    `bar` frame by frame and printing the notes; yields (name, counts) as scenes finish. A worker
+    converts one scene and ends, so one that dies (the out-of-memory killer) is seen, with its
+    scene, at once: a pool would wait for it forever."""
     global _report
     if workers == 0 or len(todo) <= 1:
         _report = lambda item: _show(item, bar)
@@ -569,24 +552,39 @@ def run_scenes(todo, shard_dir, workers, bar):
         return
     context = multiprocessing.get_context('fork' if 'fork' in multiprocessing.get_all_start_methods()
                                           else 'spawn')
-    channel = context.Queue()
-    # the largest scenes first: the last ones to finish are then short
-    order = sorted(todo, key=lambda s: -len(s.pairs))
-    with context.Pool(min(workers, len(todo)), _worker_init, (channel,)) as pool:   # exit: terminate
-        pending = [pool.apply_async(_worker_scene, (scene, shard_dir)) for scene in order]
-        while pending:
-            try:
-                _show(channel.get(timeout=0.2), bar)
-            except queue.Empty:
-                pass
-            for result in [r for r in pending if r.ready()]:
-                pending.remove(result)
-                while True:   # the notes and progress sent before the result
-                    try:
-                        _show(channel.get_nowait(), bar)
-                    except queue.Empty:
-                        break
-                yield result.get()   # a worker's error is raised here
+    # a SimpleQueue's put is written before it returns: a worker's last words are in the queue
+    # when its process has ended
+    channel = context.SimpleQueue()
+    waiting = sorted(todo, key=lambda s: len(s.pairs))   # pop() takes the largest first: the
+    running, finished = {}, set()                       # last ones to finish are then short
+    try:
+        while waiting or running:
+            while waiting and len(running) < workers:
+                scene = waiting.pop()
+                process = context.Process(target=_worker_scene, args=(channel, scene, shard_dir),
+                                          daemon=True)
+                process.start()
+                running[process] = scene
+            multiprocessing.connection.wait([p.sentinel for p in running], timeout=0.2)
+            ended = [p for p in running if not p.is_alive()]   # before their messages are read
+            while not channel.empty():
+                kind, value = channel.get()
+                if kind == 'done':
+                    finished.add(value[0])
+                    yield value
+                elif kind == 'error':
+                    raise value   # a worker's error, raised here
+                else:
+                    _show((kind, value), bar)
+            for process in ended:
+                scene = running.pop(process)
+                process.join()
+                if scene.name not in finished:
+                    raise _WorkerDied(scene.name, process.exitcode)
+    finally:   # an error, a dead worker, Ctrl-C: the other workers are stopped
+        for process in running:
+            process.kill()
+            process.join()
 
 
 def _show(item, bar):
@@ -601,8 +599,8 @@ def convert_dumps(sources, out, labeled, splits, workers=4, progress=True):
     """The whole conversion: list and synchronise the training scenes, convert each into its
     shard (finished ones of an earlier run kept), then join them into OUT's cache with the
     counts in raw_cache.json. Returns the metadata written."""
-    # the partial folder holds the shards, and for a moment raw_cache.json's temporary file
-    out, tmp = nyu_raw.check_out(out, partial_extra={SCENES, nyu_raw.CACHE_META + '.tmp'})
+    # the partial folder also holds the shards
+    out, tmp = nyu_raw.check_out(out, partial_extra={SCENES})
     shard_dir = os.path.join(tmp, SCENES)
     joined = _joined(tmp)
     if joined is not None:   # an earlier run was stopped after joining its cache: finish that first
@@ -630,16 +628,23 @@ def convert_dumps(sources, out, labeled, splits, workers=4, progress=True):
         print(f'{len(scenes) - len(todo)} of {len(scenes)} scenes were converted by an earlier run '
               f'and are kept; converting the other {len(todo)}')
     bar = cli.progress(None, progress, total=frames_todo, desc='converting', unit='frame')
+    frames_done, start = 0, time.perf_counter()
     try:
         for name, done in run_scenes(todo, shard_dir, workers, bar):
             counts[name] = done
+            frames_done += done['matched']
+            if progress and bar.disable:   # no bar (stderr is a log file or a pipe): a line
+                # per scene instead
+                print(_scene_line(name, done, counts, frames_done / max(frames_todo, 1),
+                                  time.perf_counter() - start), flush=True)
     except nyu_raw._WriteFailed as e:
         raise cli.UserError(_write_failed(out, tmp, e)) from None
+    except _WorkerDied as e:
+        raise cli.UserError(f'{out}: {_worker_died(*e.args)}; {_kept(counts, shard_dir)} (with '
+                            f'fewer --workers than {workers} if memory ran out)') from None
     except KeyboardInterrupt:
         bar.close()
-        finished = sum(c is not None for c in counts.values())
-        print(f'{finished} of {len(scenes)} scenes are converted and kept in {shard_dir}; the same '
-              f'command goes on from there', file=sys.stderr)
+        print(_kept(counts, shard_dir), file=sys.stderr)
         raise
     finally:
         bar.close()
@@ -650,6 +655,34 @@ def convert_dumps(sources, out, labeled, splits, workers=4, progress=True):
         raise cli.UserError(_write_failed(out, tmp, e)) from None
     _swap_in(out, tmp, shard_dir)
     return meta
+
+
+def _scene_line(name, done, counts, share, elapsed):
+    """A finished scene, the scenes done and the time left (from the share of this run's frames
+    converted so far)."""
+    left = f'about {cli.clock(elapsed * (1 - share) / share)}' if share else 'unknown time'
+    return (f'converted {name}: {done["kept"]} frames kept ({_scenes_done(counts)} done, '
+            f'{cli.clock(elapsed)} elapsed, {left} left)')
+
+
+def _scenes_done(counts):
+    return f'{sum(c is not None for c in counts.values())} of {len(counts)} scenes'
+
+
+def _kept(counts, shard_dir):
+    return (f'{_scenes_done(counts)} are converted and kept in {shard_dir}; the same command goes '
+            f'on from there')
+
+
+def _worker_died(scene, exitcode):
+    """What ended a worker process (a negative exit code: the signal that killed it)."""
+    if exitcode < 0:
+        how = f'was killed by {signal.Signals(-exitcode).name}'
+        if -exitcode == signal.SIGKILL:
+            how += ' (as the out-of-memory killer does)'
+    else:
+        how = f'ended with exit status {exitcode}'
+    return f'the worker process converting scene {scene} {how}'
 
 
 def _write_failed(out, tmp, error):
@@ -681,23 +714,16 @@ def _join(scenes, counts, shard_dir, tmp, meta):
     """The shards, in scene order, into tmp/images.npy and depths_mm.npy, then raw_cache.json
     (written last: with it the joined cache is complete)."""
     n = len(meta['scenes'])
-    arrays = [nyu_raw._NpyFile(os.path.join(tmp, 'images.npy'), np.uint8, (n, 240, 320, 3)),
-              nyu_raw._NpyFile(os.path.join(tmp, meta['depth_file']), np.uint16, (n, 240, 320))]
-    try:
+    with nyu_raw._NpyFile(os.path.join(tmp, 'images.npy'), np.uint8, (n, 240, 320, 3)) as images, \
+            nyu_raw._NpyFile(os.path.join(tmp, meta['depth_file']), np.uint16, (n, 240, 320)) as depths:
         for scene in scenes:
             kept = counts[scene.name]['kept']
-            for array, path, shape in zip(arrays, shard_paths(shard_dir, scene)[:2],
+            for array, path, shape in zip((images, depths), shard_paths(shard_dir, scene)[:2],
                                           ((240, 320, 3), (240, 320))):
                 data = np.memmap(path, array.dtype, 'r', shape=(kept,) + shape) if kept else []
                 for start in range(0, kept, nyu_raw.LOAD_CHUNK):
                     array.write(np.asarray(data[start:start + nyu_raw.LOAD_CHUNK]))
                 del data
-        for array in arrays:
-            array.close()
-    except BaseException:
-        for array in arrays:
-            array.discard()
-        raise
     _write_json(os.path.join(tmp, nyu_raw.CACHE_META), meta)
 
 
@@ -727,13 +753,18 @@ def _swap_in(out, tmp, shard_dir):
 def summary(meta):
     """The per-scene and total counts, as printed at the end."""
     d = meta['dumps']
-    head = f'{"scene":<28}{"depth":>8}{"matched":>9}{"1-to-many":>11}{"damaged":>9}{"kept":>8}'
-    rows = [head] + [f'{name:<28}{c["depth_frames"]:>8}{c["matched"]:>9}'
-                     f'{c["dropped_one_to_many"]:>11}{c["damaged"]:>9}{c["kept"]:>8}'
-                     for name, c in d['per_scene'].items()]
+
+    def row(label, depth, matched, one_to_many, damaged, kept):
+        return f'{label:<28}{depth:>8}{matched:>9}{one_to_many:>11}{damaged:>9}{kept:>8}'
+
+    def counted(label, c):
+        return row(label, *(c[k] for k in ('depth_frames', 'matched', 'dropped_one_to_many',
+                                           'damaged', 'kept')))
+
+    rows = [row('scene', 'depth', 'matched', '1-to-many', 'damaged', 'kept')]
+    rows += [counted(name, c) for name, c in d['per_scene'].items()]
     t = d['total']
-    rows.append(f'{"total (" + str(len(d["per_scene"])) + " scenes)":<28}{t["depth_frames"]:>8}'
-                f'{t["matched"]:>9}{t["dropped_one_to_many"]:>11}{t["damaged"]:>9}{t["kept"]:>8}')
+    rows.append(counted(f'total ({len(d["per_scene"])} scenes)', t))
     rows.append(f'{t["kept"]:,} frames kept (the paper: {PAPER_FRAMES // 1000}K unique frames of 249 '
                 f'training scenes); depth frames whose RGB frame was matched to another depth frame '
                 f'are dropped')

@@ -380,13 +380,16 @@ def check_out(out, partial_extra=frozenset()):
     checked before any work (one line each): a path where no folder can be written (empty, a file
     at or above it, no permission, a read-only file system) or a folder that is not a cache.
     partial_extra: the names a conversion may also keep in the temporary folder (nyu_dumps: its
-    per-scene shards). Returns both, normalised."""
+    per-scene shards). What files.atomic_write leaves of a cache file when it is killed
+    (<name>.tmp<pid>) is no reason to refuse. Returns both, normalised."""
     files.check_out_folder(out)
     out = os.path.normpath(out)
     tmp = out + '.partial'
     for folder, allowed in ((out, CACHE_FILES), (tmp, CACHE_FILES | set(partial_extra))):
         files.check_out_folder(folder)
-        if os.path.isdir(folder) and not set(os.listdir(folder)) <= allowed:
+        temporaries = tuple(name + files.TEMPORARY for name in allowed)   # prefixes
+        if os.path.isdir(folder) and not all(name in allowed or name.startswith(temporaries)
+                                             for name in os.listdir(folder)):
             raise cli.DataError(f'{folder}: is a folder, but not a cache; --out names a new or '
                                 f'empty folder, or a cache to replace (nothing was deleted)')
     return out, tmp
@@ -412,33 +415,16 @@ class _WriteFailed(Exception):
     partial cache and reports it in one line."""
 
 
-class _NpyFile:
-    """An .npy array written front to back with plain file writes, its whole size reserved on
-    disk first (posix_fallocate). A full disk or quota is then an OSError at the start, or at the
-    latest at a write: never the SIGBUS (no message, the process killed) that a memory map gives
-    when one of its pages cannot be backed by the file system."""
+class _ArrayFile:
+    """Arrays of one dtype written front to back with plain file writes (nyu_dumps' shards: the
+    frames one after another, no header); a write that fails is a _WriteFailed. As a context
+    manager: closed (fsynced) at the end, discarded on an error."""
 
-    def __init__(self, path, dtype, shape):
+    def __init__(self, path, dtype):
         self.path, self.dtype = path, np.dtype(dtype)
         try:
             self.file = open(path, 'wb')
         except OSError as e:
-            raise _WriteFailed(path, e) from None
-        try:
-            np.lib.format.write_array_header_1_0(self.file, {
-                'descr': np.lib.format.dtype_to_descr(self.dtype), 'fortran_order': False,
-                'shape': tuple(shape)})
-            self.file.flush()
-            size = self.file.tell() + math.prod(shape) * self.dtype.itemsize
-            try:
-                os.posix_fallocate(self.file.fileno(), 0, size)
-            except AttributeError:   # not on this system (macOS, Windows): the writes will tell
-                pass
-            except OSError as e:
-                if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                    raise            # ENOSPC, EDQUOT, EIO; the others: no reservation here
-        except OSError as e:
-            self.discard()
             raise _WriteFailed(path, e) from None
 
     def write(self, array):
@@ -462,6 +448,41 @@ class _NpyFile:
             self.file.close()
         except OSError:   # its flush fails as the write did
             pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, trace):
+        if kind is None:
+            self.close()
+        else:
+            self.discard()
+
+
+class _NpyFile(_ArrayFile):
+    """An .npy array written front to back with plain file writes, its whole size reserved on
+    disk first (posix_fallocate). A full disk or quota is then an OSError at the start, or at the
+    latest at a write: never the SIGBUS (no message, the process killed) that a memory map gives
+    when one of its pages cannot be backed by the file system."""
+
+    def __init__(self, path, dtype, shape):
+        super().__init__(path, dtype)
+        try:
+            np.lib.format.write_array_header_1_0(self.file, {
+                'descr': np.lib.format.dtype_to_descr(self.dtype), 'fortran_order': False,
+                'shape': tuple(shape)})
+            self.file.flush()
+            size = self.file.tell() + math.prod(shape) * self.dtype.itemsize
+            try:
+                os.posix_fallocate(self.file.fileno(), 0, size)
+            except AttributeError:   # not on this system (macOS, Windows): the writes will tell
+                pass
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    raise            # ENOSPC, EDQUOT, EIO; the others: no reservation here
+        except OSError as e:
+            self.discard()
+            raise _WriteFailed(path, e) from None
 
 
 class DepthCheck:

@@ -134,10 +134,10 @@ class StageLog:
         self.bar.set_postfix(loss=f'{mean_loss:.4f}', samples_s=f'{rate:.1f}')
         last = self.step == self.total_steps
         if self.print_lines and (last or time.monotonic() - self.last_line >= a.print_every):
-            eta = round((self.total_steps - self.step) * elapsed / self.steps_here)
+            eta = (self.total_steps - self.step) * elapsed / self.steps_here
             print(f'{self.stage} step {self.step}/{self.total_steps} '
                   f'({self.step * a.batch_size} samples): loss {mean_loss:.4f}, '
-                  f'samples_s={rate:.1f}, ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}',
+                  f'samples_s={rate:.1f}, ETA {cli.clock(eta)}',
                   flush=True)
             self.last_line = time.monotonic()
 

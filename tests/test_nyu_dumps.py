@@ -4,9 +4,13 @@ accelerometer's .dump, INDEX.txt, the real file naming), as folders and as a zip
 synchronisation, the projection (checked against camera_params.m's numbers, written out here), the
 counts, resuming, the one-line reports of bad input."""
 import json
+import multiprocessing
+import os
 import re
 import shutil
+import signal
 import struct
+import time
 import zipfile
 
 import numpy as np
@@ -29,6 +33,8 @@ R_NUMBERS = [9.9997798940829263e-01, 5.0518419386157446e-03, 4.3011152014118693e
              -5.0359919480810989e-03, 9.9998051861143999e-01, -3.6879781309514218e-03,
              -4.3196624923060242e-03, 3.6662365748484798e-03, 9.9998394948385538e-01]
 T_X, T_Y, T_Z = 2.5031875059141302e-02, 6.6238747008330102e-04, -2.9342312935846411e-04
+K_D = (-9.9897236553084481e-02, 3.9065324602765344e-01, 1.9290592870229277e-03,
+       -1.9422022475975055e-03, -5.1031725053400578e-01)   # the depth camera's k1, k2, p1, p2, k3
 
 
 def metres(raw):
@@ -48,6 +54,18 @@ def rgb_pixel(u, v, z):
     q = np.tensordot(rot, p, 1) + np.array([T_X, T_Z, T_Y]).reshape((3,) + (1,) * u.ndim)
     x, y = q[0] * FX_RGB / q[2] + CX_RGB, q[1] * FY_RGB / q[2] + CY_RGB
     return np.floor(y + 0.5).astype(int) - 1, np.floor(x + 0.5).astype(int) - 1
+
+
+def depth_source(x, y):
+    """undistort.m with the depth camera's numbers: where the undistorted depth image's pixel
+    (x, y) (0-based column and row) is read in the recorded one, (column, row)."""
+    xn, yn = (x - CX_D) / FX_D, (y - CY_D) / FY_D
+    k1, k2, p1, p2, k3 = K_D
+    r2 = xn ** 2 + yn ** 2
+    radial = 1 + k1 * r2 + k2 * r2 ** 2 + k3 * r2 ** 3
+    xd = xn * radial + 2 * p1 * xn * yn + p2 * (r2 + 2 * xn ** 2)
+    yd = yn * radial + p1 * (r2 + 2 * yn ** 2) + 2 * p2 * xn * yn
+    return FX_D * xd + CX_D, FY_D * yd + CY_D
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,17 +136,30 @@ def zip_folder(folder, path):
     return path
 
 
-@pytest.fixture
-def dumps(tmp_path):
+def write_dumps(folder):
     """The raw root with the two training scenes, and a labeled file + splits.mat naming them as
     training scenes and office_0003 as a test scene."""
-    root = tmp_path / 'nyu_raw'
+    root = folder / 'nyu_raw'
     for scene, (depth_times, rgb_times, raws) in SCENES.items():
         write_scene(root / scene, depth_times, rgb_times, raws)
-    labeled, splits = tmp_path / 'labeled.mat', tmp_path / 'splits.mat'
+    labeled, splits = folder / 'labeled.mat', folder / 'splits.mat'
     write_nyu_like(labeled, 3, ['bedroom_0001', 'kitchen_0002', 'office_0003'])
     scipy.io.savemat(splits, {'trainNdxs': np.array([[1.0], [2.0]]), 'testNdxs': np.array([[3.0]])})
     return root, labeled, splits
+
+
+@pytest.fixture
+def dumps(tmp_path):
+    return write_dumps(tmp_path)
+
+
+@pytest.fixture(scope='module')
+def whole(tmp_path_factory):
+    """The cache of an uninterrupted conversion of the dumps (cache_bytes), made once."""
+    folder = tmp_path_factory.mktemp('whole')
+    root, labeled, splits = write_dumps(folder)
+    convert(root, folder / 'cache', labeled, splits)
+    return cache_bytes(folder / 'cache')
 
 
 def convert(sources, out, labeled, splits, workers=0):
@@ -178,6 +209,29 @@ def test_a_flat_wall_lands_where_the_camera_numbers_put_it():
     assert (rgb[200:280, 280:360] == colour(1)[0, 0]).all() and (rgb == 255).all(-1).any()
 
 
+def test_a_slanted_surface_lands_pixel_by_pixel_where_the_camera_numbers_put_it():
+    """A surface whose raw value grows by one a pixel to the right and one down, 0.7 to 10 m
+    across a diagonal band: neighbouring pixels differ by millimetres, so a point put even a
+    fraction of a pixel off (a swapped t_y and t_z moves it ~0.3 px) leaves another depth there."""
+    y, x = np.mgrid[:H, :W]
+    raw = (200 + x + y).astype(np.uint16)
+    depth, _ = nyu_dumps.Projector()(raw, colour(0))
+    # where each undistorted pixel is read: a bilinear blend of a linear ramp is the ramp there
+    sx, sy = depth_source(x, y)
+    raw_there = 200 + sx + sy
+    kept = (sx >= 0) & (sx < W - 1) & (sy >= 0) & (sy < H - 1) & (raw_there >= 600) & (
+        raw_there < 1092.5)   # read inside the image; 600 and up; a positive depth
+    z = np.minimum(metres(raw_there[kept]), 10.0)
+    rows, cols = rgb_pixel(x[kept] + 1, y[kept] + 1, z)
+    inside = (rows >= 0) & (rows < H - 1) & (cols >= 0) & (cols < W - 1)
+    expected = np.full((H, W), np.inf)
+    np.minimum.at(expected, (rows[inside], cols[inside]), z[inside])   # the nearest point wins
+    expected[np.isinf(expected)] = 0
+    crop = np.s_[40:H - 40, 40:W - 40]   # clear of the image's edges
+    assert (expected[crop] > 0).sum() > 100_000
+    np.testing.assert_allclose(depth[crop], expected[crop], rtol=1e-9)
+
+
 def test_of_two_surfaces_on_one_pixel_the_nearer_is_kept():
     raw = wall(1000)                                  # 3.80 m away
     raw[:, 300:340] = 700                             # a post 0.895 m away
@@ -215,6 +269,14 @@ def test_dumps_become_the_training_cache_the_same_from_folders_and_zip(dumps, tm
     assert meta['total'] == {'depth_frames': 6, 'rgb_frames': 6, 'matched': 4,
                              'dropped_one_to_many': 2, 'damaged': 0, 'kept': 4}
     assert 'total (2 scenes)' in printed and '4 frames kept (the paper: 120K' in printed
+    # stderr is no terminal here: no bar, a line per scene, the time left from the frames left
+    assert re.search(r'^converted bedroom_0001: 2 frames kept \(1 of 2 scenes done, 0:00:0\d '
+                     r'elapsed, about 0:00:0\d left\)\nconverted kitchen_0002a: 2 frames kept '
+                     r'\(2 of 2 scenes done, 0:00:0\d elapsed, about 0:00:00 left\)$', printed,
+                     re.M), printed
+    # a quarter of the frames in 10 min: 30 min left
+    assert nyu_dumps._scene_line('a', {'kept': 7}, {'a': {}, 'b': None, 'c': None}, 0.25, 600) == \
+        'converted a: 7 frames kept (1 of 3 scenes done, 0:10:00 elapsed, about 0:30:00 left)'
     # the same bytes from the official zip form, read in place, in two worker processes
     archive = zip_folder(root, tmp_path / 'nyu_raw.zip')
     assert convert(archive, tmp_path / 'from_zip', labeled, splits, workers=2) == 0
@@ -222,27 +284,58 @@ def test_dumps_become_the_training_cache_the_same_from_folders_and_zip(dumps, tm
     assert not (tmp_path / 'from_zip.partial').exists()
 
 
-@pytest.mark.slow   # a conversion of ~2 s
-def test_a_killed_conversion_goes_on_to_the_same_cache(dumps, tmp_path, monkeypatch):
+def _ctrl_c(scene, shards, real, *args):
+    """Ctrl-C while this process writes the second scene: half a shard is left."""
+    if scene.name == 'kitchen_0002a':
+        (shards / f'{scene.name}.rgb').write_bytes(b'half')
+        raise KeyboardInterrupt
+    return real(scene, *args)
+
+
+def _killed_worker(scene, shards, real, *args):
+    """The worker converting the second scene is killed (SIGKILL, as by the out-of-memory killer)
+    once the first scene's worker has finished it."""
+    if scene.name == 'kitchen_0002a':
+        for _ in range(1000):   # at most 10 s
+            if (shards / 'bedroom_0001.json').exists():
+                break
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(scene, *args)
+
+
+# how the first run is stopped: (what converts a scene, --workers, what the run ends with)
+KILLS = {'ctrl-c': (_ctrl_c, 0, KeyboardInterrupt),
+         'worker killed': (_killed_worker, 2, cli.UserError)}
+
+
+@pytest.mark.slow   # conversions of ~1 s
+@pytest.mark.parametrize('kill', list(KILLS))
+def test_a_killed_conversion_goes_on_to_the_same_cache(kill, dumps, whole, tmp_path, monkeypatch):
     root, labeled, splits = dumps
-    convert(root, tmp_path / 'whole', labeled, splits)
+    stopped, workers, ending = KILLS[kill]
+    shards = tmp_path / 'cache.partial' / 'scenes'
+    if workers and 'fork' not in multiprocessing.get_all_start_methods():
+        pytest.skip('the workers must be forked to inherit the patched convert_scene')
     real, calls = nyu_dumps.convert_scene, []
-
-    def killed_after_one(scene, *args):
-        calls.append(scene.name)
-        if len(calls) == 2:   # killed while writing the second scene: half a shard left
-            (tmp_path / 'cache.partial' / 'scenes' / f'{scene.name}.rgb').write_bytes(b'half')
-            raise KeyboardInterrupt
-        return real(scene, *args)
-
-    monkeypatch.setattr(nyu_dumps, 'convert_scene', killed_after_one)
-    with pytest.raises(KeyboardInterrupt):
-        convert(root, tmp_path / 'cache', labeled, splits)
-    assert (tmp_path / 'cache.partial' / 'scenes' / 'bedroom_0001.json').exists()
-    calls.clear()
+    monkeypatch.setattr(nyu_dumps, 'convert_scene',
+                        lambda scene, *args: stopped(scene, shards, real, *args))
+    with pytest.raises(ending) as e:
+        convert(root, tmp_path / 'cache', labeled, splits, workers=workers)
+    if ending is cli.UserError:   # one line, at once: not a wait for the dead worker
+        assert re.fullmatch(r'\S+cache: the worker process converting scene kitchen_0002a was killed '
+                            r'by SIGKILL \(as the out-of-memory killer does\); 1 of 2 scenes are '
+                            r'converted and kept in \S+cache.partial/scenes; the same command goes '
+                            r'on from there \(with fewer --workers than 2 if memory ran out\)',
+                            one_line(e)), one_line(e)
+    assert (shards / 'bedroom_0001.json').exists()
+    # what files.atomic_write leaves when killed while writing raw_cache.json: no reason to refuse
+    (tmp_path / 'cache.partial' / 'raw_cache.json.tmp4242').write_text('{"half')
+    monkeypatch.setattr(nyu_dumps, 'convert_scene',
+                        lambda scene, *args: calls.append(scene.name) or real(scene, *args))
     assert convert(root, tmp_path / 'cache', labeled, splits) == 0
     assert calls == ['kitchen_0002a']                  # the finished scene was kept
-    assert cache_bytes(tmp_path / 'cache') == cache_bytes(tmp_path / 'whole')
+    assert cache_bytes(tmp_path / 'cache') == whole
 
 
 def _truncate(root):
