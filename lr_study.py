@@ -22,8 +22,9 @@ net written in the authors' units (authors_ratios; 1: the authors' step).
 model/coarse.pth with --coarse, else trained here as the demo trains it) at the paper's rates for
 --longer x its samples, then with each fine layer's rate / 10 in turn; every 2 steps the
 validation frames and as many training frames scored (the loss, sc-inv, the prediction's log
-scale and how far it moved). A table and model/fine_stage.png (+ .json; docs/fine_stage.png is its figure): docs/fine_stage.md (32 minutes on
-2 shared CPU cores).
+scale and how far it moved). A table by ranges of the demo's fine samples and
+model/fine_stage.png (+ .json; docs/fine_stage.png is its figure): docs/fine_stage.md (32
+minutes on 2 shared CPU cores).
 
 The runs: each variant as train.py builds it (coarse1-5 in the authors' units: 0..255 inputs,
 features x 0.01); '*-std-units', the paper and alexnet variants as they were before (coarse input
@@ -60,12 +61,17 @@ def scaled(variant, name, **scaling):
     return dataclasses.replace(variant, name=name, **scaling)
 
 
+def mean_std(std):
+    """One number for a coarse_std: a per-channel std's mean."""
+    return sum(std) / len(std) if isinstance(std, tuple) else std
+
+
 def std_units(variant, name, std, **scaling):
     """The variant with its coarse input divided by its std (coarse1-5 in units of the std, not
     the authors'), the features x 0.01 x std unless said otherwise: the same net at the start
     (zero biases), other steps on coarse1-5's biases."""
-    mean_std = sum(std) / len(std) if isinstance(std, tuple) else std
-    return scaled(variant, name, coarse_std=std, **{'feature_scale': 0.01 * mean_std, **scaling})
+    return scaled(variant, name, coarse_std=std,
+                  **{'feature_scale': 0.01 * mean_std(std), **scaling})
 
 
 RUNS = {
@@ -97,12 +103,9 @@ def study(variant, train_frames, val_frames, samples, batch, val_every, seed, sh
     coarse = GlobalCoarseNet(variant)
     conv_weights = 'random'
     if variant.coarse_convs == 'alexnet' and os.path.isfile(net.imagenet_weights()[1]):
-        net.load_imagenet_convs(coarse)   # only from the cache: this script never downloads
+        # only from the cache: this script never downloads; the biases in the variant's units
+        net.load_imagenet_convs(coarse)
         conv_weights = 'ImageNet'
-        if variant.coarse_std == net.IMAGENET_STD:   # input in torchvision's units: so the biases
-            with torch.no_grad():
-                for layer in net.COARSE_CONVS:
-                    getattr(coarse, layer)[0].bias /= net.IMAGENET_UNIT
     optimizer = train.make_optimizer(coarse, variant)
     steps = samples // batch
     order = util.SampleOrder(len(train_frames), seed)
@@ -349,13 +352,20 @@ def summary(name, variant, result):
     half = rows[len(rows) // 2:]
     tenth = max(1, len(rows) // 10)
     med = lambda key, rs: float(np.median([r[key] for r in rs]))
-    std = variant.coarse_std
-    unit = sum(std) / len(std) if isinstance(std, tuple) else std
-    return (f"| {name} | {unit:.3g} | {variant.feature_scale:.3g} | {variant.log_depth_std:.3f} | {result['conv_weights']} "
+    return (f"| {name} | {mean_std(variant.coarse_std):.3g} | {variant.feature_scale:.3g} | {variant.log_depth_std:.3f} | {result['conv_weights']} "
             f"| {med('loss', rows[:tenth]):.3f} -> {med('loss', rows[-tenth:]):.3f} "
             f"| {float(np.median([abs(r['mean_error']) for r in rows[-tenth:]])):.3f} "
             f"| {med('coarse6', half):.1e} | {med('coarse7', half):.1e} "
             f"| {result['val'][-1][1]:.3f} | {result['one_step']:.2g} |")
+
+
+def smoothed(losses):
+    """(step, mean of the SMOOTH steps up to it); a run of fewer than 2 x SMOOTH steps averages
+    half its steps (rounded up), so that its curve still has points to join. The first step
+    returned is the window."""
+    window = min(SMOOTH, (len(losses) + 1) // 2)
+    mean = np.convolve(losses, np.ones(window) / window, 'valid')
+    return np.arange(window, len(losses) + 1), mean
 
 
 def plot(results, path):
@@ -363,12 +373,13 @@ def plot(results, path):
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for name, result in results.items():
         s = [r['samples'] for r in result['rows']]
-        loss = np.convolve([r['loss'] for r in result['rows']], np.ones(SMOOTH) / SMOOTH, 'valid')
-        line, = axes[0].plot(s[SMOOTH - 1:], loss, lw=1, label=name)
+        step, loss = smoothed([r['loss'] for r in result['rows']])
+        window = step[0]   # the same in every run: each has as many steps
+        line, = axes[0].plot([s[i - 1] for i in step], loss, lw=1, label=name)
         axes[0].plot(*zip(*[(v[0], v[1] ** 2) for v in result['val']]), 'o--', color=line.get_color(), ms=3)
         axes[1].semilogy(s, [r['coarse6'] for r in result['rows']], lw=0.8, color=line.get_color())
         axes[2].semilogy(s, [r['coarse7'] for r in result['rows']], lw=0.8, color=line.get_color())
-    axes[0].set_title(f'training loss (Eq. 4, mean of {SMOOTH} steps); dots: val. sc-inv$^2$')
+    axes[0].set_title(f'training loss (Eq. 4, mean of {window} steps); dots: val. sc-inv$^2$')
     axes[1].set_title('coarse6: |update| / |weights| per step')
     axes[2].set_title('coarse7: |update| / |weights| per step')
     for ax in axes:
@@ -378,6 +389,22 @@ def plot(results, path):
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def without_nets(runs):
+    """The runs without their trained nets: what the JSON beside the plot holds."""
+    return {name: {k: v for k, v in run.items() if k != 'net'} for name, run in runs.items()}
+
+
+def save(draw, result, saved, path):
+    """draw(result, path) draws the plot; `saved` (every step) goes into the JSON beside it.
+    Returns the line that names both."""
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    draw(result, path)
+    json_path = os.path.splitext(path)[0] + '.json'
+    with open(json_path, 'w') as f:
+        json.dump(saved, f)
+    return f'plot: {path}; every step in {json_path}'
 
 
 def print_rate_tables():
@@ -557,44 +584,48 @@ def fine_study(coarse_path, longer, val_every, probe_frames, fine_samples=None, 
             'batch': calls.args.batch_size, 'val_every': val_every}
 
 
-def fine_summary(name, run, upto, batch):
-    """One table line of a run's first `upto` steps."""
-    rows = run['rows'][:upto]
-    points = [p for p in run['points'] if p['samples'] <= upto * batch]
-    tenth = max(1, len(rows) // 10)
-    val = [p['val']['loss'] for p in points]
-    jumps = np.abs(np.diff(val))
-    probe_jumps = np.abs(np.diff([p['probe']['loss'] for p in points]))
-    moves = [p['val']['move'] for p in points[1:]]
-    offsets = [abs(p['val']['move_offset']) for p in points[1:]]
-    return (f"| {name} | {upto * batch:,} "
-            f"| {np.median(rows[:tenth]):.3f} -> {np.median(rows[-tenth:]):.3f} "
-            f"| {val[0]:.4f} -> {val[-1]:.4f} | {min(val):.3f} - {max(val):.3f} "
-            f"| {np.median(jumps):.4f} ({np.max(jumps):.3f}) | {np.median(probe_jumps):.4f} "
-            f"| {np.median(moves):.3f} ({np.median(offsets):.3f}) "
-            f"| {points[-1]['val']['offset']:+.3f} | {points[-1]['val']['sc_inv']:.3f} |")
+def fine_summary(name, samples, points, rows):
+    """One table line: a run's validations (points) and training losses (rows) in one range of
+    fine samples (first, last)."""
+    val = np.array([p['val']['loss'] for p in points])
+    jumps = np.abs(np.diff(val))   # between the range's validations
+    moves = [p['val']['move'] for p in points]
+    common = [abs(p['val']['move_offset']) for p in points]
+    return (f"| {name} | {samples[0]:,}-{samples[1]:,} "
+            f"| {val.mean():.4f} ({val.std():.4f}) | {val.min():.3f} - {val.max():.3f} "
+            f"| {f'{np.median(jumps):.3f} ({jumps.max():.3f})' if len(jumps) else '-'} "
+            f"| {np.mean([p['val']['sc_inv'] for p in points]):.3f} "
+            f"| {np.std([p['val']['offset'] for p in points]):.3f} "
+            f"| {np.median(moves):.3f} ({np.median(common):.3f}) "
+            f"| {np.std([p['probe']['loss'] for p in points]):.4f} "
+            f"| {np.mean(rows):.3f} "
+            f"| {val[-1]:.4f} ({points[-1]['val']['sc_inv']:.3f}) |")
 
 
 def fine_table(result):
+    """docs/fine_stage.md's table: the coarse net alone, then each run by ranges of the demo's
+    fine samples, over the validations in each range (an sd divides by their number)."""
     steps, batch = result['steps'], result['batch']
-    lines = ['| run | fine samples | training loss, first -> last tenth (median) '
-             '| val loss (Eq. 4), start -> end | val loss, min - max '
-             '| val loss change between validations, median (largest) '
-             '| probe loss change, median | RMS move of the val prediction between validations, '
-             'median (its mean part) | val mean log error, end | val sc-inv, end |',
-             '|---|---|---|---|---|---|---|---|---|---|']
-    for name, run in result['runs'].items():
-        if len(run['rows']) > steps:
-            lines.append(fine_summary(name, run, steps, batch))
-        lines.append(fine_summary(name, run, len(run['rows']), batch))
+    runs = result['runs']
+    # the runs' first scoring, before any step: the pass-through fine net gives the coarse map
+    start = next(iter(runs.values()))['points'][0]['val']
+    lines = ['| run | fine samples | val loss (Eq. 4), mean (sd) | val loss, min - max '
+             '| val loss change between validations, median (largest) | val sc-inv, mean '
+             '| val mean log error, sd '
+             f"| RMS move of the val prediction per {result['val_every']} steps (its mean part) "
+             f"| {result['frames'][2]} training frames' loss, sd | training loss, mean "
+             '| val loss, last (sc-inv) |',
+             '|---|---|---|---|---|---|---|---|---|---|---|',
+             f"| coarse net alone | - | {result['coarse']['loss']:.4f} | - | - "
+             f"| {result['coarse']['si_log']:.3f} | ({start['offset']:.3f}) | - | - | - | - |"]
+    for first in range(0, max(len(run['rows']) for run in runs.values()), steps):
+        for name, run in runs.items():
+            last = min(first + steps, len(run['rows']))
+            points = [p for p in run['points'] if first * batch < p['samples'] <= last * batch]
+            if points:   # none past the run's end, or with --fine-val-every above the demo's steps
+                lines.append(fine_summary(name, (first * batch + 1, last * batch), points,
+                                          run['rows'][first:last]))
     return '\n'.join(lines)
-
-
-def smoothed(losses):
-    """(step, mean of the SMOOTH steps up to it), fewer steps when the run has fewer."""
-    window = min(SMOOTH, len(losses))
-    mean = np.convolve(losses, np.ones(window) / window, 'valid')
-    return np.arange(window, len(losses) + 1), mean
 
 
 def plot_fine(result, path):
@@ -611,6 +642,7 @@ def plot_fine(result, path):
                       color=line.get_color())
         step, loss = smoothed(run['rows'][:steps])
         a_train.plot(step * batch, loss, lw=1, color=line.get_color())
+        window = step[0]   # the same in every run: each is cut to `steps`
     long_name, long_run = next(iter(result['runs'].items()))
     s = [p['samples'] for p in long_run['points']]
     a_long.plot(s, [p['val']['loss'] for p in long_run['points']], '.-', lw=0.8, ms=3,
@@ -618,12 +650,11 @@ def plot_fine(result, path):
     a_long.plot(s, [p['probe']['loss'] for p in long_run['points']], '.-', lw=0.8, ms=3,
                 label=f"{result['frames'][2]} training frames, centre crop")
     step, loss = smoothed(long_run['rows'])
-    a_long.plot(step * batch, loss, lw=1,
-                label=f'training loss (mean of {SMOOTH} steps)')
+    a_long.plot(step * batch, loss, lw=1, label=f'training loss (mean of {step[0]} steps)')
     for ax in (a_val, a_long):
         ax.axhline(coarse_loss, color='k', ls='--', lw=0.8, label='coarse net alone (val)')
     a_val.set_title("validation loss (Eq. 4) at every validation; dashed: the coarse net alone")
-    a_train.set_title(f'training loss (Eq. 4, mean of {SMOOTH} steps)')
+    a_train.set_title(f'training loss (Eq. 4, mean of {window} steps)')
     a_long.set_title(f"{long_name}: {len(long_run['rows']) * batch:,} fine samples "
                      f"({len(long_run['rows']) * batch // (steps * batch)}x the demo's)")
     a_offset.set_title('validation: mean log error (prediction - target), the log scale')
@@ -647,22 +678,15 @@ def report_fine(args):
           f"({result['steps'] * result['batch']} samples), "
           f"scored every {args.fine_val_every} steps on the validation frames and on {n_probe} "
           f"training frames (centre crop)")
-    print(f"coarse net alone: val loss {result['coarse']['loss']:.4f}, "
-          f"sc-inv {result['coarse']['si_log']:.3f}")
     print(fine_table(result))
     for name, (first, second, own) in result['check'].items():
         print(f'{name}: train.validate on the final nets twice: {first:.6f}, {second:.6f}; '
               f'the study\'s scoring: {own:.6f}')
     for name, run in result['runs'].items():
         print(f"{name}: {run['seconds']:.0f} s")
-    os.makedirs(os.path.dirname(args.plot) or '.', exist_ok=True)
-    plot_fine(result, args.plot)
-    with open(os.path.splitext(args.plot)[0] + '.json', 'w') as f:
-        runs = {n: {k: v for k, v in r.items() if k != 'net'} for n, r in result['runs'].items()}
-        json.dump({'runs': runs,
-                   **{k: v for k, v in result.items() if k != 'runs'}}, f)
-    print(f'plot: {args.plot}; every step in {os.path.splitext(args.plot)[0]}.json; '
-          f'{time.perf_counter() - t0:.0f} s in all')
+    saved = {'runs': without_nets(result['runs']),
+             **{k: v for k, v in result.items() if k != 'runs'}}
+    print(f'{save(plot_fine, result, saved, args.plot)}; {time.perf_counter() - t0:.0f} s in all')
 
 
 def main(argv=None):
@@ -729,11 +753,7 @@ def main(argv=None):
         print(summary(name, RUNS[name], result))
     print()
     print_rate_tables()
-    os.makedirs(os.path.dirname(args.plot) or '.', exist_ok=True)
-    plot(results, args.plot)
-    with open(os.path.splitext(args.plot)[0] + '.json', 'w') as f:
-        json.dump({name: {k: v for k, v in r.items() if k != 'net'} for name, r in results.items()}, f)
-    print(f'plot: {args.plot}; every step in {os.path.splitext(args.plot)[0]}.json')
+    print(save(plot, results, without_nets(results), args.plot))
     return 0
 
 

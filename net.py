@@ -344,9 +344,13 @@ def load_imagenet_convs(net):
                             f'({reason}); download {url} and put it at {path} (the torch hub cache, '
                             f'TORCH_HOME), or train from random weights with --no-pretrained') from None
     state = load_torch_file(path, "torchvision's AlexNet IMAGENET1K_V1 weights")
-    # in the authors' units (ALEXNET): the biases x 57.6, the maps of coarse1-5 torchvision's x 57.6
+    # coarse1 sees torchvision's normalised input x unit (ImageNet's std over the variant's: 57.6
+    # for ALEXNET, the authors' units; 1 for an input divided by ImageNet's std), so the maps of
+    # coarse1-5 are torchvision's x unit: the biases x unit, the weights as they are
+    std = net.variant.coarse_std
+    unit = sum(IMAGENET_STD) / (sum(std) if isinstance(std, tuple) else 3 * std)
     mapped = {f'{ALEXNET_CONVS[int(k.split(".")[1])]}.0.{k.split(".")[2]}':
-              v * IMAGENET_UNIT if k.endswith('bias') else v
+              v * unit if k.endswith('bias') else v
               for k, v in state.items() if k.startswith('features.') and isinstance(v, torch.Tensor)}
     try:
         net.load_state_dict(mapped, strict=False)

@@ -1,6 +1,7 @@
 """--variant alexnet: coarse1-5 are torchvision's AlexNet `features`, initialised from
 its IMAGENET1K_V1 weights in the torch hub cache (a temporary TORCH_HOME holding random AlexNet
 weights under that file's name: no test touches the network), and the whole pipeline on it."""
+import dataclasses
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import net
 import predict
 import train
 from helpers import ROOT, run_notebook, train_args
-from net import ALEXNET, ALEXNET_CONVS, IMAGENET_UNIT, GlobalCoarseNet
+from net import ALEXNET, ALEXNET_CONVS, IMAGENET_STD, IMAGENET_UNIT, GlobalCoarseNet
 
 
 @pytest.fixture
@@ -32,12 +33,17 @@ def torch_home(tmp_path, monkeypatch):
     return alexnet
 
 
-def test_coarse1_to_5_are_torchvisions_features_with_the_cached_weights(torch_home):
-    """The same net as torchvision's in the authors' units: its input and maps x 57.6 (the mean
-    of ImageNet's per-channel std in 0..255 units), so the biases x 57.6, the weights as they are."""
-    unit = 255 * (0.229 + 0.224 + 0.225) / 3
-    assert IMAGENET_UNIT == pytest.approx(unit)
-    coarse = GlobalCoarseNet(ALEXNET).eval()
+# the variant, and how many of torchvision's normalised units one unit of its coarse input is:
+# the authors' units (0..255, ALEXNET), or torchvision's own (lr_study.py's std-units runs)
+@pytest.mark.parametrize('variant, unit', [
+    (ALEXNET, 255 * (0.229 + 0.224 + 0.225) / 3),
+    (dataclasses.replace(ALEXNET, coarse_std=IMAGENET_STD), 1.0)], ids=['authors', 'torchvision'])
+def test_coarse1_to_5_are_torchvisions_features_with_the_cached_weights(torch_home, variant, unit):
+    """The same net as torchvision's in the variant's units: in the authors' its input and maps x
+    57.6 (the mean of ImageNet's per-channel std in 0..255 units), so the biases x 57.6, the
+    weights as they are; in torchvision's units the biases as they are."""
+    assert IMAGENET_UNIT == pytest.approx(255 * (0.229 + 0.224 + 0.225) / 3)
+    coarse = GlobalCoarseNet(variant).eval()
     net.load_imagenet_convs(coarse)
     for index, layer in ALEXNET_CONVS.items():
         conv = getattr(coarse, layer)[0]
