@@ -14,7 +14,7 @@ import net
 import runlog
 import train
 import util
-from helpers import one_line
+from helpers import one_line, train_args
 from loss import LOSSES, gradient_matching_loss
 
 
@@ -74,6 +74,32 @@ def test_a_loss_and_a_fine_net_of_ones_own_train_through_train_py(monkeypatch):
         scores = train.validate(chain, frames, torch.device('cpu'), 2, args.lam, args.loss)
     assert scores['loss_abs-log'] == pytest.approx(float(mean_abs_log_error(found['fine'], y.log(), m, None)))
 
+
+
+@pytest.mark.slow
+def test_train_py_saves_a_fine_net_of_ones_own_and_load_pretrained_rebuilds_it(synthetic, tmp_path,
+                                                                             monkeypatch):
+    """The whole of train.py's fine stage with the new net and loss registered as above: the
+    history has the loss's column, fine.pth holds the learned edit, and load_pretrained builds the
+    new class from it, whose prediction is the coarse map edited."""
+    monkeypatch.setitem(LOSSES, 'abs-log', mean_abs_log_error)
+    monkeypatch.setitem(net.STAGE_NETS, 'fine', EditNet)
+    monkeypatch.setitem(net.PAPER_LR, 'edit', 0.01)
+    monkeypatch.setitem(net.PAPER.weight_decay, 'edit', 0.0)
+    torch.save(net.GlobalCoarseNet().state_dict(), tmp_path / 'coarse.pth')
+    assert train.main(train_args(synthetic, tmp_path, '--stage', 'fine', '--loss', 'abs-log',
+                                 '--fine-samples', 8, '--batch-size', 4, '--val-fraction', 0.1)) == 0
+    rows = runlog.read_history(tmp_path / 'history_fine.csv')
+    assert rows and rows[-1]['val_loss_abs-log'] > 0
+    saved = torch.load(tmp_path / 'fine.pth', weights_only=True)
+    assert set(saved) == {'edit.weight', 'edit.bias'} and saved['edit.weight'].abs().sum() > 0
+    nets = net.load_pretrained(tmp_path)
+    assert isinstance(nets['fine'], EditNet)
+    torch.testing.assert_close(nets['fine'].edit.weight, saved['edit.weight'])
+    x = torch.rand(1, 3, *net.NYU.input_hw) * 255
+    with torch.no_grad():
+        found = nets.predictions(x)
+        torch.testing.assert_close(found['fine'], found['coarse'] + nets['fine'].edit(found['coarse']))
 
 def eigen_fergus_2015_by_hand(pred, target, mask):
     """ICCV 2015, Sec. 3.2, one image at a time, d = log prediction - log target:
