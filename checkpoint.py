@@ -3,7 +3,6 @@ back with every refusal a user can meet (truncated, not ours, another variant, s
 and older formats converted where that is safe; and what follows each training step (end_of_step:
 the logging points, the checkpoints, the stops).
 """
-import glob
 import hashlib
 import os
 import shutil
@@ -115,7 +114,9 @@ def check_schedule(path, ckpt, args, converted=False):
 def remove_stale_temporaries(folder):
     """Half-written files of a run that was killed while saving (atomic_write's temporaries): the
     complete files beside them are what counts, so these are only clutter."""
-    for tmp in glob.glob(os.path.join(glob.escape(folder), '*.pth.tmp*')):
+    if not os.path.isdir(folder):
+        return
+    for tmp in files.temporaries(folder, ['checkpoint.pth', *(f'{stage}.pth' for stage in NETS)]):
         os.remove(tmp)
         print(f'removed {tmp}, left by a run killed while saving')
 
@@ -133,7 +134,7 @@ def load_optimizer_state(optimizer, state):
                 optimizer.state[p]['momentum_buffer'] = torch.empty_like(p).copy_(buf)
 
 
-def per_tensor_groups(state, optimizer):
+def per_tensor_groups(path, state, optimizer):
     """The optimizer state of a checkpoint before format 8, one group per layer, for `optimizer`'s
     one group per tensor. Both number the tensors in the same order (layer by layer, each layer's
     in its own order), which is all the momentum buffers are keyed by; the groups' settings are
@@ -141,19 +142,19 @@ def per_tensor_groups(state, optimizer):
     ours = optimizer.state_dict()['param_groups']
     tensors = sum(len(g['params']) for g in state['param_groups'])
     if tensors != len(ours):
-        raise cli.DataError(f"the checkpoint's optimizer holds {tensors} tensors, this run's net "
-                            f"{len(ours)}: not a checkpoint of this net")
+        raise cli.DataError(f"{path}: its optimizer holds {tensors} tensors, this run's net "
+                            f"{len(ours)}: not a checkpoint of this net; start afresh (--overwrite)")
     return {'state': state['state'], 'param_groups': ours}
 
 
-def resume(ckpt, optimizer, seed, gpus):
+def resume(path, ckpt, optimizer, seed, gpus):
     """The optimizer's momentum (None: the stage had finished) and every process's random streams
-    of a stage's checkpoint. Written by another number of processes or GPUs, dropout goes on with
+    of a stage's checkpoint (read from `path`). Written by another number of processes or GPUs, dropout goes on with
     new streams (one line says so)."""
     if ckpt['optimizer'] is not None:
         state = ckpt['optimizer']
         if ckpt['format'] < 8:
-            state = per_tensor_groups(state, optimizer)
+            state = per_tensor_groups(path, state, optimizer)
             if any(g['weight_decay'] for g in optimizer.param_groups):
                 print(f"note: a checkpoint of format {ckpt['format']}, which decayed the biases "
                       f"too; from step {ckpt['step'] + 1} on only the weights are decayed, as "

@@ -3,6 +3,7 @@ be, checkpoints and weights loaded without ever running a pickled program, and a
 crash never leaves half a file)."""
 import os
 import pickle
+import re
 
 import torch
 
@@ -102,11 +103,20 @@ def load_torch_file(path, what, mmap=False):
                             f'are read ({what})') from None
         raise DataError(f'{path}: truncated or not a PyTorch file ({what})') from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError):
+        if mmap:   # a file system that cannot map files: read it, which also tells a bad file
+            return load_torch_file(path, what)
         raise DataError(f'{path}: truncated or not a PyTorch file (a copy or save that was cut '
                         f'short?); expected {what}') from None
 
 
 TEMPORARY = '.tmp'   # atomic_write writes <path>.tmp<pid> first: a process killed then leaves it
+
+
+def temporaries(folder, names):
+    """The files in `folder` that atomic_write left of any of `names` (<name>.tmp<pid>, written
+    by a process killed while writing), as paths; nothing else."""
+    left = re.compile('(' + '|'.join(map(re.escape, names)) + ')' + re.escape(TEMPORARY) + r'\d+')
+    return [os.path.join(folder, name) for name in sorted(os.listdir(folder)) if left.fullmatch(name)]
 
 
 def atomic_write(path, write):

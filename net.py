@@ -130,8 +130,7 @@ PAPER = Variant(
     # docs/learning_rates.md). Not the input / its std with features x 0.762: the same net, and the same
     # steps on the weights, but each coarse1-5 bias, 76.18 times smaller against its activations
     # with a 76.18 times larger gradient, would move the output 76.18^2 = 5,804 times as far per
-    # step. Nor rates per tensor (bias rates / 5,804): weight decay pulls a bias alike in both
-    # units and would need rescaling too, and the rates would no longer be the paper's.
+    # step. Nor rates per tensor (bias rates / 5,804): the rates would no longer be the paper's.
     feature_scale=0.01, coarse_mean=IMAGES_MEAN, coarse_std=1.0,
     fine_mean=IMAGES_MEAN, fine_std=IMAGES_STD, log_depth_std=LOGDEPTHS_STD, dropout=0.5,
     lr=PAPER_LR,

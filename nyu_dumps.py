@@ -44,15 +44,18 @@ import math
 import multiprocessing
 import multiprocessing.connection
 import os
+import pickle
 import posixpath
 import re
 import shutil
 import signal
 import sys
 import time
+import traceback
 import zipfile
 import zlib
 from collections import Counter
+from multiprocessing.pool import ExceptionWithTraceback
 
 import numpy as np
 
@@ -527,7 +530,18 @@ def _worker_scene(channel, scene, shard_dir):
     try:
         channel.put(('done', (scene.name, convert_scene(scene, shard_dir))))
     except Exception as e:
-        channel.put(('error', e))
+        channel.put(('error', _sendable(e)))
+
+
+def _sendable(error):
+    """A worker's exception as the main process can raise it: itself with the worker's traceback
+    attached (as multiprocessing.Pool sends it), or, if it cannot be rebuilt there, a
+    RuntimeError holding that traceback."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return ExceptionWithTraceback(error, error.__traceback__)
+    except Exception:
+        return RuntimeError(traceback.format_exc())
 
 
 class _WorkerDied(Exception):
@@ -601,6 +615,7 @@ def convert_dumps(sources, out, labeled, splits, workers=4, progress=True):
     counts in raw_cache.json. Returns the metadata written."""
     # the partial folder also holds the shards
     out, tmp = nyu_raw.check_out(out, partial_extra={SCENES})
+    nyu_raw.remove_temporaries(tmp)
     shard_dir = os.path.join(tmp, SCENES)
     joined = _joined(tmp)
     if joined is not None:   # an earlier run was stopped after joining its cache: finish that first
@@ -640,11 +655,12 @@ def convert_dumps(sources, out, labeled, splits, workers=4, progress=True):
     except nyu_raw._WriteFailed as e:
         raise cli.UserError(_write_failed(out, tmp, e)) from None
     except _WorkerDied as e:
-        raise cli.UserError(f'{out}: {_worker_died(*e.args)}; {_kept(counts, shard_dir)} (with '
-                            f'fewer --workers than {workers} if memory ran out)') from None
+        fewer = f'fewer --workers than {workers} or ' if workers > 1 else ''
+        raise cli.UserError(f'{out}: {_worker_died(*e.args)}; {_kept(scenes, shard_dir)} (with '
+                            f'{fewer}more memory if memory ran out)') from None
     except KeyboardInterrupt:
         bar.close()
-        print(_kept(counts, shard_dir), file=sys.stderr)
+        print(_kept(scenes, shard_dir), file=sys.stderr)
         raise
     finally:
         bar.close()
@@ -669,15 +685,21 @@ def _scenes_done(counts):
     return f'{sum(c is not None for c in counts.values())} of {len(counts)} scenes'
 
 
-def _kept(counts, shard_dir):
-    return (f'{_scenes_done(counts)} are converted and kept in {shard_dir}; the same command goes '
-            f'on from there')
+def _kept(scenes, shard_dir):
+    """What a stopped conversion keeps: the finished shards on disk (a worker may have finished
+    its scene just before the stop, unreported)."""
+    on_disk = {s.name: finished_shard(shard_dir, s) for s in scenes}
+    return (f'{_scenes_done(on_disk)} are converted and kept in {shard_dir}; the same command '
+            f'goes on from there')
 
 
 def _worker_died(scene, exitcode):
     """What ended a worker process (a negative exit code: the signal that killed it)."""
     if exitcode < 0:
-        how = f'was killed by {signal.Signals(-exitcode).name}'
+        try:
+            how = f'was killed by {signal.Signals(-exitcode).name}'
+        except ValueError:   # a signal without a name (a real-time one)
+            how = f'was killed by signal {-exitcode}'
         if -exitcode == signal.SIGKILL:
             how += ' (as the out-of-memory killer does)'
     else:
@@ -783,8 +805,8 @@ def main(argv=None):
     p.add_argument('--out', required=True, help='cache folder to write (resumable: run the same '
                                                 'command again)')
     p.add_argument('--workers', type=cli.whole(0), default=4,
-                   help='processes, each converting whole scenes; 0: in this process '
-                        '(default: %(default)s)')
+                   help='scenes converted at once, each by a process of its own; 0: one '
+                        'at a time in this process (default: %(default)s)')
     p.add_argument('--labeled', default=LABELED,
                    help="the labeled .mat whose scene names, with --splits, say which scenes are "
                         'test scenes, never converted (default: %(default)s)')

@@ -381,18 +381,26 @@ def check_out(out, partial_extra=frozenset()):
     at or above it, no permission, a read-only file system) or a folder that is not a cache.
     partial_extra: the names a conversion may also keep in the temporary folder (nyu_dumps: its
     per-scene shards). What files.atomic_write leaves of a cache file when it is killed
-    (<name>.tmp<pid>) is no reason to refuse. Returns both, normalised."""
+    (<name>.tmp<pid>) is no reason to refuse (and no part of a cache: remove_temporaries). Returns
+    both, normalised."""
     files.check_out_folder(out)
     out = os.path.normpath(out)
     tmp = out + '.partial'
     for folder, allowed in ((out, CACHE_FILES), (tmp, CACHE_FILES | set(partial_extra))):
         files.check_out_folder(folder)
-        temporaries = tuple(name + files.TEMPORARY for name in allowed)   # prefixes
-        if os.path.isdir(folder) and not all(name in allowed or name.startswith(temporaries)
-                                             for name in os.listdir(folder)):
+        if os.path.isdir(folder) and not set(os.listdir(folder)) <= allowed | {
+                os.path.basename(t) for t in files.temporaries(folder, CACHE_FILES)}:
             raise cli.DataError(f'{folder}: is a folder, but not a cache; --out names a new or '
                                 f'empty folder, or a cache to replace (nothing was deleted)')
     return out, tmp
+
+
+def remove_temporaries(folder):
+    """What files.atomic_write left of the cache files in `folder` when it was killed: clutter, the
+    complete file (or none) is what counts."""
+    if os.path.isdir(folder):
+        for path in files.temporaries(folder, CACHE_FILES):
+            os.remove(path)
 
 
 def check_free_space(out, need, what='the cache needs'):

@@ -129,9 +129,9 @@ def parse_args(argv=None):
 # The method
 
 def param_groups(net, variant, lr_scale=1.0):
-    """One SGD group per tensor, with its paper layer's learning rate (x lr_scale, Sec. 3.3) and
-    weight decay on the weights alone: [R] depth.conf's weight_decay_w; biases are not decayed
-    (1-dim tensors). Fails loudly if a trainable parameter is in no group, the classic bug that
+    """One SGD group per tensor ('tensor': its name), with its paper layer's learning rate (x
+    lr_scale, Sec. 3.3) and weight decay on the weights alone ([R] depth.conf's weight_decay_w;
+    the biases are not decayed). Fails loudly if a trainable parameter is in no group, the classic bug that
     leaves layers untrained."""
     groups, covered = [], set()
     for name in layer_names(net):
@@ -139,7 +139,7 @@ def param_groups(net, variant, lr_scale=1.0):
             if p.requires_grad:
                 groups.append({'params': [p], 'lr': variant.lr[name] * lr_scale, 'layer': name,
                                'tensor': f'{name}.{tensor}',
-                               'weight_decay': variant.weight_decay[name] if p.dim() > 1 else 0.0})
+                               'weight_decay': 0.0 if tensor.endswith('bias') else variant.weight_decay[name]})
                 covered.add(id(p))
     trainable = {id(p): n for n, p in net.named_parameters() if p.requires_grad}
     missing = [n for i, n in trainable.items() if i not in covered]
@@ -258,7 +258,7 @@ def train_stage(stage, nets, sets, args, device, gpus, ckpt, stop):
     log = runlog.StageLog(stage, samples, args, gpus, ckpt,   # step, history; resumed from ckpt
                           resumable=stage != stages_of(args)[0])
     if ckpt is not None:
-        checkpoint.resume(ckpt, optimizer, args.seed, gpus)
+        checkpoint.resume(os.path.join(args.out, 'checkpoint.pth'), ckpt, optimizer, args.seed, gpus)
     order = util.SampleOrder(len(sets.train), args.seed + STAGES.index(stage), sets.scenes,
                              args.per_scene, scored.geometry)   # each step's frames and draws
     batches = data.training_batches(sets.train, order, log.step, log.total_steps, args.batch_size,

@@ -5,7 +5,8 @@ are x 0.01 before coarse6, fine1 sees (x - 109.31) / 76.18, the outputs and the 
 depth / 0.457, SGD with momentum 0.9. That net is written out here, apart from net.py. For each
 tensor of our nets, train.py's own step (make_optimizer's groups, train_step) at the layer's rate
 on that tensor alone, and the plain SGD step of the same rate on the same tensor of the authors'
-net, must change the output alike (to 1e-6). Float64, on the smallest input the nets take (68x68:
+net (with the variant's weight decay on a weight: none in the paper's, depth.conf's in the
+release's), must change the output alike (to 1e-6). Float64, on the smallest input the nets take (68x68:
 coarse5 1x1, output 15x15): a ratio of steps is one of units, not of sizes."""
 
 import pytest

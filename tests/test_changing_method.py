@@ -39,11 +39,16 @@ class EditNet(nn.Module):
         return coarse_log_depth + self.edit(coarse_log_depth)
 
 
-def test_a_loss_and_a_fine_net_of_ones_own_train_through_train_py(monkeypatch):
+@pytest.fixture
+def registered(monkeypatch):
+    """The new loss and fine net, registered as a user would: a line in each table."""
     monkeypatch.setitem(LOSSES, 'abs-log', mean_abs_log_error)   # the new loss: its table line
     monkeypatch.setitem(net.STAGE_NETS, 'fine', EditNet)         # the new fine net, and its rate
     monkeypatch.setitem(net.PAPER_LR, 'edit', 0.01)
     monkeypatch.setitem(net.PAPER.weight_decay, 'edit', 0.0)
+
+
+def test_a_loss_and_a_fine_net_of_ones_own_train_through_train_py(registered):
     args = train.parse_args(['--demo', '--loss', 'abs-log'])    # --loss knows it now
     assert 'val_loss_abs-log' in runlog.history_columns(args.loss)
 
@@ -75,17 +80,12 @@ def test_a_loss_and_a_fine_net_of_ones_own_train_through_train_py(monkeypatch):
     assert scores['loss_abs-log'] == pytest.approx(float(mean_abs_log_error(found['fine'], y.log(), m, None)))
 
 
-
 @pytest.mark.slow
 def test_train_py_saves_a_fine_net_of_ones_own_and_load_pretrained_rebuilds_it(synthetic, tmp_path,
-                                                                             monkeypatch):
-    """The whole of train.py's fine stage with the new net and loss registered as above: the
-    history has the loss's column, fine.pth holds the learned edit, and load_pretrained builds the
-    new class from it, whose prediction is the coarse map edited."""
-    monkeypatch.setitem(LOSSES, 'abs-log', mean_abs_log_error)
-    monkeypatch.setitem(net.STAGE_NETS, 'fine', EditNet)
-    monkeypatch.setitem(net.PAPER_LR, 'edit', 0.01)
-    monkeypatch.setitem(net.PAPER.weight_decay, 'edit', 0.0)
+                                                                             registered):
+    """The whole of train.py's fine stage with the new net and loss: the history has the loss's
+    column, fine.pth holds the learned edit, and load_pretrained builds the new class from it and
+    feeds it the coarse map."""
     torch.save(net.GlobalCoarseNet().state_dict(), tmp_path / 'coarse.pth')
     assert train.main(train_args(synthetic, tmp_path, '--stage', 'fine', '--loss', 'abs-log',
                                  '--fine-samples', 8, '--batch-size', 4, '--val-fraction', 0.1)) == 0
@@ -100,6 +100,7 @@ def test_train_py_saves_a_fine_net_of_ones_own_and_load_pretrained_rebuilds_it(s
     with torch.no_grad():
         found = nets.predictions(x)
         torch.testing.assert_close(found['fine'], found['coarse'] + nets['fine'].edit(found['coarse']))
+
 
 def eigen_fergus_2015_by_hand(pred, target, mask):
     """ICCV 2015, Sec. 3.2, one image at a time, d = log prediction - log target:

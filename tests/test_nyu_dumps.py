@@ -3,6 +3,7 @@ written in the exact dump formats (16-bit PGM with the Kinect's little-endian sa
 accelerometer's .dump, INDEX.txt, the real file naming), as folders and as a zip file; the
 synchronisation, the projection (checked against camera_params.m's numbers, written out here), the
 counts, resuming, the one-line reports of bad input."""
+import errno
 import json
 import multiprocessing
 import os
@@ -292,28 +293,53 @@ def _ctrl_c(scene, shards, real, *args):
     return real(scene, *args)
 
 
+def _after_the_first_scene(shards):
+    """Wait (at most 10 s) until the other worker has finished the first scene."""
+    for _ in range(1000):
+        if (shards / 'bedroom_0001.json').exists():
+            break
+        time.sleep(0.01)
+
+
 def _killed_worker(scene, shards, real, *args):
     """The worker converting the second scene is killed (SIGKILL, as by the out-of-memory killer)
     once the first scene's worker has finished it."""
     if scene.name == 'kitchen_0002a':
-        for _ in range(1000):   # at most 10 s
-            if (shards / 'bedroom_0001.json').exists():
-                break
-            time.sleep(0.01)
+        _after_the_first_scene(shards)
         os.kill(os.getpid(), signal.SIGKILL)
     return real(scene, *args)
 
 
-# how the first run is stopped: (what converts a scene, --workers, what the run ends with)
-KILLS = {'ctrl-c': (_ctrl_c, 0, KeyboardInterrupt),
-         'worker killed': (_killed_worker, 2, cli.UserError)}
+def _disk_full_in_a_worker(scene, shards, real, *args):
+    """The worker converting the second scene finds the disk full: its error, sent to the main
+    process, stops the run."""
+    if scene.name == 'kitchen_0002a':
+        _after_the_first_scene(shards)
+        raise nyu_raw._WriteFailed(str(shards / 'kitchen_0002a.rgb'),
+                                   OSError(errno.ENOSPC, 'No space left on device'))
+    return real(scene, *args)
+
+
+# how the first run is stopped: (what converts a scene, --workers, what the run ends with, its line)
+KILLS = {
+    'ctrl-c': (_ctrl_c, 0, KeyboardInterrupt, None),
+    'worker killed': (_killed_worker, 2, cli.UserError,
+                      r'\S+cache: the worker process converting scene kitchen_0002a was killed by '
+                      r'SIGKILL \(as the out-of-memory killer does\); 1 of 2 scenes are converted and '
+                      r'kept in \S+cache.partial/scenes; the same command goes on from there \(with '
+                      r'fewer --workers than 2 or more memory if memory ran out\)'),
+    'disk full in a worker': (_disk_full_in_a_worker, 2, cli.UserError,
+                              r'\S+cache: could not write kitchen_0002a.rgb \(No space left on '
+                              r'device\); the scenes converted so far are kept in \S+cache.partial: '
+                              r'free space, then run the same command again'),
+}
 
 
 @pytest.mark.slow   # conversions of ~1 s
 @pytest.mark.parametrize('kill', list(KILLS))
 def test_a_killed_conversion_goes_on_to_the_same_cache(kill, dumps, whole, tmp_path, monkeypatch):
     root, labeled, splits = dumps
-    stopped, workers, ending = KILLS[kill]
+    stopped, workers, ending, line = KILLS[kill]
     shards = tmp_path / 'cache.partial' / 'scenes'
     if workers and 'fork' not in multiprocessing.get_all_start_methods():
         pytest.skip('the workers must be forked to inherit the patched convert_scene')
@@ -322,20 +348,18 @@ def test_a_killed_conversion_goes_on_to_the_same_cache(kill, dumps, whole, tmp_p
                         lambda scene, *args: stopped(scene, shards, real, *args))
     with pytest.raises(ending) as e:
         convert(root, tmp_path / 'cache', labeled, splits, workers=workers)
-    if ending is cli.UserError:   # one line, at once: not a wait for the dead worker
-        assert re.fullmatch(r'\S+cache: the worker process converting scene kitchen_0002a was killed '
-                            r'by SIGKILL \(as the out-of-memory killer does\); 1 of 2 scenes are '
-                            r'converted and kept in \S+cache.partial/scenes; the same command goes '
-                            r'on from there \(with fewer --workers than 2 if memory ran out\)',
-                            one_line(e)), one_line(e)
+    if line:   # one line, at once: not a wait for the dead worker
+        assert re.fullmatch(line, one_line(e)), one_line(e)
     assert (shards / 'bedroom_0001.json').exists()
-    # what files.atomic_write leaves when killed while writing raw_cache.json: no reason to refuse
+    # what files.atomic_write leaves when killed while writing raw_cache.json: no reason to
+    # refuse, and no part of the cache
     (tmp_path / 'cache.partial' / 'raw_cache.json.tmp4242').write_text('{"half')
     monkeypatch.setattr(nyu_dumps, 'convert_scene',
                         lambda scene, *args: calls.append(scene.name) or real(scene, *args))
     assert convert(root, tmp_path / 'cache', labeled, splits) == 0
     assert calls == ['kitchen_0002a']                  # the finished scene was kept
     assert cache_bytes(tmp_path / 'cache') == whole
+    assert not (tmp_path / 'cache' / 'raw_cache.json.tmp4242').exists()
 
 
 def _truncate(root):
@@ -417,7 +441,8 @@ def test_bad_dumps_give_one_line_each(case, dumps, tmp_path, capsys):
         assert re.search(line.format(re.escape(named)), one_line(e))
         assert not out.exists()
         return
-    assert convert(source, out, labeled, splits) == 0   # the conversion goes on
+    # the conversion goes on; the truncated frame's note is sent by a worker process
+    assert convert(source, out, labeled, splits, workers=2 if case == 'truncated pgm' else 0) == 0
     notes = [l for l in capsys.readouterr().err.splitlines() if l.startswith('note: ')]
     assert any(re.search(line.format(re.escape(named), re.escape(named)), l) for l in notes), notes
     meta = json.loads((out / 'raw_cache.json').read_text())['dumps']

@@ -97,9 +97,10 @@ def test_release_weight_decay_acts_on_the_weights_alone():
     the biases. One group per tensor, so that a layer's weights and bias can differ."""
     for net in (GlobalCoarseNet(RELEASE), LocalFineNet(RELEASE)):
         opt = train.make_optimizer(net, RELEASE)
-        decay = {n: g['weight_decay'] for n, p in net.named_parameters()
-                 for g in opt.param_groups if g['params'][0] is p}
-        assert len(decay) == len(list(net.parameters())) == len(opt.param_groups)
+        decay = {g['tensor']: g['weight_decay'] for g in opt.param_groups}
+        named = dict(net.named_parameters())
+        assert set(decay) == set(named) and len(decay) == len(opt.param_groups)
+        assert all(len(g['params']) == 1 and g['params'][0] is named[g['tensor']] for g in opt.param_groups)
         for name, value in decay.items():
             layer = name.split('.')[0]
             wanted = 0.0 if name.endswith('bias') else 5e-4 if layer in {f'coarse{i}' for i in range(1, 6)} else 1e-4
