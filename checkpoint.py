@@ -114,8 +114,6 @@ def check_schedule(path, ckpt, args, converted=False):
 def remove_stale_temporaries(folder):
     """Half-written files of a run that was killed while saving (atomic_write's temporaries): the
     complete files beside them are what counts, so these are only clutter."""
-    if not os.path.isdir(folder):
-        return
     for tmp in files.temporaries(folder, ['checkpoint.pth', *(f'{stage}.pth' for stage in NETS)]):
         os.remove(tmp)
         print(f'removed {tmp}, left by a run killed while saving')
@@ -149,8 +147,8 @@ def per_tensor_groups(path, state, optimizer):
 
 def resume(path, ckpt, optimizer, seed, gpus):
     """The optimizer's momentum (None: the stage had finished) and every process's random streams
-    of a stage's checkpoint (read from `path`). Written by another number of processes or GPUs, dropout goes on with
-    new streams (one line says so)."""
+    of a stage's checkpoint (read from `path`). Written by another number of processes or GPUs,
+    dropout goes on with new streams (one line says so)."""
     if ckpt['optimizer'] is not None:
         state = ckpt['optimizer']
         if ckpt['format'] < 8:

@@ -114,7 +114,9 @@ TEMPORARY = '.tmp'   # atomic_write writes <path>.tmp<pid> first: a process kill
 
 def temporaries(folder, names):
     """The files in `folder` that atomic_write left of any of `names` (<name>.tmp<pid>, written
-    by a process killed while writing), as paths; nothing else."""
+    by a process killed while writing), as paths; nothing else (none where there is no folder)."""
+    if not os.path.isdir(folder):
+        return []
     left = re.compile('(' + '|'.join(map(re.escape, names)) + ')' + re.escape(TEMPORARY) + r'\d+')
     return [os.path.join(folder, name) for name in sorted(os.listdir(folder)) if left.fullmatch(name)]
 

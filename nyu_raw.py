@@ -398,9 +398,8 @@ def check_out(out, partial_extra=frozenset()):
 def remove_temporaries(folder):
     """What files.atomic_write left of the cache files in `folder` when it was killed: clutter, the
     complete file (or none) is what counts."""
-    if os.path.isdir(folder):
-        for path in files.temporaries(folder, CACHE_FILES):
-            os.remove(path)
+    for path in files.temporaries(folder, CACHE_FILES):
+        os.remove(path)
 
 
 def check_free_space(out, need, what='the cache needs'):

@@ -131,8 +131,8 @@ def parse_args(argv=None):
 def param_groups(net, variant, lr_scale=1.0):
     """One SGD group per tensor ('tensor': its name), with its paper layer's learning rate (x
     lr_scale, Sec. 3.3) and weight decay on the weights alone ([R] depth.conf's weight_decay_w;
-    the biases are not decayed). Fails loudly if a trainable parameter is in no group, the classic bug that
-    leaves layers untrained."""
+    the biases are not decayed). Fails loudly if a trainable parameter is in no group, the
+    classic bug that leaves layers untrained."""
     groups, covered = [], set()
     for name in layer_names(net):
         for tensor, p in getattr(net, name).named_parameters():
