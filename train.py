@@ -152,8 +152,9 @@ def make_optimizer(net, variant, lr_scale=1.0):
     """SGD with momentum 0.9 and param_groups (the paper's rates x lr_scale). Fused (one kernel for
     a group's whole update) where the device has it: the same update as the default
     implementation (equal to rounding on the CPU, tested), fewer passes over the weights, and it
-    can skip a step on the GPU's own verdict (NonFiniteGuard). Momentum buffers start at zero, which is exactly SGD's first
-    step (buffer = gradient) and keeps a skipped first step from leaving them uninitialised."""
+    can skip a step on the GPU's own verdict (NonFiniteGuard). Momentum buffers start at zero,
+    which is exactly SGD's first step (buffer = gradient) and keeps a skipped first step from
+    leaving them uninitialised."""
     device = next(net.parameters()).device
     optimizer = torch.optim.SGD(param_groups(net, variant, lr_scale), lr=0.0, momentum=MOMENTUM,
                                 fused=True if runtime.fused_sgd_works(device) else None)
